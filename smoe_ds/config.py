@@ -1,0 +1,357 @@
+"""Typed run configuration: one JSON file, strict loading, ``--set`` overrides.
+
+A config file is a DeepSpeed config with four extra top-level sections that belong to
+smoe-ds: ``model``, ``moe``, ``data`` and ``run``. Those four are loaded into the
+dataclasses below; an unknown key anywhere in them is an error that names the key.
+Everything else is the DeepSpeed section and is handed to ``deepspeed.initialize``
+untouched, except that ``"auto"`` in ``scheduler.params.total_num_steps`` is replaced by
+``run.max_steps`` (the same convention as the transformers DeepSpeed integration).
+
+Semantic checks that need the world size (ep_size against ranks, batch sizes) live in
+``validate_for_world``; everything else is checked by ``TrainConfig.validate``. Both raise
+``ConfigError`` with a single line that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+OUR_SECTIONS = ("model", "moe", "data", "run")
+MOE_MODES = ("smoe_dropout", "dense", "learned")
+SCHEDULE_KINDS = ("linear", "cosine", "exponential", "multistep")
+
+
+class ConfigError(ValueError):
+    """A problem in the user's config or command line; its message is one line."""
+
+
+@dataclass
+class ModelConfig:
+    """The built-in decoder-only language model."""
+
+    vocab_size: int = 256  # bytes; replaced by the tokenizer's size when data.tokenizer is set
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    block_size: int = 128  # tokens per training sequence
+    positions: str = "rope"  # "rope" or "learned"
+    dropout: float = 0.0
+    # Which transformer blocks get the (S)MoE FFN: "all", "every_other" (1, 3, 5, ...) or a list of indices.
+    moe_layers: Any = "all"
+    init_seed: int = 0  # every weight is a pure function of this seed and its name, whatever the world size
+
+    def moe_layer_indices(self) -> list[int]:
+        if self.moe_layers == "all":
+            return list(range(self.n_layers))
+        if self.moe_layers == "every_other":
+            return list(range(1, self.n_layers, 2))
+        if isinstance(self.moe_layers, list) and all(isinstance(i, int) for i in self.moe_layers):
+            return sorted(set(self.moe_layers))
+        raise ConfigError(f"model.moe_layers must be 'all', 'every_other' or a list of ints, got {self.moe_layers!r}")
+
+
+@dataclass
+class KScheduleConfig:
+    """How many experts are active at each global step (see ``smoe_ds.moe.schedule``)."""
+
+    kind: str = "linear"
+    k_min: Optional[int] = None  # default: N // 2, as in the paper's 8 -> 16 of 16
+    k_max: Optional[int] = None  # default: N, so training ends at full capacity
+    start_step: int = 0
+    end_step: Optional[int] = None  # default: run.max_steps
+    milestones: list = field(default_factory=list)  # multistep only; default: evenly spaced
+
+
+@dataclass
+class MoEConfig:
+    mode: str = "smoe_dropout"  # "smoe_dropout", "dense" or "learned"
+    num_experts: int = 16  # N
+    d_expert: int = 64  # hidden width of one expert; the dense baseline uses d_ff = N * d_expert
+    ep_size: int = 1  # expert-parallel ranks per group; N and the world size must divide by it
+    router_seed: int = 1234  # the frozen router of layer L is drawn from (router_seed, L)
+    capacity_factor: Optional[float] = None  # None = dropless; else C = ceil(cf * k * S / N)
+    k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
+    k: int = 2  # fixed k of the "learned" baseline
+    aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
+
+
+@dataclass
+class DataConfig:
+    # None: the embedded default corpus, the Python standard library's source.
+    # Otherwise a local text file, a folder of text files, or a Hugging Face hub dataset name.
+    path: Optional[str] = None
+    hub_config: Optional[str] = None  # the dataset's config name, for hub datasets
+    text_column: str = "text"
+    val_fraction: float = 0.05  # share of documents (files, or paragraphs of a single file) held out
+    tokenizer: Optional[str] = None  # local path of a Hugging Face tokenizer; None = UTF-8 bytes
+    seed: int = 0  # shuffling of the training blocks and the train/validation split
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    max_steps: int = 200  # optimizer steps
+    seed: int = 0  # torch RNG for dropout and anything stochastic in training
+    log_interval: int = 10
+    eval_interval: int = 50  # 0 disables periodic validation
+    eval_batches: int = 8  # validation micro-batches per rank
+    final_eval_batches: int = 16  # per rank, for the self-slimming table at the end
+    eval_ks: Optional[list] = None  # default: 1, 2, 4, ..., N
+    save_checkpoint: bool = True  # save a DeepSpeed checkpoint in out_dir/checkpoints at the end
+    master_port: int = 29500  # used only for MPI discovery under mpirun
+    collective_timeout_s: float = 600.0  # a collective that waits longer than this fails instead of hanging
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    deepspeed: dict = field(default_factory=dict)
+
+    # -- derived values ---------------------------------------------------------------
+
+    @property
+    def uses_moe(self) -> bool:
+        return self.moe.mode != "dense"
+
+    def default_eval_ks(self) -> list[int]:
+        n = self.moe.num_experts
+        ks = [1 << i for i in range(n.bit_length()) if (1 << i) < n]
+        return ks + [n]
+
+    def resolve(self) -> "TrainConfig":
+        """Fill the defaults that depend on other keys, then validate. Returns self."""
+        n = self.moe.num_experts
+        ks = self.moe.k_schedule
+        if ks.k_min is None:
+            ks.k_min = max(1, n // 2)
+        if ks.k_max is None:
+            ks.k_max = n
+        if ks.end_step is None:
+            ks.end_step = self.run.max_steps
+        if self.run.eval_ks is None:
+            self.run.eval_ks = self.default_eval_ks() if self.moe.mode == "smoe_dropout" else [self._fixed_k()]
+        sched = self.deepspeed.get("scheduler", {}).get("params", {})
+        if sched.get("total_num_steps") == "auto":
+            sched["total_num_steps"] = self.run.max_steps
+        for monitor in ("csv_monitor", "tensorboard"):  # monitors write under run.out_dir unless told otherwise
+            section = self.deepspeed.get(monitor)
+            if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
+                section["output_path"] = str(Path(self.run.out_dir) / "monitor")
+                section.setdefault("job_name", Path(self.run.out_dir).name)
+        self.validate()
+        return self
+
+    def _fixed_k(self) -> int:
+        return self.moe.k if self.moe.mode == "learned" else self.moe.num_experts
+
+    # -- checks -----------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Checks that need no process group. Raises ConfigError naming the key."""
+        m, moe, ks, run = self.model, self.moe, self.moe.k_schedule, self.run
+        _require(m.d_model > 0 and m.n_layers > 0 and m.block_size > 1, "model sizes must be positive")
+        _require(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        _require(m.positions in ("rope", "learned"), f"model.positions must be 'rope' or 'learned', got {m.positions!r}")
+        if m.positions == "rope":
+            _require((m.d_model // m.n_heads) % 2 == 0, "model: rotary positions need an even head size")
+        bad = [i for i in m.moe_layer_indices() if not 0 <= i < m.n_layers]
+        _require(not bad, f"model.moe_layers has indices outside [0, {m.n_layers}): {bad}")
+        _require(moe.mode in MOE_MODES, f"moe.mode must be one of {', '.join(MOE_MODES)}, got {moe.mode!r}")
+        _require(moe.num_experts >= 1 and moe.d_expert >= 1, "moe.num_experts and moe.d_expert must be >= 1")
+        _require(moe.ep_size >= 1, f"moe.ep_size must be >= 1, got {moe.ep_size}")
+        _require(
+            moe.num_experts % moe.ep_size == 0,
+            f"moe.num_experts ({moe.num_experts}) is not divisible by moe.ep_size ({moe.ep_size})",
+        )
+        _require(
+            moe.capacity_factor is None or moe.capacity_factor > 0,
+            f"moe.capacity_factor must be positive or null (dropless), got {moe.capacity_factor}",
+        )
+        n = moe.num_experts
+        _require(ks.kind in SCHEDULE_KINDS, f"moe.k_schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {ks.kind!r}")
+        _require(1 <= ks.k_min <= n, f"moe.k_schedule.k_min ({ks.k_min}) must be in [1, num_experts={n}]")
+        _require(1 <= ks.k_max <= n, f"moe.k_schedule.k_max ({ks.k_max}) must be in [1, num_experts={n}]")
+        _require(ks.k_min <= ks.k_max, f"moe.k_schedule.k_min ({ks.k_min}) is above k_max ({ks.k_max})")
+        _require(ks.start_step >= 0, "moe.k_schedule.start_step must be >= 0")
+        _require(
+            ks.end_step >= ks.start_step,
+            f"moe.k_schedule.end_step ({ks.end_step}) is before start_step ({ks.start_step})",
+        )
+        _require(
+            all(isinstance(s, int) for s in ks.milestones) and ks.milestones == sorted(ks.milestones),
+            "moe.k_schedule.milestones must be an increasing list of steps",
+        )
+        _require(1 <= moe.k <= n, f"moe.k ({moe.k}) must be in [1, num_experts={n}]")
+        _require(run.max_steps >= 1, f"run.max_steps must be >= 1, got {run.max_steps}")
+        _require(run.log_interval >= 1 and run.eval_batches >= 1 and run.final_eval_batches >= 1,
+                 "run.log_interval, run.eval_batches and run.final_eval_batches must be >= 1")
+        _require(run.collective_timeout_s > 0, "run.collective_timeout_s must be positive")
+        _require(run.eval_interval >= 0, "run.eval_interval must be >= 0 (0 disables it)")
+        bad_ks = [k for k in run.eval_ks if not (isinstance(k, int) and 1 <= k <= n)]
+        _require(not bad_ks, f"run.eval_ks has values outside [1, num_experts={n}]: {bad_ks}")
+        _require(0 < self.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
+        self._validate_deepspeed()
+
+    def _validate_deepspeed(self) -> None:
+        ds = self.deepspeed
+        _require(isinstance(ds.get("optimizer"), dict), "the config needs a DeepSpeed \"optimizer\" section")
+        lr = ds.get("optimizer", {}).get("params", {}).get("lr")
+        _require(lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.params.lr must be >= 0, got {lr}")
+        _require(
+            not (ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled")),
+            "fp16.enabled and bf16.enabled are both true; choose one",
+        )
+        zero = ds.get("zero_optimization", {})
+        stage = zero.get("stage", 0)
+        if self.uses_moe and stage == 3:
+            raise ConfigError(
+                "zero_optimization.stage 3 is not supported with DeepSpeed's native MoE layers; "
+                "use stage 2 (with contiguous_gradients and reduce_scatter true) or stage 1"
+            )
+        if self.uses_moe and stage == 2:
+            for key in ("contiguous_gradients", "reduce_scatter"):
+                _require(zero.get(key, True) is True, f"zero_optimization.{key} must be true for ZeRO-2 with MoE layers")
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            val = ds.get(key)
+            _require(val is None or (isinstance(val, int) and val >= 1), f"{key} must be a positive integer, got {val!r}")
+        _require(
+            "train_micro_batch_size_per_gpu" in ds or "train_batch_size" in ds,
+            "set train_micro_batch_size_per_gpu (or train_batch_size) in the config",
+        )
+        sched_steps = ds.get("scheduler", {}).get("params", {}).get("total_num_steps")
+        _require(
+            sched_steps is None or isinstance(sched_steps, int),
+            f"scheduler.params.total_num_steps must be an int or \"auto\", got {sched_steps!r}",
+        )
+
+    def validate_for_world(self, world_size: int) -> None:
+        """Checks that need the number of ranks."""
+        ep = self.moe.ep_size
+        if self.uses_moe:
+            _require(world_size % ep == 0, f"the world size ({world_size}) is not divisible by moe.ep_size ({ep})")
+        ds = self.deepspeed
+        tbs, mbs = ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu")
+        gas = ds.get("gradient_accumulation_steps")
+        if tbs is not None and mbs is not None:
+            gas_eff = gas if gas is not None else tbs // (mbs * world_size)
+            _require(
+                tbs == mbs * gas_eff * world_size,
+                f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({mbs}) * "
+                f"gradient_accumulation_steps ({gas_eff}) * world size ({world_size})",
+            )
+
+    def micro_batch_size(self, world_size: int) -> int:
+        ds = self.deepspeed
+        if "train_micro_batch_size_per_gpu" in ds:
+            return ds["train_micro_batch_size_per_gpu"]
+        return ds["train_batch_size"] // (ds.get("gradient_accumulation_steps", 1) * world_size)
+
+    def to_dict(self) -> dict:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in OUR_SECTIONS}
+        out.update(self.deepspeed)
+        return out
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+# -- loading ------------------------------------------------------------------------------
+
+
+def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
+    """Read ``path`` (JSON), apply ``KEY=VALUE`` overrides, build and resolve the config."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a JSON object")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw).resolve()
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` in the nested dict; the value is parsed as JSON, else kept as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    key, text = item.split("=", 1)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict) -> TrainConfig:
+    raw = dict(raw)
+    sections = {name: raw.pop(name, {}) for name in OUR_SECTIONS}
+    cfg = TrainConfig(deepspeed=raw)
+    for name, values in sections.items():
+        setattr(cfg, name, _build(type(getattr(cfg, name)), values, name))
+    return cfg
+
+
+def _build(cls: type, values: Any, where: str):
+    """Build dataclass ``cls`` from a dict, refusing unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where}.{unknown[0]} (known keys in {where}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _check_type(value, hint, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, where)
+    expected = origin or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and expected is not bool:
+        raise ConfigError(f"{where} must be {expected.__name__}, got a boolean")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} must be finite, got {value}")
+    return value

@@ -1,0 +1,265 @@
+"""Corpus loading (via ``datasets``), tokenisation, packing into blocks, and per-rank sharding.
+
+Sources, by ``data.path``:
+- ``None``: the embedded default corpus, the Python standard library's ``.py`` sources of the
+  running interpreter (tests and site-packages excluded). Every machine with Python has it.
+- a local text file: its paragraphs are the documents;
+- a local folder: each text file in it is a document;
+- anything else: a Hugging Face hub dataset name, loaded with ``datasets.load_dataset``.
+
+Documents are split into train and validation deterministically: by a hash of each file's
+relative path for folders (so the split never depends on the file count or order), and by
+``Dataset.train_test_split(seed=data.seed)`` for a single file's paragraphs or a hub dataset
+without a validation split.
+
+Tokens are UTF-8 bytes (vocabulary 256) unless ``data.tokenizer`` names a local Hugging
+Face tokenizer. The token stream is packed into non-overlapping blocks of block_size + 1
+tokens; a block gives the input ``x = block[:-1]`` and the target ``y = block[1:]``.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from smoe_ds.config import ConfigError, DataConfig
+
+STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".tsv", ".csv", ".json", ".jsonl"}
+
+
+@dataclass
+class Corpus:
+    """Packed token blocks for training and validation."""
+
+    train_blocks: torch.Tensor  # [M_train, block_size + 1], int64
+    val_blocks: torch.Tensor  # [M_val, block_size + 1], int64
+    vocab_size: int
+    bytes_per_token: float  # UTF-8 bytes per token in the validation text; 1.0 for bytes
+    description: str
+
+
+# -- finding the documents ----------------------------------------------------------------
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The running interpreter's standard-library sources, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py") if not STDLIB_EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+    )
+    return root, files
+
+
+def folder_files(root: Path) -> list[Path]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise ConfigError(f"data.path {root} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
+    return files
+
+
+def split_files_by_hash(root: Path, files: list[Path], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split of files by a hash of their relative paths."""
+    train, val = [], []
+    for f in files:
+        bucket = zlib.crc32(str(f.relative_to(root)).encode()) % 10_000
+        (val if bucket < val_fraction * 10_000 else train).append(str(f))
+    if not val or not train:  # tiny folders: keep both splits non-empty
+        if len(files) < 2:
+            raise ConfigError(f"data.path {root} needs at least 2 files to split off a validation set")
+        train, val = [str(f) for f in files[:-1]], [str(files[-1])]
+    return train, val
+
+
+def looks_like_local_path(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or Path(path).suffix.lower() in TEXT_SUFFIXES or os.sep * 2 in path
+
+
+def load_text_splits(cfg: DataConfig):
+    """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits and a ``text`` column."""
+    import datasets
+
+    if cfg.path is None:
+        root, files = stdlib_files()
+        train, val = split_files_by_hash(root, files, cfg.val_fraction)
+        return _load_local_documents({"train": train, "validation": val})
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        train, val = split_files_by_hash(path, folder_files(path), cfg.val_fraction)
+        return _load_local_documents({"train": train, "validation": val})
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise ConfigError(f"data.path {path} is empty")
+        ds = datasets.load_dataset("text", data_files=[str(path)], sample_by="paragraph", split="train")
+        ds = ds.filter(lambda row: bool(row["text"].strip()))
+        if len(ds) < 2:
+            raise ConfigError(f"data.path {path} needs at least 2 paragraphs to split off a validation set")
+        parts = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+        return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+    if looks_like_local_path(cfg.path):
+        raise ConfigError(f"data.path not found: {cfg.path}")
+    return _load_hub(cfg)
+
+
+def _load_local_documents(files: dict):
+    import datasets
+
+    return datasets.load_dataset("text", data_files=files, sample_by="document")
+
+
+def _load_hub(cfg: DataConfig):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.hub_config)
+    except Exception as e:  # offline, unknown name, gated: all end the same way for the user
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"data.path {cfg.path!r} is not a local file or folder, and loading it from the Hugging Face hub "
+            f"failed (offline? set HF_DATASETS_OFFLINE=1 to fail fast): {first_line}"
+        ) from None
+    if "train" not in ds:
+        raise ConfigError(f"hub dataset {cfg.path!r} has no 'train' split (it has: {', '.join(ds)})")
+    if cfg.text_column not in ds["train"].column_names:
+        raise ConfigError(
+            f"hub dataset {cfg.path!r} has no column {cfg.text_column!r} (set data.text_column; "
+            f"columns: {', '.join(ds['train'].column_names)})"
+        )
+    val_name = next((s for s in ("validation", "valid", "test") if s in ds), None)
+    if val_name is None:
+        parts = ds["train"].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+        train, val = parts["train"], parts["test"]
+    else:
+        train, val = ds["train"], ds[val_name]
+    keep = lambda d: d.select_columns([cfg.text_column]).rename_column(cfg.text_column, "text")  # noqa: E731
+    return datasets.DatasetDict(train=keep(train), validation=keep(val))
+
+
+# -- tokenising and packing ---------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, nothing to download."""
+
+    vocab_size = 256
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local path; an EOS token separates documents."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        if not Path(path).exists():
+            raise ConfigError(f"data.tokenizer not found: {path}")
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.vocab_size = len(self.tok)
+        self.sep = [self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id]
+        self.sep = [i for i in self.sep if i is not None]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        return [np.asarray(row + self.sep, dtype=np.int64) for row in ids]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+def make_tokenizer(cfg: DataConfig):
+    return HFTokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
+
+
+def pack_split(ds, tokenizer, block_size: int) -> tuple[np.ndarray, int, int]:
+    """Tokenise a text split and cut its token stream into [M, block_size + 1] blocks.
+
+    Returns the blocks, the number of tokens and the number of UTF-8 bytes in the split.
+    """
+
+    def tokenize(batch):
+        return {"ids": tokenizer.encode_batch(batch["text"]), "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
+
+    tokenized = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+    tokenized = tokenized.with_format("numpy")
+    ids_column = tokenized["ids"]
+    stream = np.concatenate(list(ids_column)) if len(ids_column) else np.zeros(0, dtype=np.int64)
+    n_bytes = int(np.sum(tokenized["n_bytes"])) if len(tokenized) else 0
+    width = block_size + 1
+    n_blocks = len(stream) // width
+    return stream[: n_blocks * width].reshape(n_blocks, width).astype(np.int64), len(stream), n_bytes
+
+
+def load_corpus(cfg: DataConfig, block_size: int) -> Corpus:
+    """Load, split, tokenise and pack the configured corpus (``datasets`` caches the heavy parts)."""
+    tokenizer = make_tokenizer(cfg)
+    splits = load_text_splits(cfg)
+    train, _, _ = pack_split(splits["train"], tokenizer, block_size)
+    val, val_tokens, val_bytes = pack_split(splits["validation"], tokenizer, block_size)
+    where = cfg.path or "the Python standard library (embedded default)"
+    for name, blocks in (("training", train), ("validation", val)):
+        if len(blocks) == 0:
+            raise ConfigError(f"the {name} split of {where} is shorter than one block of {block_size + 1} tokens")
+    return Corpus(
+        train_blocks=torch.from_numpy(train),
+        val_blocks=torch.from_numpy(val),
+        vocab_size=tokenizer.vocab_size,
+        bytes_per_token=val_bytes / max(val_tokens, 1),
+        description=f"{where}: {len(train)} train / {len(val)} validation blocks of {block_size} tokens",
+    )
+
+
+# -- per-rank iteration -------------------------------------------------------------------
+
+
+def _xy(blocks: torch.Tensor) -> TensorDataset:
+    return TensorDataset(blocks[:, :-1], blocks[:, 1:])
+
+
+def train_batches(
+    blocks: torch.Tensor, micro_batch: int, rank: int, world_size: int, seed: int, start_epoch: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x [B, T], y [B, T]) micro-batches of this rank's disjoint shard.
+
+    Each epoch is a fresh permutation drawn from (seed, epoch) and dealt round-robin to the
+    ranks; the tail that would give ranks unequal batch counts is dropped, so every rank
+    runs the same number of steps and no collective is left waiting.
+    """
+    sampler = DistributedSampler(_xy(blocks), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    if len(sampler) < micro_batch:
+        raise ConfigError(
+            f"the training split has {len(blocks)} blocks, too few for {world_size} ranks x micro-batch {micro_batch}"
+        )
+    loader = DataLoader(_xy(blocks), batch_size=micro_batch, sampler=sampler, drop_last=True)
+    epoch = start_epoch
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def eval_batches(
+    blocks: torch.Tensor, micro_batch: int, rank: int, world_size: int, max_batches: Optional[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``max_batches`` validation micro-batches of this rank's shard (same count on all ranks)."""
+    per_rank = len(blocks) // world_size
+    n = per_rank // micro_batch if max_batches is None else min(max_batches, per_rank // micro_batch)
+    if n < 1:
+        raise ConfigError(
+            f"the validation split has {len(blocks)} blocks, too few for {world_size} ranks x micro-batch {micro_batch}; "
+            "raise data.val_fraction or lower the batch size"
+        )
+    mine = blocks[rank::world_size][: n * micro_batch]
+    return [(b[:, :-1], b[:, 1:]) for b in mine.split(micro_batch)]

@@ -1,0 +1,97 @@
+"""Process-group start-up and the few collectives the trainer needs.
+
+The same entry point runs under the deepspeed launcher, torchrun (both set RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT) and mpirun (DeepSpeed's MPI discovery through
+mpi4py fills those in). On a machine without GPUs the backend is gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def backend_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().communication_backend_name()
+    # DeepSpeed's CPU accelerator names oneCCL, which is rarely installed; gloo always is.
+    return "gloo" if get_accelerator().device_name() == "cpu" else name
+
+
+def init_distributed(master_port: int = 29500, timeout_s: float = 600.0) -> None:
+    """Join the process group (a group of one when nothing launched us)."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    launched = any(v in os.environ for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+    if not launched:  # plain `python -m ...`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # MPI discovery ignores MASTER_PORT unless it is passed here explicitly.
+    port = int(os.environ.get("MASTER_PORT", master_port))
+    deepspeed.init_distributed(
+        dist_backend=backend_name(),
+        auto_mpi_discovery=True,
+        distributed_port=port,
+        timeout=timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def local_main_first():
+    """Let local rank 0 do the work first (e.g. fill the datasets cache); the others then reuse it."""
+    if local_rank() != 0:
+        barrier()
+    yield
+    if local_rank() == 0:
+        barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks (returns a new tensor; ``t`` is left alone)."""
+    t = t.detach().clone()
+    if dist.is_initialized() and world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

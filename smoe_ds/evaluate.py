@@ -1,0 +1,144 @@
+"""Self-slimming evaluation: validation loss and bits per byte at k = 1, 2, 4, ..., N.
+
+As a library it is called by the trainer at the end of training. As a command it loads a
+checkpoint written by ``smoe_ds.train`` and runs the same sweep, under the same launcher:
+
+    deepspeed --num_gpus 2 -m smoe_ds.evaluate --config ds_configs/cpu_tiny.json \
+        --checkpoint runs/cpu_tiny/checkpoints [--ks 1,2,4,8]
+
+It prints a table and writes ``self_slimming.json`` and ``self_slimming.png`` to run.out_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from smoe_ds import distributed as D
+from smoe_ds.moe.layer import set_active_experts
+
+LN2 = math.log(2.0)
+
+
+@torch.no_grad()
+def validation_loss(engine, batches: list, k: int | None = None) -> float:
+    """Mean next-token loss (nats) over every rank's ``batches`` at ``k`` active experts.
+
+    All ranks must call this together with the same number of batches: the MoE layers
+    exchange tokens in every forward.
+    """
+    was_training = engine.training
+    engine.eval()
+    if k is not None:
+        set_active_experts(engine.module, k)
+    total = torch.zeros(2, dtype=torch.float64)
+    for x, y in batches:
+        out = engine(x.to(engine.device), y.to(engine.device))
+        total += torch.tensor([out.lm_loss.item(), 1.0], dtype=torch.float64)
+    total = D.all_reduce_sum(total.to(engine.device)).cpu()
+    engine.train(was_training)
+    return float(total[0] / total[1])
+
+
+def self_slimming_sweep(engine, batches: list, ks: Iterable[int], bytes_per_token: float) -> list[dict]:
+    """One row per k: {"k", "loss" (nats/token), "bpb" (bits per UTF-8 byte)}."""
+    rows = []
+    for k in ks:
+        loss = validation_loss(engine, batches, k)
+        rows.append({"k": k, "loss": loss, "bpb": loss / LN2 / bytes_per_token})
+    return rows
+
+
+def format_table(rows: list[dict], title: str = "self-slimming evaluation") -> str:
+    lines = [title, f"{'k':>4}  {'val loss':>9}  {'bits/byte':>9}", f"{'-' * 4}  {'-' * 9}  {'-' * 9}"]
+    lines += [f"{r['k']:>4}  {r['loss']:>9.4f}  {r['bpb']:>9.4f}" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], out_dir: str | Path, meta: dict) -> tuple[Path, Path]:
+    """Write ``self_slimming.json`` and a ``self_slimming.png`` plot of bits per byte against k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / "self_slimming.json", out / "self_slimming.png"
+    json_path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["k"] for r in rows], [r["bpb"] for r in rows], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["k"] for r in rows], [str(r["k"]) for r in rows])
+    ax.set_xlabel("active experts k at inference")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title(meta.get("title", "self-slimming"))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return json_path, png_path
+
+
+def report(engine, batches: list, ks: list[int], bytes_per_token: float, out_dir: str, meta: dict) -> list[dict]:
+    """Run the sweep on all ranks; rank 0 prints the table and writes JSON and PNG."""
+    rows = self_slimming_sweep(engine, batches, ks, bytes_per_token)
+    if D.is_main():
+        print("\n" + format_table(rows, meta.get("title", "self-slimming evaluation")), flush=True)
+        json_path, png_path = write_results(rows, out_dir, meta)
+        print(f"wrote {json_path} and {png_path}", flush=True)
+    return rows
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"smoe-ds: error: --ks expects comma-separated integers, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from smoe_ds.config import ConfigError, load_config
+    from smoe_ds.runtime import build_runtime, run_main
+
+    p = argparse.ArgumentParser(prog="smoe-evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the JSON config the checkpoint was trained with")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint folder (run.out_dir/checkpoints)")
+    p.add_argument("--ks", default=None, help="comma-separated k values (default: run.eval_ks)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = p.parse_args(argv)
+
+    def job() -> None:
+        cfg = load_config(args.config, args.set)
+        if args.ks:
+            cfg.run.eval_ks = parse_ks(args.ks)
+            cfg.validate()
+        if not Path(args.checkpoint).is_dir():
+            raise ConfigError(f"checkpoint folder not found: {args.checkpoint}")
+        rt = build_runtime(cfg)
+        path, _ = rt.engine.load_checkpoint(
+            args.checkpoint, load_optimizer_states=False, load_lr_scheduler_states=False, load_module_only=True
+        )
+        if path is None:
+            raise ConfigError(f"no DeepSpeed checkpoint found in {args.checkpoint} (it has no 'latest' file)")
+        report(
+            rt.engine,
+            rt.val_batches(cfg.run.final_eval_batches),
+            cfg.run.eval_ks,
+            rt.corpus.bytes_per_token,
+            cfg.run.out_dir,
+            {"title": f"self-slimming: {args.checkpoint}", "checkpoint": str(path), "mode": cfg.moe.mode},
+        )
+
+    return run_main(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

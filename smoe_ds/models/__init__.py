@@ -1,0 +1,1 @@
+"""Models: the built-in decoder-only language model."""

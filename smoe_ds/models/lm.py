@@ -1,0 +1,169 @@
+"""The built-in decoder-only language model: pre-LayerNorm GPT with (S)MoE FFNs.
+
+Shapes: B batch, T time, D d_model, H heads, Dh = D / H head size, V vocab.
+
+Weights are initialised by ``init_weights`` as a pure function of (init_seed, the
+parameter's global name), so a model built with any world size or ep_size starts from the
+same numbers: expert e of layer L gets the same weights whichever rank holds it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smoe_ds.config import ModelConfig, MoEConfig
+from smoe_ds.moe.layer import build_ffn, ffn_forward, moe_layers
+
+EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor  # [B, T, V]
+    loss: Optional[torch.Tensor]  # what backward runs on: lm_loss + aux_loss_coef * aux_loss
+    lm_loss: Optional[torch.Tensor]  # mean next-token cross-entropy, nats
+    aux_loss: torch.Tensor  # sum of the MoE balance losses (0 for SMoE-Dropout and dense)
+
+
+def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [T, Dh/2] for rotary position embeddings (base 10000)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of x [B, H, T, Dh] by position-dependent angles."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.rotary = cfg.positions == "rope"
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        if self.rotary:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """x + attn(LN(x)), then x + ffn(LN(x)); the FFN may be an MoE layer."""
+
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = ffn
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.drop(self.attn(self.ln1(x), rope))
+        y, aux = ffn_forward(self.ffn, self.ln2(x))
+        return x + self.drop(y), aux
+
+
+class SMoELM(nn.Module):
+    """Token ids [B, T] -> logits [B, T, V]; MoE FFNs in the blocks listed by ``model.moe_layers``."""
+
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        dense_moe = MoEConfig(**{**moe_cfg.__dict__, "mode": "dense"})
+        moe_at = set(cfg.moe_layer_indices())
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            Block(cfg, build_ffn(cfg.d_model, moe_cfg if i in moe_at else dense_moe, layer_index=i))
+            for i in range(cfg.n_layers)
+        )
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied: one V x D matrix
+        if cfg.positions == "rope":
+            cos, sin = rotary_tables(cfg.block_size, cfg.d_model // cfg.n_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> LMOutput:
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size {self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.pos_emb is None else None
+        x = self.drop(x)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            x, aux = block(x, rope)
+            aux_total = aux_total + aux
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return LMOutput(logits, None, None, aux_total)
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = lm_loss + self.moe_cfg.aux_loss_coef * aux_total if self.moe_cfg.mode == "learned" else lm_loss
+        return LMOutput(logits, loss, lm_loss, aux_total)
+
+    @property
+    def num_experts(self) -> int:
+        return self.moe_cfg.num_experts
+
+
+def global_param_name(name: str, ep_rank: int, num_local_experts: int) -> str:
+    """Rewrite a local expert index in ``name`` to its global expert id."""
+    return EXPERT_KEY.sub(lambda m: f"{m[1]}{ep_rank * num_local_experts + int(m[2])}{m[3]}", name)
+
+
+@torch.no_grad()
+def init_weights(model: SMoELM, seed: int, ep_rank: int = 0) -> None:
+    """Initialise every trainable parameter from a generator keyed by (seed, global name).
+
+    GPT-2 style: N(0, 0.02) for matrices and embeddings, with the residual output projections
+    scaled by 1/sqrt(2 * n_layers); LayerNorms at (1, 0). The frozen routers keep their own
+    seeded values.
+    """
+    n_local = model.moe_cfg.num_experts // model.moe_cfg.ep_size
+    residual_std = 0.02 / math.sqrt(2 * model.cfg.n_layers)
+    for name, p in model.named_parameters():
+        if getattr(p, "smoe_frozen_router", False):
+            continue
+        gname = global_param_name(name, ep_rank, n_local)
+        if ".ln" in name or name.startswith("ln_f"):
+            p.fill_(1.0 if name.endswith("weight") else 0.0)
+            continue
+        std = residual_std if name.endswith(("proj.weight", "w_out.weight")) else 0.02
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{gname}".encode()))
+        p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0) -> SMoELM:
+    """Build the LM and initialise it; ``ep_rank`` is this rank's place in its expert-parallel group."""
+    model = SMoELM(cfg, moe_cfg)
+    init_weights(model, cfg.init_seed, ep_rank)
+    return model
+
+
+def count_parameters(model: nn.Module, ep_size: int = 1) -> int:
+    """Global parameter count: local expert parameters count ep_size times (one copy per EP rank)."""
+    expert_ids = {id(p) for layer in moe_layers(model) for p in layer.deepspeed_moe.experts.parameters()}
+    return sum(p.numel() * (ep_size if id(p) in expert_ids else 1) for p in model.parameters())

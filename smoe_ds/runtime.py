@@ -1,0 +1,108 @@
+"""From a config to a running DeepSpeed engine, shared by training and evaluation.
+
+Order matters: every check that can fail on user input runs before anything heavy and
+before anything is written, so a bad config costs a second, not a run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from smoe_ds import distributed as D
+from smoe_ds.config import ConfigError, TrainConfig
+from smoe_ds.data import Corpus, eval_batches, load_corpus
+from smoe_ds.models.lm import SMoELM, build_model
+
+
+@dataclass
+class Runtime:
+    cfg: TrainConfig
+    engine: "deepspeed.DeepSpeedEngine"  # noqa: F821
+    model: SMoELM
+    corpus: Corpus
+    rank: int
+    world_size: int
+    micro_batch: int
+
+    def val_batches(self, max_batches: int) -> list:
+        return eval_batches(self.corpus.val_blocks, self.micro_batch, self.rank, self.world_size, max_batches)
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices, none on norms; frozen routers in no group at all.
+
+    The groups are then split by DeepSpeed so that expert parameters form their own groups,
+    which is what lets ZeRO-1/2 reduce them over the expert-data-parallel group only.
+    """
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+
+
+def build_runtime(cfg: TrainConfig) -> Runtime:
+    """Join the process group, load the data, build the model and the DeepSpeed engine."""
+    import deepspeed
+    from deepspeed.utils import groups
+
+    D.init_distributed(cfg.run.master_port, cfg.run.collective_timeout_s)
+    rank, world = D.rank(), D.world_size()
+    cfg.validate_for_world(world)
+    with D.local_main_first():
+        corpus = load_corpus(cfg.data, cfg.model.block_size)
+    cfg.model.vocab_size = corpus.vocab_size
+    micro = cfg.micro_batch_size(world)
+    # Fail on a too-small validation split now rather than after training.
+    eval_batches(corpus.val_blocks, micro, rank, world, cfg.run.eval_batches)
+
+    torch.manual_seed(cfg.run.seed)
+    # DeepSpeed's expert-parallel groups are runs of consecutive ranks (checked below).
+    ep_rank = rank % cfg.moe.ep_size if cfg.uses_moe else 0
+    model = build_model(cfg.model, cfg.moe, ep_rank=ep_rank)
+    weight_decay = cfg.deepspeed.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=optimizer_param_groups(model, weight_decay), config=cfg.deepspeed
+    )
+    if cfg.uses_moe:
+        actual = groups._get_expert_parallel_rank(f"ep_size_{cfg.moe.ep_size}")
+        if actual != ep_rank:
+            raise RuntimeError(f"expert-parallel rank {actual} != assumed {ep_rank}: expert init would be wrong")
+    return Runtime(cfg, engine, model, corpus, rank, world, micro)
+
+
+def _launcher_rank() -> int:
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def run_main(job: Callable[[], None]) -> int:
+    """Run ``job``; a ConfigError becomes one line on stderr (from rank 0) and exit code 2."""
+    try:
+        job()
+    except ConfigError as e:
+        if _launcher_rank() == 0:
+            print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        D.shutdown()
+    return 0

@@ -1,0 +1,178 @@
+"""Train an SMoE-Dropout language model with DeepSpeed expert parallelism and ZeRO.
+
+    # 2 CPU ranks (or every local GPU), the embedded default corpus:
+    deepspeed --num_gpus 2 -m smoe_ds.train --config ds_configs/cpu_tiny.json
+    torchrun --nproc_per_node 2 -m smoe_ds.train --config ds_configs/cpu_tiny.json
+    mpirun -np 2 python -m smoe_ds.train --config ds_configs/cpu_tiny.json
+    # any key can be overridden:
+    ... --set moe.k_schedule.kind=cosine --set train_micro_batch_size_per_gpu=4
+
+Each optimizer step sets k from the schedule (a pure function of the step), runs the
+micro-batches of one step through the engine, and steps. Rank 0 shows a progress bar and
+writes loss, k, lr and per-expert load through DeepSpeed's monitor. Training ends with the
+self-slimming table: validation loss and bits per byte at k = 1, 2, 4, ..., N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from smoe_ds import distributed as D
+from smoe_ds.config import TrainConfig, load_config
+from smoe_ds.data import train_batches
+from smoe_ds.evaluate import LN2, report, validation_loss
+from smoe_ds.models.lm import count_parameters
+from smoe_ds.moe.layer import moe_layers, set_active_experts
+from smoe_ds.moe.schedule import k_at_step
+from smoe_ds.runtime import Runtime, build_runtime, run_main
+
+
+def active_k(cfg: TrainConfig, step: int) -> int:
+    """k for this step: the schedule for SMoE-Dropout, fixed for the learned baseline."""
+    if cfg.moe.mode == "smoe_dropout":
+        return k_at_step(cfg.moe.k_schedule, step)
+    return cfg.moe.k if cfg.moe.mode == "learned" else cfg.moe.num_experts
+
+
+def expert_load_events(model: torch.nn.Module, step: int) -> list[tuple]:
+    """Share of routed tokens per expert, summed over ranks, for the last forward of each layer."""
+    events = []
+    for layer_idx, layer in enumerate(moe_layers(model)):
+        counts = D.all_reduce_sum(layer.deepspeed_moe.exp_counts.double())
+        share = (counts / counts.sum().clamp(min=1)).tolist()
+        events += [(f"Train/expert_load/layer{layer_idx}/expert{e}", v, step) for e, v in enumerate(share)]
+    return events
+
+
+def dropped_fraction(model: torch.nn.Module) -> float | None:
+    """Share of (token, route) pairs dropped for lack of capacity in the last forward, over all ranks."""
+    gates = [layer.deepspeed_moe.gate for layer in moe_layers(model)]
+    gates = [g for g in gates if getattr(g, "last_dropped_routes", None) is not None and g.capacity_factor]
+    if not gates:
+        return None
+    t = torch.tensor([[float(g.last_dropped_routes), g.last_total_routes] for g in gates], dtype=torch.float64)
+    t = D.all_reduce_sum(t).sum(0)
+    return float(t[0] / t[1])
+
+
+def describe(rt: Runtime) -> str:
+    cfg = rt.cfg
+    n, ep = cfg.moe.num_experts, cfg.moe.ep_size
+    params = count_parameters(rt.model, ep if cfg.uses_moe else 1)
+    lines = [
+        f"smoe-ds: {cfg.moe.mode}, {cfg.model.n_layers} layers x d_model {cfg.model.d_model}, "
+        f"{n} experts x {cfg.moe.d_expert} in layers {cfg.model.moe_layer_indices() if cfg.uses_moe else 'none (dense)'}, "
+        f"{params / 1e6:.2f}M parameters",
+        f"  world size {rt.world_size}, ep_size {ep}: rank r holds experts "
+        f"[(r % {ep}) * {n // ep}, +{n // ep}); ZeRO stage {cfg.deepspeed.get('zero_optimization', {}).get('stage', 0)}",
+        f"  data: {rt.corpus.description}",
+    ]
+    if cfg.moe.mode == "smoe_dropout":
+        ks = cfg.moe.k_schedule
+        lines.append(f"  k schedule: {ks.kind} {ks.k_min} -> {ks.k_max} over steps {ks.start_step}..{ks.end_step}")
+    return "\n".join(lines)
+
+
+def train(cfg: TrainConfig) -> dict:
+    rt = build_runtime(cfg)
+    engine, run = rt.engine, cfg.run
+    out_dir = Path(run.out_dir)
+    if D.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        print(describe(rt), flush=True)
+    batches = train_batches(rt.corpus.train_blocks, rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed)
+    val = rt.val_batches(run.eval_batches)
+    n = cfg.moe.num_experts
+    gas = engine.gradient_accumulation_steps()
+    tokens_per_step = rt.micro_batch * gas * rt.world_size * cfg.model.block_size
+    # A log file (no terminal) gets a line every 10 s instead of a redraw per step.
+    bar = tqdm(total=run.max_steps, disable=not D.is_main(), desc="train", dynamic_ncols=True, file=sys.stdout,
+               mininterval=0.5 if sys.stdout.isatty() else 10.0)
+    history, t0, window_loss, window_steps = [], time.perf_counter(), torch.zeros(()), 0
+
+    for step in range(run.max_steps):
+        k = active_k(cfg, step)
+        set_active_experts(engine.module, k)
+        for _ in range(gas):
+            x, y = next(batches)
+            out = engine(x.to(engine.device), y.to(engine.device))
+            engine.backward(out.loss)
+            engine.step()
+            window_loss += out.lm_loss.detach().float().cpu()
+        window_steps += 1
+        done = step + 1
+        bar.update(1)
+
+        if done % run.log_interval == 0 or done == run.max_steps:
+            loss = float(D.all_reduce_sum(window_loss) / (window_steps * gas * rt.world_size))
+            tok_s = done * tokens_per_step / (time.perf_counter() - t0)
+            lr = engine.get_lr()[0]
+            events = [("Train/loss", loss, done), ("Train/k", k, done), ("Train/lr", lr, done)]
+            events += expert_load_events(engine.module, done)
+            drop = dropped_fraction(engine.module)
+            postfix = {"loss": f"{loss:.3f}", "k": k, "tok/s": f"{tok_s:,.0f}"}
+            if drop is not None:
+                events.append(("Train/dropped_fraction", drop, done))
+                postfix["dropped"] = f"{drop:.1%}"
+            engine.monitor.write_events(events)
+            bar.set_postfix(postfix)
+            history.append({"step": done, "loss": loss, "k": k, "lr": lr, "tokens_per_s": tok_s})
+            window_loss, window_steps = torch.zeros(()), 0
+
+        if run.eval_interval and (done % run.eval_interval == 0 or done == run.max_steps):
+            evals = {f"k={kk}": validation_loss(engine, val, kk) for kk in sorted({k, n} if cfg.uses_moe else {k})}
+            set_active_experts(engine.module, k)
+            engine.monitor.write_events([(f"Eval/loss_{name}", v, done) for name, v in evals.items()])
+            if D.is_main():
+                bar.write(f"step {done}: validation loss " + ", ".join(f"{v:.4f} at {name}" for name, v in evals.items()))
+            history[-1]["val"] = evals
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    if run.save_checkpoint:
+        engine.save_checkpoint(str(out_dir / "checkpoints"), tag=f"step{run.max_steps}")
+    rows = report(
+        engine,
+        rt.val_batches(run.final_eval_batches),
+        run.eval_ks,
+        rt.corpus.bytes_per_token,
+        run.out_dir,
+        {"title": f"self-slimming: {cfg.moe.mode}, {run.max_steps} steps", "mode": cfg.moe.mode,
+         "steps": run.max_steps, "train_wall_s": wall, "num_experts": n},
+    )
+    summary = {"train_wall_s": wall, "tokens_per_s": run.max_steps * tokens_per_step / wall, "history": history,
+               "self_slimming": rows}
+    if D.is_main():
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        first = history[0]["loss"] if history else math.nan
+        print(f"trained {run.max_steps} steps in {wall:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); "
+              f"train loss {first:.3f} -> {history[-1]['loss']:.3f} ({history[-1]['loss'] / LN2:.3f} bits/token)",
+              flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="smoe-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="JSON file: a DeepSpeed config plus model/moe/data/run sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key by its dotted path, e.g. moe.k_schedule.kind=cosine (repeatable)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_main(lambda: train(load_config(args.config, args.set)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
