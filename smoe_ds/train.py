@@ -63,6 +63,18 @@ def dropped_fraction(model: torch.nn.Module) -> float | None:
     return float(t[0] / t[1])
 
 
+def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
+    """Validation loss at the current k and at k = N; logged, shown, and k restored afterwards."""
+    cfg, engine = rt.cfg, rt.engine
+    ks = sorted({k, cfg.moe.num_experts}) if cfg.moe.mode == "smoe_dropout" else [k]
+    losses = {f"k={kk}": validation_loss(engine, val, kk) for kk in ks}
+    set_active_experts(engine.module, k)
+    engine.monitor.write_events([(f"Eval/loss_{name}", v, step) for name, v in losses.items()])
+    if D.is_main():
+        bar.write(f"step {step}: validation loss " + ", ".join(f"{v:.4f} at {name}" for name, v in losses.items()))
+    return {"step": step, **losses}
+
+
 def describe(rt: Runtime) -> str:
     cfg = rt.cfg
     n, ep = cfg.moe.num_experts, cfg.moe.ep_size
@@ -97,6 +109,7 @@ def train(cfg: TrainConfig) -> dict:
     # A log file (no terminal) gets a line every 10 s instead of a redraw per step.
     bar = tqdm(total=run.max_steps, disable=not D.is_main(), desc="train", dynamic_ncols=True, file=sys.stdout,
                mininterval=0.5 if sys.stdout.isatty() else 10.0)
+    val_history = [periodic_validation(rt, val, active_k(cfg, 0), 0, bar)] if run.eval_interval else []
     history, t0, window_loss, window_steps = [], time.perf_counter(), torch.zeros(()), 0
 
     for step in range(run.max_steps):
@@ -129,12 +142,7 @@ def train(cfg: TrainConfig) -> dict:
             window_loss, window_steps = torch.zeros(()), 0
 
         if run.eval_interval and (done % run.eval_interval == 0 or done == run.max_steps):
-            evals = {f"k={kk}": validation_loss(engine, val, kk) for kk in sorted({k, n} if cfg.uses_moe else {k})}
-            set_active_experts(engine.module, k)
-            engine.monitor.write_events([(f"Eval/loss_{name}", v, done) for name, v in evals.items()])
-            if D.is_main():
-                bar.write(f"step {done}: validation loss " + ", ".join(f"{v:.4f} at {name}" for name, v in evals.items()))
-            history[-1]["val"] = evals
+            val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar))
     bar.close()
     wall = time.perf_counter() - t0
 
@@ -150,7 +158,7 @@ def train(cfg: TrainConfig) -> dict:
          "steps": run.max_steps, "train_wall_s": wall, "num_experts": n},
     )
     summary = {"train_wall_s": wall, "tokens_per_s": run.max_steps * tokens_per_step / wall, "history": history,
-               "self_slimming": rows}
+               "val_history": val_history, "self_slimming": rows}
     if D.is_main():
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         first = history[0]["loss"] if history else math.nan

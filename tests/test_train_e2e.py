@@ -1,0 +1,86 @@
+"""End to end: the trainer as users launch it, on real DeepSpeed engines over gloo."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from .launch import REPO, SHARED_DATA, run_ranks
+
+CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
+
+
+def train(launcher, out_dir, *sets, nprocs=2):
+    args = ["smoe_ds.train", "--config", CONFIG, "--set", f"run.out_dir={out_dir}", *sum([["--set", s] for s in sets], [])]
+    return run_ranks(launcher, nprocs, args, module=True)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_run")
+    proc = train("deepspeed", out)
+    return out, proc
+
+
+def test_deepspeed_launcher_ep2_zero2_lowers_validation_loss(deepspeed_run):
+    out, proc = deepspeed_run
+    summary = json.loads((out / "train_summary.json").read_text())
+    val = summary["val_history"]
+    assert [v["step"] for v in val] == [0, 25, 50]
+    start, end = val[0]["k=4"], val[-1]["k=4"]
+    assert end < start - 1.0, f"validation loss at k=N went {start:.3f} -> {end:.3f}"
+    assert "self-slimming" in proc.stdout and "bits/byte" in proc.stdout
+
+
+def test_outputs_table_json_plot_monitor_and_per_expert_checkpoint(deepspeed_run):
+    out, _ = deepspeed_run
+    result = json.loads((out / "self_slimming.json").read_text())["results"]
+    assert [r["k"] for r in result] == [1, 2, 4]
+    assert all(math.isfinite(r["bpb"]) and r["bpb"] > 0 for r in result)
+    assert (out / "self_slimming.png").read_bytes()[:4] == b"\x89PNG"
+    monitor = {p.name for p in (out / "monitor").rglob("*.csv")}
+    for name in ("Train_loss.csv", "Train_k.csv", "Train_lr.csv", "Train_expert_load_layer0_expert3.csv"):
+        assert name in monitor, sorted(monitor)
+    k_rows = list(csv.reader(open(next((out / "monitor").rglob("Train_k.csv")))))
+    # linear 2 -> 4 over 50 steps; the row logged after step s shows the k that step s (0-based s - 1) ran at
+    assert [int(float(r[1])) for r in k_rows[1:]] == [round(2 * (s - 1) / 50) + 2 for s in (10, 20, 30, 40, 50)]
+    ckpt = out / "checkpoints" / "step50"
+    experts = sorted(p.name for p in ckpt.glob("layer_*_expert_*_model_states.pt"))
+    assert experts == [f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(4)]
+    module = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    routers = [k for k in module if k.endswith("gate.wg.weight")]
+    assert len(routers) == 2 and not any("deepspeed_experts" in k for k in module)
+
+
+def test_evaluate_cli_reloads_the_checkpoint_under_torchrun(deepspeed_run, tmp_path):
+    out, _ = deepspeed_run
+    proc = run_ranks("torchrun", 2, ["smoe_ds.evaluate", "--config", CONFIG, "--checkpoint", str(out / "checkpoints"),
+                                     "--ks", "1,4", "--set", f"run.out_dir={tmp_path}"], module=True)
+    rows = json.loads((tmp_path / "self_slimming.json").read_text())["results"]
+    trained = {r["k"]: r["loss"] for r in json.loads((out / "self_slimming.json").read_text())["results"]}
+    assert [r["k"] for r in rows] == [1, 4]
+    for r in rows:  # same weights, same validation batches: the same numbers
+        assert abs(r["loss"] - trained[r["k"]]) < 1e-5
+    assert "bits/byte" in proc.stdout
+
+
+def test_mpirun_with_mpi_discovery_on_a_local_text_file(tmp_path):
+    data = SHARED_DATA / "tinyshakespeare" / "input.txt"
+    if not data.exists():
+        pytest.skip("../shared/data is not present")
+    train("mpirun", tmp_path, f"data.path={data}", "zero_optimization.stage=1", "run.max_steps=30",
+          "run.eval_interval=30")
+    val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
+    assert val[-1]["k=4"] < val[0]["k=4"] - 0.5
+
+
+@pytest.mark.parametrize("mode, zero", [("dense", 0), ("learned", 1)])
+def test_baseline_modes_train_under_torchrun(tmp_path, mode, zero):
+    train("torchrun", tmp_path, f"moe.mode={mode}", f"zero_optimization.stage={zero}", "run.max_steps=20",
+          "run.eval_interval=20")
+    val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
+    key = "k=4" if mode == "dense" else "k=2"  # dense runs every unit; learned keeps its fixed k (moe.k = 2)
+    assert list(val[0]) == ["step", key]
+    assert val[-1][key] < val[0][key] - 0.5

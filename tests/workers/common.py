@@ -1,0 +1,61 @@
+"""Shared set-up for the multi-rank test workers (run with -m under a launcher)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from smoe_ds import distributed as D
+from smoe_ds.config import TrainConfig, config_from_dict
+
+
+def tiny_config(*, ep_size: int = 1, zero_stage: int = 0, num_experts: int = 4, **moe) -> TrainConfig:
+    raw = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**9,
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 16},
+        "moe": {"num_experts": num_experts, "d_expert": 8, "ep_size": ep_size, **moe},
+        "run": {"max_steps": 20},
+    }
+    return config_from_dict(raw).resolve()
+
+
+def worker_args() -> list[str]:
+    """argv without the --local_rank=N that the deepspeed launcher adds."""
+    return [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+
+
+def start() -> tuple[int, int]:
+    torch.set_num_threads(1)
+    D.init_distributed(timeout_s=300)
+    return D.rank(), D.world_size()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` [n_r, ...] from every rank along dim 0; n_r may differ between ranks."""
+    if D.world_size() == 1:
+        return t.clone()
+    n = torch.tensor([t.shape[0]])
+    sizes = [torch.zeros_like(n) for _ in range(D.world_size())]
+    dist.all_gather(sizes, n)
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def finish(out_path: str, result: dict) -> None:
+    """Rank 0 writes the result; every rank leaves the process group cleanly."""
+    if D.is_main():
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=2)
+    D.barrier()
+    D.shutdown()
+    sys.exit(0)

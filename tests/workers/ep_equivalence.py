@@ -1,0 +1,153 @@
+"""2-rank expert parallelism against one process holding all experts, and a naive loop.
+
+    torchrun --nproc_per_node 2 -m tests.workers.ep_equivalence OUT.json
+
+Layer: each rank feeds a different number of tokens through an ep_size-2 SMoE-Dropout layer
+and compares outputs and gradients (input and expert weights) with the naive per-expert loop
+run over every rank's tokens with every expert's weights.
+
+Model: the whole LM at ep_size 2 (each rank half the batch) against the same LM at ep_size 1
+(every rank the full batch): loss and every parameter's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from smoe_ds import distributed as D
+from smoe_ds.config import MoEConfig
+from smoe_ds.models.lm import build_model, global_param_name
+from smoe_ds.moe.layer import SMoEDropoutMoE, moe_layers, set_active_experts
+from tests.reference import naive_moe
+from tests.workers.common import worker_args, all_gather_cat, finish, start, tiny_config
+
+D_MODEL, N, D_EXPERT = 16, 4, 8
+
+
+def expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    experts = layer.deepspeed_moe.experts.deepspeed_experts
+    return (torch.stack([e.w_in.weight for e in experts]), torch.stack([e.w_out.weight for e in experts]))
+
+
+def layer_check(rank: int, capacity_factor=None) -> dict:
+    """Max abs differences per k for output, input grad and expert-weight grads."""
+    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2, capacity_factor=capacity_factor)
+    cfg.k_schedule.k_max = N
+    layer = SMoEDropoutMoE(D_MODEL, cfg, layer_index=0)
+    layer.set_deepspeed_parallelism()
+    with torch.no_grad():  # expert g gets weights from seed g, on whichever rank holds it
+        for i, e in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+            g = torch.Generator().manual_seed(100 + rank * (N // 2) + i)
+            e.w_in.weight.copy_(torch.randn(e.w_in.weight.shape, generator=g) * 0.3)
+            e.w_out.weight.copy_(torch.randn(e.w_out.weight.shape, generator=g) * 0.3)
+    w_in_all, w_out_all = (all_gather_cat(w.detach()) for w in expert_weights(layer))
+    gen = torch.Generator().manual_seed(7 + rank)
+    n_tokens = 37 if rank == 0 else 53  # ranks hold different token counts
+    x = torch.randn(n_tokens, D_MODEL, generator=gen)
+    cot = torch.randn(n_tokens, D_MODEL, generator=gen)
+    x_all, cot_all = all_gather_cat(x), all_gather_cat(cot)
+    offset = 0 if rank == 0 else 37
+    router = layer.deepspeed_moe.gate.wg.weight.detach()
+    rows = {}
+    for k in range(1, N + 1):
+        layer.zero_grad()
+        set_active_experts(layer, k)
+        xr = x.clone().requires_grad_(True)
+        out, _, _ = layer(xr.unsqueeze(0))
+        (out.squeeze(0) * cot).sum().backward()
+
+        ref_x = x_all.clone().requires_grad_(True)
+        w_in = [w.clone().requires_grad_(True) for w in w_in_all]
+        w_out = [w.clone().requires_grad_(True) for w in w_out_all]
+        ref = naive_moe(ref_x, router, w_in, w_out, k)
+        (ref * cot_all).sum().backward()
+
+        mine = slice(rank * (N // 2), (rank + 1) * (N // 2))
+        g_in, g_out = (torch.stack([w.grad for w in ws])[mine] for ws in (w_in, w_out))
+        local_in, local_out = expert_weights(layer)
+        local_g_in = torch.stack([e.w_in.weight.grad for e in layer.deepspeed_moe.experts.deepspeed_experts])
+        local_g_out = torch.stack([e.w_out.weight.grad for e in layer.deepspeed_moe.experts.deepspeed_experts])
+        my_rows = slice(offset, offset + n_tokens)
+        diffs = torch.tensor([
+            (out.squeeze(0) - ref[my_rows]).abs().max(),
+            (xr.grad - ref_x.grad[my_rows]).abs().max(),
+            (local_g_in - g_in).abs().max(),
+            (local_g_out - g_out).abs().max(),
+        ])
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        gate = layer.deepspeed_moe.gate
+        rows[k] = {"out": float(diffs[0]), "grad_x": float(diffs[1]), "grad_w_in": float(diffs[2]),
+                   "grad_w_out": float(diffs[3]), "dropped": int(gate.last_dropped_routes),
+                   "out_norm": float(out.norm())}
+    return rows
+
+
+def capacity_check(rank: int) -> dict:
+    """With a finite capacity: no hang on uneven token counts, drops are reported, and
+    cf = N / k (capacity = every token) reproduces the dropless output exactly."""
+    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2)
+    cfg.k_schedule.k_max = 2
+    torch.manual_seed(0)
+    layer = SMoEDropoutMoE(D_MODEL, cfg, layer_index=0)
+    layer.set_deepspeed_parallelism()
+    x = torch.randn(31 if rank == 0 else 64, D_MODEL, generator=torch.Generator().manual_seed(rank))
+    gate = layer.deepspeed_moe.gate
+    dropless = layer(x.unsqueeze(0))[0]
+    gate.capacity_factor = N / 2  # C = ceil(N/2 * 2 * S / N) = S: nothing can be dropped
+    full_capacity = layer(x.unsqueeze(0))[0]
+    gate.capacity_factor = 0.5
+    tight = layer(x.unsqueeze(0))[0]
+    dropped = torch.tensor([float(gate.last_dropped_routes), float(gate.last_total_routes)])
+    dist.all_reduce(dropped)
+    return {"full_capacity_equals_dropless": bool(torch.equal(dropless, full_capacity)),
+            "tight_dropped_fraction": float(dropped[0] / dropped[1]), "tight_finite": bool(tight.isfinite().all())}
+
+
+def model_check(rank: int) -> dict:
+    """LM at ep_size 2 (half batch per rank) vs ep_size 1 (full batch): loss and all gradients."""
+    cfg2 = tiny_config(ep_size=2)
+    cfg1 = tiny_config(ep_size=1)
+    m2 = build_model(cfg2.model, cfg2.moe, ep_rank=rank)
+    m1 = build_model(cfg1.model, cfg1.moe, ep_rank=0)
+    for m in (m2, m1):
+        for layer in moe_layers(m):
+            layer.set_deepspeed_parallelism()
+    batch = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(3))
+    x, y = batch[:, :-1], batch[:, 1:]
+    out = {}
+    for k in (1, 2, 4):
+        for m in (m1, m2):
+            m.zero_grad()
+            set_active_experts(m, k)
+        half = slice(2 * rank, 2 * rank + 2)
+        loss2 = m2(x[half], y[half]).loss
+        (loss2 / 2).backward()  # the full-batch mean is the average of the two halves
+        loss1 = m1(x, y).loss
+        loss1.backward()
+        total2 = D.all_reduce_sum(loss2.detach() / 2)
+        n_local = cfg2.moe.num_experts // 2
+        full_grads = {global_param_name(n, 0, cfg1.moe.num_experts): p.grad for n, p in m1.named_parameters()
+                      if p.grad is not None}
+        worst = 0.0
+        for name, p in m2.named_parameters():
+            if p.grad is None:
+                continue
+            is_expert = ".deepspeed_experts." in name
+            grad = p.grad if is_expert else D.all_reduce_sum(p.grad)  # what the engine's DP reduction does
+            ref = full_grads[global_param_name(name, rank, n_local)]
+            worst = max(worst, float((grad - ref).abs().max()))
+        diffs = torch.tensor([float((total2 - loss1).abs()), worst])
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        out[k] = {"loss": float(diffs[0]), "grad": float(diffs[1]), "loss_value": float(loss1)}
+    return out
+
+
+def main(out_path: str) -> None:
+    rank, world = start()
+    assert world == 2, "run with 2 ranks"
+    finish(out_path, {"layer": layer_check(rank), "capacity": capacity_check(rank), "model": model_check(rank)})
+
+
+if __name__ == "__main__":
+    main(*worker_args())
