@@ -1,0 +1,107 @@
+"""The SMoE-Dropout layer in one process (ep_size 1) against the naive per-expert loop."""
+
+import math
+
+import pytest
+import torch
+
+from smoe_ds.config import MoEConfig
+from smoe_ds.moe.layer import SMoEDropoutMoE, build_ffn, set_active_experts
+from smoe_ds.moe.router import capacity_for, slot_positions, topk_routes
+from tests.reference import naive_moe
+
+TOL = 1e-5
+
+
+def make_layer(n=8, d=24, h=16, **kw):
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=n, d_expert=h, **kw)
+    cfg.k_schedule.k_max = n
+    layer = SMoEDropoutMoE(d, cfg, layer_index=3)
+    with torch.no_grad():  # distinct experts (DeepSpeed deep-copies one expert N times)
+        for p in layer.deepspeed_moe.experts.parameters():
+            p.normal_(0, 0.3)
+    return layer
+
+
+def weights(layer):
+    experts = layer.deepspeed_moe.experts.deepspeed_experts
+    return [e.w_in.weight for e in experts], [e.w_out.weight for e in experts]
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_output_and_grads_match_naive_loop_for_every_k(k):
+    layer = make_layer()
+    set_active_experts(layer, k)
+    x = torch.randn(2, 29, 24, requires_grad=True)
+    y, l_aux, counts = layer(x)
+    cot = torch.randn_like(y)
+    (y * cot).sum().backward()
+
+    w_in, w_out = (list(map(lambda w: w.detach().clone().requires_grad_(True), ws)) for ws in weights(layer))
+    xr = x.detach().reshape(-1, 24).clone().requires_grad_(True)
+    ref = naive_moe(xr, layer.deepspeed_moe.gate.wg.weight, w_in, w_out, k)
+    (ref * cot.reshape(-1, 24)).sum().backward()
+
+    assert (y.reshape(-1, 24) - ref).abs().max() <= TOL
+    assert (x.grad.reshape(-1, 24) - xr.grad).abs().max() <= TOL
+    for mine, theirs in zip(weights(layer)[0] + weights(layer)[1], w_in + w_out):
+        assert (mine.grad - theirs.grad).abs().max() <= TOL
+    assert float(l_aux) == 0.0 and int(counts.sum()) == 58 * k
+
+
+def test_router_weights_sum_to_one_over_the_k_selected():
+    logits = torch.randn(50, 8)
+    ids, w = topk_routes(logits, 3)
+    assert torch.allclose(w.sum(-1), torch.ones(50))
+    assert torch.equal(ids, logits.topk(3).indices)
+    assert torch.allclose(w, torch.softmax(logits.gather(1, ids), -1))
+
+
+def test_slot_positions_fill_first_choices_before_second_choices():
+    ids = torch.tensor([[0, 1], [1, 0], [0, 2]])  # 3 tokens, k = 2
+    pos, counts = slot_positions(ids, 3)
+    # expert 0: token 0 (1st choice), token 2 (1st), then token 1 (2nd); expert 1: token 1 (1st), token 0 (2nd)
+    assert pos.tolist() == [[0, 0, 1], [1, 2, 0]]  # row j: every token's j-th choice
+    assert counts.tolist() == [3, 2, 1]
+
+
+def test_capacity_scales_with_k():
+    assert capacity_for(num_tokens=100, k=1, num_experts=16, capacity_factor=1.0) == math.ceil(100 / 16)
+    assert capacity_for(num_tokens=100, k=8, num_experts=16, capacity_factor=1.25) == math.ceil(1.25 * 8 * 100 / 16)
+
+
+def test_tight_capacity_drops_low_choices_and_reports_it():
+    layer = make_layer(capacity_factor=0.5)
+    set_active_experts(layer, 4)
+    x = torch.randn(1, 64, 24)
+    y, _, _ = layer(x)
+    gate = layer.deepspeed_moe.gate
+    assert 0 < int(gate.last_dropped_routes) < gate.last_total_routes == 64 * 4
+    assert y.isfinite().all()
+
+
+def test_k_outside_range_is_refused():
+    layer = make_layer()
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
+            set_active_experts(layer, bad)
+
+
+def test_dense_baseline_has_the_experts_parameter_count():
+    cfg = MoEConfig(num_experts=8, d_expert=16)
+    dense = build_ffn(24, MoEConfig(**{**cfg.__dict__, "mode": "dense"}), 0)
+    moe = build_ffn(24, cfg, 0)
+    trainable = sum(p.numel() for p in moe.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in dense.parameters()) == trainable == 2 * 24 * 8 * 16
+
+
+def test_learned_mode_is_deepspeeds_stock_gate_with_balance_loss():
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    cfg = MoEConfig(mode="learned", num_experts=4, d_expert=8, k=2)
+    layer = build_ffn(16, cfg, 0)
+    gate = layer.deepspeed_moe.gate
+    assert isinstance(gate, TopKGate) and gate.wg.weight.requires_grad and gate.k == 2
+    _, l_aux, _ = layer(torch.randn(1, 32, 16))
+    assert float(l_aux.detach()) > 0

