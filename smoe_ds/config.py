@@ -21,7 +21,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 OUR_SECTIONS = ("model", "moe", "data", "run")
 MOE_MODES = ("smoe_dropout", "dense", "learned")
@@ -62,10 +62,10 @@ class KScheduleConfig:
     """How many experts are active at each global step (see ``smoe_ds.moe.schedule``)."""
 
     kind: str = "linear"
-    k_min: Optional[int] = None  # default: N // 2, as in the paper's 8 -> 16 of 16
-    k_max: Optional[int] = None  # default: N, so training ends at full capacity
+    k_min: int | None = None  # default: N // 2, as in the paper's 8 -> 16 of 16
+    k_max: int | None = None  # default: N, so training ends at full capacity
     start_step: int = 0
-    end_step: Optional[int] = None  # default: run.max_steps
+    end_step: int | None = None  # default: run.max_steps
     milestones: list = field(default_factory=list)  # multistep only; default: evenly spaced
 
 
@@ -76,7 +76,7 @@ class MoEConfig:
     d_expert: int = 64  # hidden width of one expert; the dense baseline uses d_ff = N * d_expert
     ep_size: int = 1  # expert-parallel ranks per group; N and the world size must divide by it
     router_seed: int = 1234  # the frozen router of layer L is drawn from (router_seed, L)
-    capacity_factor: Optional[float] = None  # None = dropless; else C = ceil(cf * k * S / N)
+    capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * k * S / N)
     k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
     k: int = 2  # fixed k of the "learned" baseline
     aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
@@ -86,11 +86,11 @@ class MoEConfig:
 class DataConfig:
     # None: the embedded default corpus, the Python standard library's source.
     # Otherwise a local text file, a folder of text files, or a Hugging Face hub dataset name.
-    path: Optional[str] = None
-    hub_config: Optional[str] = None  # the dataset's config name, for hub datasets
+    path: str | None = None
+    hub_config: str | None = None  # the dataset's config name, for hub datasets
     text_column: str = "text"
     val_fraction: float = 0.05  # share of documents (files, or paragraphs of a single file) held out
-    tokenizer: Optional[str] = None  # local path of a Hugging Face tokenizer; None = UTF-8 bytes
+    tokenizer: str | None = None  # local path of a Hugging Face tokenizer; None = UTF-8 bytes
     seed: int = 0  # shuffling of the training blocks and the train/validation split
 
 
@@ -103,7 +103,7 @@ class RunConfig:
     eval_interval: int = 50  # 0 disables periodic validation
     eval_batches: int = 8  # validation micro-batches per rank
     final_eval_batches: int = 16  # per rank, for the self-slimming table at the end
-    eval_ks: Optional[list] = None  # default: 1, 2, 4, ..., N
+    eval_ks: list | None = None  # default: 1, 2, 4, ..., N
     save_checkpoint: bool = True  # save a DeepSpeed checkpoint in out_dir/checkpoints at the end
     master_port: int = 29500  # used only for MPI discovery under mpirun
     collective_timeout_s: float = 600.0  # a collective that waits longer than this fails instead of hanging
@@ -160,8 +160,12 @@ class TrainConfig:
         """Checks that need no process group. Raises ConfigError naming the key."""
         m, moe, ks, run = self.model, self.moe, self.moe.k_schedule, self.run
         _require(m.d_model > 0 and m.n_layers > 0 and m.block_size > 1, "model sizes must be positive")
-        _require(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
-        _require(m.positions in ("rope", "learned"), f"model.positions must be 'rope' or 'learned', got {m.positions!r}")
+        _require(
+            m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})"
+        )
+        _require(
+            m.positions in ("rope", "learned"), f"model.positions must be 'rope' or 'learned', got {m.positions!r}"
+        )
         if m.positions == "rope":
             _require((m.d_model // m.n_heads) % 2 == 0, "model: rotary positions need an even head size")
         bad = [i for i in m.moe_layer_indices() if not 0 <= i < m.n_layers]
@@ -178,7 +182,10 @@ class TrainConfig:
             f"moe.capacity_factor must be positive or null (dropless), got {moe.capacity_factor}",
         )
         n = moe.num_experts
-        _require(ks.kind in SCHEDULE_KINDS, f"moe.k_schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {ks.kind!r}")
+        _require(
+            ks.kind in SCHEDULE_KINDS,
+            f"moe.k_schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {ks.kind!r}",
+        )
         _require(1 <= ks.k_min <= n, f"moe.k_schedule.k_min ({ks.k_min}) must be in [1, num_experts={n}]")
         _require(1 <= ks.k_max <= n, f"moe.k_schedule.k_max ({ks.k_max}) must be in [1, num_experts={n}]")
         _require(ks.k_min <= ks.k_max, f"moe.k_schedule.k_min ({ks.k_min}) is above k_max ({ks.k_max})")
@@ -193,8 +200,10 @@ class TrainConfig:
         )
         _require(1 <= moe.k <= n, f"moe.k ({moe.k}) must be in [1, num_experts={n}]")
         _require(run.max_steps >= 1, f"run.max_steps must be >= 1, got {run.max_steps}")
-        _require(run.log_interval >= 1 and run.eval_batches >= 1 and run.final_eval_batches >= 1,
-                 "run.log_interval, run.eval_batches and run.final_eval_batches must be >= 1")
+        _require(
+            run.log_interval >= 1 and run.eval_batches >= 1 and run.final_eval_batches >= 1,
+            "run.log_interval, run.eval_batches and run.final_eval_batches must be >= 1",
+        )
         _require(run.collective_timeout_s > 0, "run.collective_timeout_s must be positive")
         _require(run.eval_interval >= 0, "run.eval_interval must be >= 0 (0 disables it)")
         bad_ks = [k for k in run.eval_ks if not (isinstance(k, int) and 1 <= k <= n)]
@@ -204,9 +213,11 @@ class TrainConfig:
 
     def _validate_deepspeed(self) -> None:
         ds = self.deepspeed
-        _require(isinstance(ds.get("optimizer"), dict), "the config needs a DeepSpeed \"optimizer\" section")
+        _require(isinstance(ds.get("optimizer"), dict), 'the config needs a DeepSpeed "optimizer" section')
         lr = ds.get("optimizer", {}).get("params", {}).get("lr")
-        _require(lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.params.lr must be >= 0, got {lr}")
+        _require(
+            lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.params.lr must be >= 0, got {lr}"
+        )
         _require(
             not (ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled")),
             "fp16.enabled and bf16.enabled are both true; choose one",
@@ -220,10 +231,14 @@ class TrainConfig:
             )
         if self.uses_moe and stage == 2:
             for key in ("contiguous_gradients", "reduce_scatter"):
-                _require(zero.get(key, True) is True, f"zero_optimization.{key} must be true for ZeRO-2 with MoE layers")
+                _require(
+                    zero.get(key, True) is True, f"zero_optimization.{key} must be true for ZeRO-2 with MoE layers"
+                )
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             val = ds.get(key)
-            _require(val is None or (isinstance(val, int) and val >= 1), f"{key} must be a positive integer, got {val!r}")
+            _require(
+                val is None or (isinstance(val, int) and val >= 1), f"{key} must be a positive integer, got {val!r}"
+            )
         _require(
             "train_micro_batch_size_per_gpu" in ds or "train_batch_size" in ds,
             "set train_micro_batch_size_per_gpu (or train_batch_size) in the config",
@@ -231,7 +246,7 @@ class TrainConfig:
         sched_steps = ds.get("scheduler", {}).get("params", {}).get("total_num_steps")
         _require(
             sched_steps is None or isinstance(sched_steps, int),
-            f"scheduler.params.total_num_steps must be an int or \"auto\", got {sched_steps!r}",
+            f'scheduler.params.total_num_steps must be an int or "auto", got {sched_steps!r}',
         )
 
     def validate_for_world(self, world_size: int) -> None:
@@ -270,7 +285,7 @@ def _require(cond: bool, message: str) -> None:
 # -- loading ------------------------------------------------------------------------------
 
 
-def load_config(path: Optional[str], overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
+def load_config(path: str | None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
     """Read ``path`` (JSON), apply ``KEY=VALUE`` overrides, build and resolve the config."""
     raw: dict = {}
     if path is not None:
@@ -325,7 +340,9 @@ def _build(cls: type, values: Any, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {where}.{unknown[0]} (known keys in {where}: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"unknown config key {where}.{unknown[0]} (known keys in {where}: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for key, value in values.items():
         hint = hints[key]

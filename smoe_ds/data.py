@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 import sysconfig
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -190,7 +190,10 @@ def pack_split(ds, tokenizer, block_size: int) -> tuple[np.ndarray, int, int]:
     """
 
     def tokenize(batch):
-        return {"ids": tokenizer.encode_batch(batch["text"]), "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]]}
+        return {
+            "ids": tokenizer.encode_batch(batch["text"]),
+            "n_bytes": [len(t.encode("utf-8")) for t in batch["text"]],
+        }
 
     tokenized = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc="tokenizing")
     tokenized = tokenized.with_format("numpy")
@@ -237,7 +240,9 @@ def train_batches(
     ranks; the tail that would give ranks unequal batch counts is dropped, so every rank
     runs the same number of steps and no collective is left waiting.
     """
-    sampler = DistributedSampler(_xy(blocks), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(
+        _xy(blocks), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
     if len(sampler) < micro_batch:
         raise ConfigError(
             f"the training split has {len(blocks)} blocks, too few for {world_size} ranks x micro-batch {micro_batch}"
@@ -251,15 +256,15 @@ def train_batches(
 
 
 def eval_batches(
-    blocks: torch.Tensor, micro_batch: int, rank: int, world_size: int, max_batches: Optional[int]
+    blocks: torch.Tensor, micro_batch: int, rank: int, world_size: int, max_batches: int | None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``max_batches`` validation micro-batches of this rank's shard (same count on all ranks)."""
     per_rank = len(blocks) // world_size
     n = per_rank // micro_batch if max_batches is None else min(max_batches, per_rank // micro_batch)
     if n < 1:
         raise ConfigError(
-            f"the validation split has {len(blocks)} blocks, too few for {world_size} ranks x micro-batch {micro_batch}; "
-            "raise data.val_fraction or lower the batch size"
+            f"the validation split has {len(blocks)} blocks, too few for {world_size} ranks "
+            f"x micro-batch {micro_batch}; raise data.val_fraction or lower the batch size"
         )
     mine = blocks[rank::world_size][: n * micro_batch]
     return [(b[:, :-1], b[:, 1:]) for b in mine.split(micro_batch)]

@@ -79,12 +79,13 @@ def describe(rt: Runtime) -> str:
     cfg = rt.cfg
     n, ep = cfg.moe.num_experts, cfg.moe.ep_size
     params = count_parameters(rt.model, ep if cfg.uses_moe else 1)
+    moe_at = cfg.model.moe_layer_indices() if cfg.uses_moe else "none (dense)"
+    stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
     lines = [
         f"smoe-ds: {cfg.moe.mode}, {cfg.model.n_layers} layers x d_model {cfg.model.d_model}, "
-        f"{n} experts x {cfg.moe.d_expert} in layers {cfg.model.moe_layer_indices() if cfg.uses_moe else 'none (dense)'}, "
-        f"{params / 1e6:.2f}M parameters",
-        f"  world size {rt.world_size}, ep_size {ep}: rank r holds experts "
-        f"[(r % {ep}) * {n // ep}, +{n // ep}); ZeRO stage {cfg.deepspeed.get('zero_optimization', {}).get('stage', 0)}",
+        f"{n} experts x {cfg.moe.d_expert} in layers {moe_at}, {params / 1e6:.2f}M parameters",
+        f"  world size {rt.world_size}, ep_size {ep}: rank r holds experts [(r % {ep}) * {n // ep}, +{n // ep}); "
+        f"ZeRO stage {stage}",
         f"  data: {rt.corpus.description}",
     ]
     if cfg.moe.mode == "smoe_dropout":
@@ -107,8 +108,14 @@ def train(cfg: TrainConfig) -> dict:
     gas = engine.gradient_accumulation_steps()
     tokens_per_step = rt.micro_batch * gas * rt.world_size * cfg.model.block_size
     # A log file (no terminal) gets a line every 10 s instead of a redraw per step.
-    bar = tqdm(total=run.max_steps, disable=not D.is_main(), desc="train", dynamic_ncols=True, file=sys.stdout,
-               mininterval=0.5 if sys.stdout.isatty() else 10.0)
+    bar = tqdm(
+        total=run.max_steps,
+        disable=not D.is_main(),
+        desc="train",
+        dynamic_ncols=True,
+        file=sys.stdout,
+        mininterval=0.5 if sys.stdout.isatty() else 10.0,
+    )
     val_history = [periodic_validation(rt, val, active_k(cfg, 0), 0, bar)] if run.eval_interval else []
     history, t0, window_loss, window_steps = [], time.perf_counter(), torch.zeros(()), 0
 
@@ -154,25 +161,42 @@ def train(cfg: TrainConfig) -> dict:
         run.eval_ks,
         rt.corpus.bytes_per_token,
         run.out_dir,
-        {"title": f"self-slimming: {cfg.moe.mode}, {run.max_steps} steps", "mode": cfg.moe.mode,
-         "steps": run.max_steps, "train_wall_s": wall, "num_experts": n},
+        {
+            "title": f"self-slimming: {cfg.moe.mode}, {run.max_steps} steps",
+            "mode": cfg.moe.mode,
+            "steps": run.max_steps,
+            "train_wall_s": wall,
+            "num_experts": n,
+        },
     )
-    summary = {"train_wall_s": wall, "tokens_per_s": run.max_steps * tokens_per_step / wall, "history": history,
-               "val_history": val_history, "self_slimming": rows}
+    summary = {
+        "train_wall_s": wall,
+        "tokens_per_s": run.max_steps * tokens_per_step / wall,
+        "history": history,
+        "val_history": val_history,
+        "self_slimming": rows,
+    }
     if D.is_main():
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         first = history[0]["loss"] if history else math.nan
-        print(f"trained {run.max_steps} steps in {wall:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); "
-              f"train loss {first:.3f} -> {history[-1]['loss']:.3f} ({history[-1]['loss'] / LN2:.3f} bits/token)",
-              flush=True)
+        print(
+            f"trained {run.max_steps} steps in {wall:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); "
+            f"train loss {first:.3f} -> {history[-1]['loss']:.3f} ({history[-1]['loss'] / LN2:.3f} bits/token)",
+            flush=True,
+        )
     return summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="smoe-train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="JSON file: a DeepSpeed config plus model/moe/data/run sections")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key by its dotted path, e.g. moe.k_schedule.kind=cosine (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by its dotted path, e.g. moe.k_schedule.kind=cosine (repeatable)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 

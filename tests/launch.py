@@ -28,25 +28,53 @@ def launcher_command(launcher: str, nprocs: int, target: list[str], port: int, m
         head = [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port", str(port)]
         return head + (["-m"] if module else []) + target
     if launcher == "mpirun":
-        head = [str(BIN / "mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", str(nprocs),
-                "-x", f"MASTER_PORT={port}", "-x", "PATH", sys.executable]
+        head = [
+            str(BIN / "mpirun"),
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-np",
+            str(nprocs),
+            "-x",
+            f"MASTER_PORT={port}",
+            "-x",
+            "PATH",
+            sys.executable,
+        ]
         return head + (["-m"] if module else []) + target
     if launcher == "python":
         return [sys.executable] + (["-m"] if module else []) + target
     raise ValueError(launcher)
 
 
-def run_ranks(launcher: str, nprocs: int, target: list[str], *, module: bool = False, timeout: float = 600,
-              cwd: Path = REPO, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_ranks(
+    launcher: str,
+    nprocs: int,
+    target: list[str],
+    *,
+    module: bool = False,
+    timeout: float = 600,
+    cwd: Path = REPO,
+    check: bool = True,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run and wait; with ``check`` a non-zero exit fails the test and prints the output tail."""
     port = free_port()
-    full_env = {**os.environ, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1",
-                "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
     cmd = launcher_command(launcher, nprocs, target, port, module)
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
-                             f"\n--- stderr ---\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -38,16 +38,20 @@ def test_defaults_resolve_from_other_keys(tmp_path):
 
 def test_set_overrides_nested_and_deepspeed_keys(tmp_path):
     path = write(tmp_path, BASE)
-    cfg = load_config(path, ["moe.k_schedule.kind=cosine", "train_micro_batch_size_per_gpu=4", "data.path=x.txt",
-                             "run.eval_ks=[1,2]"])
+    cfg = load_config(
+        path, ["moe.k_schedule.kind=cosine", "train_micro_batch_size_per_gpu=4", "data.path=x.txt", "run.eval_ks=[1,2]"]
+    )
     assert cfg.moe.k_schedule.kind == "cosine"
     assert cfg.deepspeed["train_micro_batch_size_per_gpu"] == 4
     assert cfg.data.path == "x.txt" and cfg.run.eval_ks == [1, 2]
 
 
 def test_scheduler_auto_steps_take_run_max_steps(tmp_path):
-    data = {**BASE, "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto"}},
-            "run": {"max_steps": 123}}
+    data = {
+        **BASE,
+        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto"}},
+        "run": {"max_steps": 123},
+    }
     assert load_config(write(tmp_path, data)).deepspeed["scheduler"]["params"]["total_num_steps"] == 123
 
 
@@ -56,7 +60,7 @@ def test_scheduler_auto_steps_take_run_max_steps(tmp_path):
     [
         (["moe.bogus=1"], "unknown config key moe.bogus"),
         (["moe.k_schedule.kmax=3"], "unknown config key moe.k_schedule.kmax"),
-        (["moe.num_experts=\"8\""], "moe.num_experts must be int"),
+        (['moe.num_experts="8"'], "moe.num_experts must be int"),
         (["moe.num_experts=6", "moe.ep_size=4"], r"moe.num_experts \(6\) is not divisible by moe.ep_size \(4\)"),
         (["moe.num_experts=8", "moe.k_schedule.k_max=9"], r"k_max \(9\) must be in \[1, num_experts=8\]"),
         (["moe.k_schedule.k_min=0"], r"k_min \(0\) must be in \[1"),

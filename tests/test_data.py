@@ -56,7 +56,9 @@ def test_missing_local_path_is_a_clear_error():
 def test_hub_name_offline_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="not a local file or folder, and loading it from the Hugging Face hub failed"):
+    with pytest.raises(
+        ConfigError, match="not a local file or folder, and loading it from the Hugging Face hub failed"
+    ):
         load_text_splits(DataConfig(path="someone/some-corpus-that-is-not-cached"))
 
 

@@ -13,7 +13,14 @@ CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
 
 
 def train(launcher, out_dir, *sets, nprocs=2):
-    args = ["smoe_ds.train", "--config", CONFIG, "--set", f"run.out_dir={out_dir}", *sum([["--set", s] for s in sets], [])]
+    args = [
+        "smoe_ds.train",
+        "--config",
+        CONFIG,
+        "--set",
+        f"run.out_dir={out_dir}",
+        *sum([["--set", s] for s in sets], []),
+    ]
     return run_ranks(launcher, nprocs, args, module=True)
 
 
@@ -56,8 +63,22 @@ def test_outputs_table_json_plot_monitor_and_per_expert_checkpoint(deepspeed_run
 
 def test_evaluate_cli_reloads_the_checkpoint_under_torchrun(deepspeed_run, tmp_path):
     out, _ = deepspeed_run
-    proc = run_ranks("torchrun", 2, ["smoe_ds.evaluate", "--config", CONFIG, "--checkpoint", str(out / "checkpoints"),
-                                     "--ks", "1,4", "--set", f"run.out_dir={tmp_path}"], module=True)
+    proc = run_ranks(
+        "torchrun",
+        2,
+        [
+            "smoe_ds.evaluate",
+            "--config",
+            CONFIG,
+            "--checkpoint",
+            str(out / "checkpoints"),
+            "--ks",
+            "1,4",
+            "--set",
+            f"run.out_dir={tmp_path}",
+        ],
+        module=True,
+    )
     rows = json.loads((tmp_path / "self_slimming.json").read_text())["results"]
     trained = {r["k"]: r["loss"] for r in json.loads((out / "self_slimming.json").read_text())["results"]}
     assert [r["k"] for r in rows] == [1, 4]
@@ -70,16 +91,23 @@ def test_mpirun_with_mpi_discovery_on_a_local_text_file(tmp_path):
     data = SHARED_DATA / "tinyshakespeare" / "input.txt"
     if not data.exists():
         pytest.skip("../shared/data is not present")
-    train("mpirun", tmp_path, f"data.path={data}", "zero_optimization.stage=1", "run.max_steps=30",
-          "run.eval_interval=30")
+    train(
+        "mpirun", tmp_path, f"data.path={data}", "zero_optimization.stage=1", "run.max_steps=30", "run.eval_interval=30"
+    )
     val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
     assert val[-1]["k=4"] < val[0]["k=4"] - 0.5
 
 
 @pytest.mark.parametrize("mode, zero", [("dense", 0), ("learned", 1)])
 def test_baseline_modes_train_under_torchrun(tmp_path, mode, zero):
-    train("torchrun", tmp_path, f"moe.mode={mode}", f"zero_optimization.stage={zero}", "run.max_steps=20",
-          "run.eval_interval=20")
+    train(
+        "torchrun",
+        tmp_path,
+        f"moe.mode={mode}",
+        f"zero_optimization.stage={zero}",
+        "run.max_steps=20",
+        "run.eval_interval=20",
+    )
     val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
     key = "k=4" if mode == "dense" else "k=2"  # dense runs every unit; learned keeps its fixed k (moe.k = 2)
     assert list(val[0]) == ["step", key]

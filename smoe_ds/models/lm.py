@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 
 class LMOutput(NamedTuple):
     logits: torch.Tensor  # [B, T, V]
-    loss: Optional[torch.Tensor]  # what backward runs on: lm_loss + aux_loss_coef * aux_loss
-    lm_loss: Optional[torch.Tensor]  # mean next-token cross-entropy, nats
+    loss: torch.Tensor | None  # what backward runs on: lm_loss + aux_loss_coef * aux_loss
+    lm_loss: torch.Tensor | None  # mean next-token cross-entropy, nats
     aux_loss: torch.Tensor  # sum of the MoE balance losses (0 for SMoE-Dropout and dense)
 
 
@@ -54,7 +54,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.rotary = cfg.positions == "rope"
 
-    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
@@ -104,7 +104,7 @@ class SMoELM(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> LMOutput:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         B, T = idx.shape
         if T > self.cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size {self.cfg.block_size}")

@@ -11,7 +11,7 @@ file per global expert and build MoE parameter groups for ZeRO-1/2.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from deepspeed.moe.layer import MoE

@@ -18,7 +18,6 @@ contain "expert" but keeps ``moe.gate.wg.weight``).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -67,7 +66,7 @@ def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
 
 
-def _max_over_group(value: int, group: Optional[dist.ProcessGroup], device: torch.device) -> int:
+def _max_over_group(value: int, group: dist.ProcessGroup | None, device: torch.device) -> int:
     """The maximum of ``value`` over ``group``: every EP rank must use the same capacity,
     even when the ranks hold different numbers of tokens."""
     if group is None or dist.get_world_size(group=group) == 1:
@@ -87,7 +86,7 @@ class FrozenRandomGate(nn.Module):
         k: int,
         router_seed: int,
         layer_index: int,
-        capacity_factor: Optional[float] = None,
+        capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         self.wg = nn.Linear(d_model, num_experts, bias=False)
@@ -98,10 +97,10 @@ class FrozenRandomGate(nn.Module):
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
-        self.ep_group: Optional[dist.ProcessGroup] = None
+        self.ep_group: dist.ProcessGroup | None = None
         # Filled on every forward, read by the trainer's logging (tensors: no host sync here).
-        self.last_counts_N: Optional[torch.Tensor] = None
-        self.last_dropped_routes: Optional[torch.Tensor] = None
+        self.last_counts_N: torch.Tensor | None = None
+        self.last_dropped_routes: torch.Tensor | None = None
         self.last_total_routes = 0
 
     def _set_ep_group(self, ep_group) -> None:  # called by MOELayer._set_ep_group

@@ -20,7 +20,7 @@ from smoe_ds.config import MoEConfig
 from smoe_ds.models.lm import build_model, global_param_name
 from smoe_ds.moe.layer import SMoEDropoutMoE, moe_layers, set_active_experts
 from tests.reference import naive_moe
-from tests.workers.common import worker_args, all_gather_cat, finish, start, tiny_config
+from tests.workers.common import all_gather_cat, finish, start, tiny_config, worker_args
 
 D_MODEL, N, D_EXPERT = 16, 4, 8
 
@@ -69,17 +69,24 @@ def layer_check(rank: int, capacity_factor=None) -> dict:
         local_g_in = torch.stack([e.w_in.weight.grad for e in layer.deepspeed_moe.experts.deepspeed_experts])
         local_g_out = torch.stack([e.w_out.weight.grad for e in layer.deepspeed_moe.experts.deepspeed_experts])
         my_rows = slice(offset, offset + n_tokens)
-        diffs = torch.tensor([
-            (out.squeeze(0) - ref[my_rows]).abs().max(),
-            (xr.grad - ref_x.grad[my_rows]).abs().max(),
-            (local_g_in - g_in).abs().max(),
-            (local_g_out - g_out).abs().max(),
-        ])
+        diffs = torch.tensor(
+            [
+                (out.squeeze(0) - ref[my_rows]).abs().max(),
+                (xr.grad - ref_x.grad[my_rows]).abs().max(),
+                (local_g_in - g_in).abs().max(),
+                (local_g_out - g_out).abs().max(),
+            ]
+        )
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         gate = layer.deepspeed_moe.gate
-        rows[k] = {"out": float(diffs[0]), "grad_x": float(diffs[1]), "grad_w_in": float(diffs[2]),
-                   "grad_w_out": float(diffs[3]), "dropped": int(gate.last_dropped_routes),
-                   "out_norm": float(out.norm())}
+        rows[k] = {
+            "out": float(diffs[0]),
+            "grad_x": float(diffs[1]),
+            "grad_w_in": float(diffs[2]),
+            "grad_w_out": float(diffs[3]),
+            "dropped": int(gate.last_dropped_routes),
+            "out_norm": float(out.norm()),
+        }
     return rows
 
 
@@ -100,8 +107,11 @@ def capacity_check(rank: int) -> dict:
     tight = layer(x.unsqueeze(0))[0]
     dropped = torch.tensor([float(gate.last_dropped_routes), float(gate.last_total_routes)])
     dist.all_reduce(dropped)
-    return {"full_capacity_equals_dropless": bool(torch.equal(dropless, full_capacity)),
-            "tight_dropped_fraction": float(dropped[0] / dropped[1]), "tight_finite": bool(tight.isfinite().all())}
+    return {
+        "full_capacity_equals_dropless": bool(torch.equal(dropless, full_capacity)),
+        "tight_dropped_fraction": float(dropped[0] / dropped[1]),
+        "tight_finite": bool(tight.isfinite().all()),
+    }
 
 
 def model_check(rank: int) -> dict:
@@ -127,8 +137,11 @@ def model_check(rank: int) -> dict:
         loss1.backward()
         total2 = D.all_reduce_sum(loss2.detach() / 2)
         n_local = cfg2.moe.num_experts // 2
-        full_grads = {global_param_name(n, 0, cfg1.moe.num_experts): p.grad for n, p in m1.named_parameters()
-                      if p.grad is not None}
+        full_grads = {
+            global_param_name(n, 0, cfg1.moe.num_experts): p.grad
+            for n, p in m1.named_parameters()
+            if p.grad is not None
+        }
         worst = 0.0
         for name, p in m2.named_parameters():
             if p.grad is None:

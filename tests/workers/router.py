@@ -1,6 +1,6 @@
 """The frozen router on real engines: identical everywhere, in no optimizer group, never changes.
 
-    torchrun --nproc_per_node N -m tests.workers.router OUT.json EP_SIZE ZERO_STAGE
+torchrun --nproc_per_node N -m tests.workers.router OUT.json EP_SIZE ZERO_STAGE
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.router import frozen_router_weight
 from smoe_ds.runtime import optimizer_param_groups
-from tests.workers.common import worker_args, all_gather_cat, finish, start, tiny_config
+from tests.workers.common import all_gather_cat, finish, start, tiny_config, worker_args
 
 
 def optimizer_params(engine) -> set[int]:
@@ -35,14 +35,18 @@ def main(out: str, ep_size: int, zero_stage: int) -> None:
     single = build_model(cfg.model, cfg.moe.__class__(**{**cfg.moe.__dict__, "ep_size": 1}), ep_rank=0)
     first_global = (rank % ep_size) * n_local
     expert_init_matches = all(
-        torch.equal(mine.deepspeed_moe.experts.deepspeed_experts[i].w_in.weight,
-                    ref.deepspeed_moe.experts.deepspeed_experts[first_global + i].w_in.weight)
-        for mine, ref in zip(moe_layers(model), moe_layers(single)) for i in range(n_local)
+        torch.equal(
+            mine.deepspeed_moe.experts.deepspeed_experts[i].w_in.weight,
+            ref.deepspeed_moe.experts.deepspeed_experts[first_global + i].w_in.weight,
+        )
+        for mine, ref in zip(moe_layers(model), moe_layers(single))
+        for i in range(n_local)
     )
     expert_before = next(moe_layers(model)).deepspeed_moe.experts.deepspeed_experts[0].w_in.weight.detach().clone()
 
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_param_groups(model, 0.1),
-                                      config=cfg.deepspeed)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=optimizer_param_groups(model, 0.1), config=cfg.deepspeed
+    )
     gathered = [all_gather_cat(r.detach().unsqueeze(0)) for r in routers]
     identical = all(torch.equal(g[i], g[0]) for g in gathered for i in range(world))
     matches_seed = all(
@@ -62,18 +66,21 @@ def main(out: str, ep_size: int, zero_stage: int) -> None:
         engine.step()
     unchanged = all(torch.equal(r.detach(), b) for r, b in zip(routers, before))
     expert_after = next(moe_layers(engine.module)).deepspeed_moe.experts.deepspeed_experts[0].w_in.weight
-    finish(out, {
-        "world": world,
-        "router_identical_across_ranks": identical,
-        "router_matches_seed": matches_seed,
-        "router_requires_grad": any(r.requires_grad for r in routers),
-        "router_in_optimizer": in_optimizer,
-        "every_trainable_param_in_optimizer": trainable_held,
-        "router_grad_is_none": all(r.grad is None for r in routers),
-        "router_unchanged_after_20_steps": unchanged,
-        "experts_trained": not torch.equal(expert_after.detach(), expert_before),
-        "expert_init_independent_of_ep_size": expert_init_matches,
-    })
+    finish(
+        out,
+        {
+            "world": world,
+            "router_identical_across_ranks": identical,
+            "router_matches_seed": matches_seed,
+            "router_requires_grad": any(r.requires_grad for r in routers),
+            "router_in_optimizer": in_optimizer,
+            "every_trainable_param_in_optimizer": trainable_held,
+            "router_grad_is_none": all(r.grad is None for r in routers),
+            "router_unchanged_after_20_steps": unchanged,
+            "experts_trained": not torch.equal(expert_after.detach(), expert_before),
+            "expert_init_independent_of_ep_size": expert_init_matches,
+        },
+    )
 
 
 if __name__ == "__main__":
