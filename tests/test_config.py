@@ -61,6 +61,7 @@ def test_scheduler_auto_steps_take_run_max_steps(tmp_path):
         (["moe.bogus=1"], "unknown config key moe.bogus"),
         (["moe.k_schedule.kmax=3"], "unknown config key moe.k_schedule.kmax"),
         (['moe.num_experts="8"'], "moe.num_experts must be int"),
+        (['moe.capacity_factor="big"'], "moe.capacity_factor must be float, got str"),
         (["moe.num_experts=6", "moe.ep_size=4"], r"moe.num_experts \(6\) is not divisible by moe.ep_size \(4\)"),
         (["moe.num_experts=8", "moe.k_schedule.k_max=9"], r"k_max \(9\) must be in \[1, num_experts=8\]"),
         (["moe.k_schedule.k_min=0"], r"k_min \(0\) must be in \[1"),
