@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe_ds.config import ModelConfig, MoEConfig
+from smoe_ds.moe.experts import GroupedExperts
 from smoe_ds.moe.layer import build_ffn, ffn_forward, moe_layers
 
 EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
@@ -134,26 +135,39 @@ def global_param_name(name: str, ep_rank: int, num_local_experts: int) -> str:
     return EXPERT_KEY.sub(lambda m: f"{m[1]}{ep_rank * num_local_experts + int(m[2])}{m[3]}", name)
 
 
+def _draw(seed: int, global_name: str, shape: tuple, std: float) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{global_name}".encode()))
+    return torch.randn(shape, generator=gen) * std
+
+
 @torch.no_grad()
 def init_weights(model: SMoELM, seed: int, ep_rank: int = 0) -> None:
     """Initialise every trainable parameter from a generator keyed by (seed, global name).
 
     GPT-2 style: N(0, 0.02) for matrices and embeddings, with the residual output projections
     scaled by 1/sqrt(2 * n_layers); LayerNorms at (1, 0). The frozen routers keep their own
-    seeded values.
+    seeded values. Stacked experts are drawn one expert at a time under the per-expert name
+    their checkpoint uses (``...deepspeed_experts.{global id}.w_in.weight``).
     """
-    n_local = model.moe_cfg.num_experts // model.moe_cfg.ep_size
     residual_std = 0.02 / math.sqrt(2 * model.cfg.n_layers)
+    stacked = set()
+    for mname, m in model.named_modules():
+        if isinstance(m, GroupedExperts):
+            E = m.num_local_experts
+            for e in range(E):
+                prefix = f"{mname}.deepspeed_experts.{ep_rank * E + e}"
+                m.w_in[e].copy_(_draw(seed, f"{prefix}.w_in.weight", (m.d_hidden, m.d_model), 0.02))
+                m.w_out[e].copy_(_draw(seed, f"{prefix}.w_out.weight", (m.d_model, m.d_hidden), residual_std).t())
+            stacked |= {id(m.w_in), id(m.w_out)}
+    n_local = model.moe_cfg.num_experts // model.moe_cfg.ep_size
     for name, p in model.named_parameters():
-        if getattr(p, "smoe_frozen_router", False):
+        if getattr(p, "smoe_frozen_router", False) or id(p) in stacked:
             continue
-        gname = global_param_name(name, ep_rank, n_local)
         if ".ln" in name or name.startswith("ln_f"):
             p.fill_(1.0 if name.endswith("weight") else 0.0)
             continue
         std = residual_std if name.endswith(("proj.weight", "w_out.weight")) else 0.02
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{gname}".encode()))
-        p.copy_(torch.randn(p.shape, generator=gen) * std)
+        p.copy_(_draw(seed, global_param_name(name, ep_rank, n_local), tuple(p.shape), std))
 
 
 def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0) -> SMoELM:

@@ -1,6 +1,8 @@
 """The FFN of one transformer block in each ``moe.mode``.
 
-- ``smoe_dropout``: ``SMoEDropoutMoE``, DeepSpeed's ``MoE`` with the frozen random router.
+- ``smoe_dropout``: ``SMoEDropoutMoE``, a DeepSpeed ``MoE`` with the frozen random router,
+  stacked experts run as grouped or dense-masked GEMMs, and a dispatcher that sends each token
+  at most once per rank.
 - ``learned``: DeepSpeed's stock ``MoE`` (trainable ``TopKGate`` with its balance loss), fixed k.
 - ``dense``: one ``FeedForward`` of width N * d_expert, the same parameter count.
 
@@ -18,24 +20,53 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 from smoe_ds.config import MoEConfig
-from smoe_ds.moe.experts import FeedForward
+from smoe_ds.moe.dispatch import combine, dispatch
+from smoe_ds.moe.experts import FeedForward, GroupedExperts
 from smoe_ds.moe.router import FrozenRandomGate
 
 
+class SMoEDropoutDispatcher(nn.Module):
+    """route -> dispatch -> experts -> combine; sits where DeepSpeed's MOELayer would.
+
+    x [B, T, D] -> [B, T, D]. After each forward ``l_aux`` (always 0: SMoE-Dropout has no
+    balance loss) and ``exp_counts`` (routes per expert on this rank) are set, as MOELayer does.
+    """
+
+    def __init__(self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int) -> None:
+        super().__init__()
+        self.gate, self.experts, self.ep_size = gate, experts, ep_size
+        self.ep_group = None
+        self.l_aux = torch.zeros(())
+        self.exp_counts = None
+
+    def _set_ep_group(self, ep_group) -> None:  # called by MoE.set_deepspeed_parallelism
+        self.ep_group = ep_group
+
+    def forward(self, x: torch.Tensor, used_token=None) -> torch.Tensor:
+        if used_token is not None:
+            raise NotImplementedError("SMoE-Dropout routes every token; used_token masks are not supported")
+        x_SD = x.reshape(-1, x.shape[-1])
+        gates_SN = self.gate(x_SD)
+        x_TD, gates_TE, plan = dispatch(x_SD, gates_SN, self.ep_group, self.ep_size)
+        y_TD = self.experts(x_TD, gates_TE)
+        out_SD = combine(y_TD, plan)
+        self.l_aux, self.exp_counts, self.last_plan = x.new_zeros((), dtype=torch.float32), self.gate.last_counts_N, plan
+        return out_SD.view_as(x)
+
+
 class SMoEDropoutMoE(MoE):
-    """DeepSpeed MoE layer routed by a frozen random router; x [B, T, D] -> ([B, T, D], l_aux, counts)."""
+    """A ``deepspeed.moe.layer.MoE`` (so the engine treats it as one) with the frozen random
+    router and the fast stacked experts; x [B, T, D] -> ([B, T, D], l_aux, counts)."""
 
     def __init__(self, d_model: int, cfg: MoEConfig, layer_index: int) -> None:
-        super().__init__(
-            hidden_size=d_model,
-            expert=FeedForward(d_model, cfg.d_expert),
-            num_experts=cfg.num_experts,
-            ep_size=cfg.ep_size,
-            k=1,
-            drop_tokens=False,
-        )
-        # Replace the stock trainable gate; MOELayer keeps calling it through the same interface.
-        self.deepspeed_moe.gate = FrozenRandomGate(
+        nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate and N deep-copied experts
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = cfg.ep_size
+        self.expert_group_name = f"ep_size_{cfg.ep_size}"
+        self.num_experts = cfg.num_experts
+        self.num_local_experts = cfg.num_experts // cfg.ep_size
+        gate = FrozenRandomGate(
             d_model,
             cfg.num_experts,
             k=cfg.k_schedule.k_max,
@@ -43,6 +74,8 @@ class SMoEDropoutMoE(MoE):
             layer_index=layer_index,
             capacity_factor=cfg.capacity_factor,
         )
+        experts = GroupedExperts(self.num_local_experts, d_model, cfg.d_expert, self.expert_group_name)
+        self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, cfg.ep_size)
 
 
 def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int) -> nn.Module:

@@ -1,18 +1,16 @@
-"""The frozen random router of SMoE-Dropout, as a DeepSpeed MoE gate.
+"""The frozen random router of SMoE-Dropout.
 
-Shape legend (torchtitan style): S tokens on this rank, D = d_model, N experts, K active
-experts (k), C expert capacity (slots per expert per rank).
-
-``FrozenRandomGate`` plugs into ``deepspeed.moe.sharded_moe.MOELayer`` in place of
-``TopKGate``. MOELayer calls ``gate(x_SD, used_token, True, use_tutel)`` and expects the
-sparse-route 7-tuple ``(l_aux, C, N, indices_KS, locations_KS, gates_KS, exp_counts_N)``
-where a route that was dropped for lack of capacity has index -1.
+Shape legend (torchtitan style): S tokens on this rank, D d_model, N experts, K active
+experts (k).
 
 The router is a ``Linear(D -> N)`` drawn from ``(router_seed, layer_index)`` and frozen
 from step 0: ``requires_grad=False``, so it is in no optimizer group, gets no weight decay
-and is bit-identical after any amount of training. Its weight is named ``wg.weight`` so
-that DeepSpeed keeps it in the non-expert checkpoint file (its MoE filter drops keys that
-contain "expert" but keeps ``moe.gate.wg.weight``).
+and is bit-identical after any amount of training. It lives at ``deepspeed_moe.gate.wg``
+so that DeepSpeed keeps it in the non-expert checkpoint file (its MoE filter drops keys
+that contain "expert" but keeps ``moe.gate.wg.weight``).
+
+The router still passes gradient to its input: the gate weights are a softmax of
+``x @ W^T``, so the loss depends on x through them as well as through the experts.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -66,18 +64,13 @@ def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
 
 
-def _max_over_group(value: int, group: dist.ProcessGroup | None, device: torch.device) -> int:
-    """The maximum of ``value`` over ``group``: every EP rank must use the same capacity,
-    even when the ranks hold different numbers of tokens."""
-    if group is None or dist.get_world_size(group=group) == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
-
-
 class FrozenRandomGate(nn.Module):
-    """SMoE-Dropout's router with DeepSpeed's gate interface. ``k`` may change at any time."""
+    """x_SD -> dense gates_SN: softmax over each token's top-k logits, zero elsewhere.
+
+    ``k`` may change between any two forwards. With ``capacity_factor`` set, each expert
+    takes at most C = ceil(cf * k * S / N) of this rank's routes, first choices first; a
+    dropped route's gate is zero and the token's other weights are not renormalised.
+    """
 
     def __init__(
         self,
@@ -86,7 +79,7 @@ class FrozenRandomGate(nn.Module):
         k: int,
         router_seed: int,
         layer_index: int,
-        capacity_factor: float | None = None,
+        capacity_factor: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.wg = nn.Linear(d_model, num_experts, bias=False)
@@ -97,43 +90,23 @@ class FrozenRandomGate(nn.Module):
         self.num_experts = num_experts
         self.k = k
         self.capacity_factor = capacity_factor
-        self.ep_group: dist.ProcessGroup | None = None
         # Filled on every forward, read by the trainer's logging (tensors: no host sync here).
-        self.last_counts_N: torch.Tensor | None = None
-        self.last_dropped_routes: torch.Tensor | None = None
+        self.last_counts_N: Optional[torch.Tensor] = None
+        self.last_dropped_routes: Optional[torch.Tensor] = None
         self.last_total_routes = 0
 
-    def _set_ep_group(self, ep_group) -> None:  # called by MOELayer._set_ep_group
-        self.ep_group = ep_group
-
-    def forward(self, x_SD: torch.Tensor, used_token=None, sparse_routes: bool = True, use_tutel: bool = False):
-        if used_token is not None or not sparse_routes or use_tutel:
-            raise NotImplementedError("FrozenRandomGate supports only DeepSpeed's sparse-route dispatch")
+    def forward(self, x_SD: torch.Tensor) -> torch.Tensor:
         k, n = self.k, self.num_experts
         # fp32 logits whatever the activation dtype, so bf16/fp16 training routes like fp32.
-        logits_SN = torch.nn.functional.linear(x_SD.float(), self.wg.weight.float())
+        logits_SN = F.linear(x_SD.float(), self.wg.weight.float())
         expert_ids_SK, weights_SK = topk_routes(logits_SN, k)
         positions_KS, counts_N = slot_positions(expert_ids_SK, n)
-        indices_KS = expert_ids_SK.t()
-        gates_KS = weights_SK.t()
-
-        if self.capacity_factor is None:  # dropless: the fullest expert sets the capacity
-            capacity = _max_over_group(int(counts_N.max()) if counts_N.numel() else 0, self.ep_group, x_SD.device)
-            capacity = max(capacity, 1)
-            kept_KS = torch.ones_like(indices_KS, dtype=torch.bool)
+        if self.capacity_factor is not None:
+            kept_SK = (positions_KS < capacity_for(x_SD.shape[0], k, n, self.capacity_factor)).t()
+            weights_SK = weights_SK * kept_SK
+            self.last_dropped_routes = (~kept_SK).sum().detach()
         else:
-            local = capacity_for(x_SD.shape[0], k, n, self.capacity_factor)
-            capacity = _max_over_group(local, self.ep_group, x_SD.device)
-            kept_KS = positions_KS < capacity
-
+            self.last_dropped_routes = None
         self.last_counts_N = counts_N.detach()
-        self.last_dropped_routes = (~kept_KS).sum().detach()
-        self.last_total_routes = indices_KS.numel()
-
-        indices_KS = torch.where(kept_KS, indices_KS, torch.full_like(indices_KS, -1)).int()
-        locations_KS = (positions_KS * kept_KS).int()
-        # A dropped route contributes nothing; the kept weights are not renormalised, so a
-        # token keeps the same weight on each expert whatever happens to its other routes.
-        gates_KS = gates_KS * kept_KS
-        l_aux = x_SD.new_zeros((), dtype=torch.float32)  # SMoE-Dropout has no balance loss
-        return l_aux, torch.tensor(capacity), n, indices_KS, locations_KS, gates_KS, counts_N
+        self.last_total_routes = expert_ids_SK.numel()
+        return torch.zeros_like(logits_SN).scatter(1, expert_ids_SK, weights_SK)

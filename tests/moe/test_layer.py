@@ -18,36 +18,65 @@ def make_layer(n=8, d=24, h=16, **kw):
     cfg = MoEConfig(num_experts=n, d_expert=h, **kw)
     cfg.k_schedule.k_max = n
     layer = SMoEDropoutMoE(d, cfg, layer_index=3)
-    with torch.no_grad():  # distinct experts (DeepSpeed deep-copies one expert N times)
+    with torch.no_grad():
         for p in layer.deepspeed_moe.experts.parameters():
             p.normal_(0, 0.3)
     return layer
 
 
-def weights(layer):
-    experts = layer.deepspeed_moe.experts.deepspeed_experts
-    return [e.w_in.weight for e in experts], [e.w_out.weight for e in experts]
+def reference_weights(layer):
+    """Per-expert Linear-layout copies [H, D] and [D, H] that the naive loop differentiates."""
+    experts = layer.deepspeed_moe.experts
+    w_in = [w.detach().clone().requires_grad_(True) for w in experts.w_in]
+    w_out = [w.detach().t().clone().requires_grad_(True) for w in experts.w_out]
+    return w_in, w_out
 
 
-@pytest.mark.parametrize("k", range(1, 9))
-def test_output_and_grads_match_naive_loop_for_every_k(k):
-    layer = make_layer()
+def check_against_naive(layer, k, path=None):
+    """Run the layer (optionally forcing a compute path) and the naive loop; max abs diffs."""
+    experts = layer.deepspeed_moe.experts
     set_active_experts(layer, k)
     x = torch.randn(2, 29, 24, requires_grad=True)
+    if path is not None:
+        experts.forward = getattr(experts, f"forward_{path}")
     y, l_aux, counts = layer(x)
     cot = torch.randn_like(y)
     (y * cot).sum().backward()
 
-    w_in, w_out = (list(map(lambda w: w.detach().clone().requires_grad_(True), ws)) for ws in weights(layer))
+    w_in, w_out = reference_weights(layer)
     xr = x.detach().reshape(-1, 24).clone().requires_grad_(True)
     ref = naive_moe(xr, layer.deepspeed_moe.gate.wg.weight, w_in, w_out, k)
     (ref * cot.reshape(-1, 24)).sum().backward()
-
-    assert (y.reshape(-1, 24) - ref).abs().max() <= TOL
-    assert (x.grad.reshape(-1, 24) - xr.grad).abs().max() <= TOL
-    for mine, theirs in zip(weights(layer)[0] + weights(layer)[1], w_in + w_out):
-        assert (mine.grad - theirs.grad).abs().max() <= TOL
     assert float(l_aux) == 0.0 and int(counts.sum()) == 58 * k
+    return {
+        "out": (y.reshape(-1, 24) - ref).abs().max(),
+        "grad_x": (x.grad.reshape(-1, 24) - xr.grad).abs().max(),
+        "grad_w_in": (experts.w_in.grad - torch.stack([w.grad for w in w_in])).abs().max(),
+        "grad_w_out": (experts.w_out.grad - torch.stack([w.grad.t() for w in w_out])).abs().max(),
+    }
+
+
+@pytest.mark.parametrize("path", [None, "sparse", "dense"])
+@pytest.mark.parametrize("k", range(1, 9))
+def test_output_and_grads_match_naive_loop_for_every_k_and_path(k, path):
+    diffs = check_against_naive(make_layer(), k, path)
+    assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def test_path_choice_follows_the_documented_density_rule(monkeypatch):
+    from smoe_ds.moe import experts as experts_mod
+
+    layer = make_layer()
+    chosen = []
+    ex = layer.deepspeed_moe.experts
+    for name in ("sparse", "dense"):
+        real = getattr(ex, f"forward_{name}")
+        monkeypatch.setattr(ex, f"forward_{name}", lambda *a, _n=name, _f=real: chosen.append(_n) or _f(*a))
+    for k in (1, 4, 5, 6, 8):
+        set_active_experts(layer, k)
+        layer(torch.randn(1, 16, 24))
+    threshold = experts_mod.DENSE_PATH_MIN_DENSITY * 8
+    assert chosen == ["sparse" if k < threshold else "dense" for k in (1, 4, 5, 6, 8)]
 
 
 def test_router_weights_sum_to_one_over_the_k_selected():
@@ -86,6 +115,21 @@ def test_k_outside_range_is_refused():
     for bad in (0, 9):
         with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
             set_active_experts(layer, bad)
+
+
+def test_checkpoint_state_uses_per_expert_keys_and_loads_back():
+    layer = make_layer(n=4)
+    state = layer.state_dict()
+    names = sorted(k for k in state if "deepspeed_experts" in k)
+    assert names == sorted(f"deepspeed_moe.experts.deepspeed_experts.{e}.w_{io}.weight" for e in range(4) for io in ("in", "out"))
+    assert state["deepspeed_moe.experts.deepspeed_experts.2.w_out.weight"].shape == (24, 16)  # nn.Linear(H, D) layout
+    assert "deepspeed_moe.gate.wg.weight" in state and "deepspeed_moe.experts.w_in" not in state
+    other = make_layer(n=4)
+    with torch.no_grad():
+        for p in other.deepspeed_moe.experts.parameters():
+            p.zero_()
+    other.load_state_dict(state)
+    assert torch.equal(other.deepspeed_moe.experts.w_out, layer.deepspeed_moe.experts.w_out)
 
 
 def test_dense_baseline_has_the_experts_parameter_count():

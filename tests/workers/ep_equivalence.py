@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from smoe_ds import distributed as D
 from smoe_ds.config import MoEConfig
-from smoe_ds.models.lm import build_model, global_param_name
+from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import SMoEDropoutMoE, moe_layers, set_active_experts
 from tests.reference import naive_moe
 from tests.workers.common import all_gather_cat, finish, start, tiny_config, worker_args
@@ -25,23 +25,19 @@ from tests.workers.common import all_gather_cat, finish, start, tiny_config, wor
 D_MODEL, N, D_EXPERT = 16, 4, 8
 
 
-def expert_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    experts = layer.deepspeed_moe.experts.deepspeed_experts
-    return (torch.stack([e.w_in.weight for e in experts]), torch.stack([e.w_out.weight for e in experts]))
-
-
-def layer_check(rank: int, capacity_factor=None) -> dict:
+def layer_check(rank: int) -> dict:
     """Max abs differences per k for output, input grad and expert-weight grads."""
-    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2, capacity_factor=capacity_factor)
+    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2)
     cfg.k_schedule.k_max = N
     layer = SMoEDropoutMoE(D_MODEL, cfg, layer_index=0)
     layer.set_deepspeed_parallelism()
+    experts = layer.deepspeed_moe.experts
     with torch.no_grad():  # expert g gets weights from seed g, on whichever rank holds it
-        for i, e in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+        for i in range(N // 2):
             g = torch.Generator().manual_seed(100 + rank * (N // 2) + i)
-            e.w_in.weight.copy_(torch.randn(e.w_in.weight.shape, generator=g) * 0.3)
-            e.w_out.weight.copy_(torch.randn(e.w_out.weight.shape, generator=g) * 0.3)
-    w_in_all, w_out_all = (all_gather_cat(w.detach()) for w in expert_weights(layer))
+            experts.w_in[i].copy_(torch.randn(experts.w_in[i].shape, generator=g) * 0.3)
+            experts.w_out[i].copy_(torch.randn(experts.w_out[i].shape, generator=g) * 0.3)
+    w_in_all, w_out_all = all_gather_cat(experts.w_in.detach()), all_gather_cat(experts.w_out.detach())
     gen = torch.Generator().manual_seed(7 + rank)
     n_tokens = 37 if rank == 0 else 53  # ranks hold different token counts
     x = torch.randn(n_tokens, D_MODEL, generator=gen)
@@ -58,35 +54,26 @@ def layer_check(rank: int, capacity_factor=None) -> dict:
         (out.squeeze(0) * cot).sum().backward()
 
         ref_x = x_all.clone().requires_grad_(True)
-        w_in = [w.clone().requires_grad_(True) for w in w_in_all]
-        w_out = [w.clone().requires_grad_(True) for w in w_out_all]
+        w_in = [w.clone().requires_grad_(True) for w in w_in_all]  # [H, D], nn.Linear layout
+        w_out = [w.t().clone().requires_grad_(True) for w in w_out_all]  # [D, H]
         ref = naive_moe(ref_x, router, w_in, w_out, k)
         (ref * cot_all).sum().backward()
 
         mine = slice(rank * (N // 2), (rank + 1) * (N // 2))
-        g_in, g_out = (torch.stack([w.grad for w in ws])[mine] for ws in (w_in, w_out))
-        local_in, local_out = expert_weights(layer)
-        local_g_in = torch.stack([e.w_in.weight.grad for e in layer.deepspeed_moe.experts.deepspeed_experts])
-        local_g_out = torch.stack([e.w_out.weight.grad for e in layer.deepspeed_moe.experts.deepspeed_experts])
+        ref_g_in = torch.stack([w.grad for w in w_in])[mine]
+        ref_g_out = torch.stack([w.grad.t() for w in w_out])[mine]
         my_rows = slice(offset, offset + n_tokens)
-        diffs = torch.tensor(
-            [
-                (out.squeeze(0) - ref[my_rows]).abs().max(),
-                (xr.grad - ref_x.grad[my_rows]).abs().max(),
-                (local_g_in - g_in).abs().max(),
-                (local_g_out - g_out).abs().max(),
-            ]
-        )
+        diffs = torch.tensor([
+            (out.squeeze(0) - ref[my_rows]).abs().max(),
+            (xr.grad - ref_x.grad[my_rows]).abs().max(),
+            (experts.w_in.grad - ref_g_in).abs().max(),
+            (experts.w_out.grad - ref_g_out).abs().max(),
+        ])
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
-        gate = layer.deepspeed_moe.gate
-        rows[k] = {
-            "out": float(diffs[0]),
-            "grad_x": float(diffs[1]),
-            "grad_w_in": float(diffs[2]),
-            "grad_w_out": float(diffs[3]),
-            "dropped": int(gate.last_dropped_routes),
-            "out_norm": float(out.norm()),
-        }
+        plan = layer.deepspeed_moe.last_plan
+        rows[k] = {"out": float(diffs[0]), "grad_x": float(diffs[1]), "grad_w_in": float(diffs[2]),
+                   "grad_w_out": float(diffs[3]), "out_norm": float(out.norm()),
+                   "rows_sent": plan.send_counts, "tokens": n_tokens}
     return rows
 
 
@@ -137,18 +124,15 @@ def model_check(rank: int) -> dict:
         loss1.backward()
         total2 = D.all_reduce_sum(loss2.detach() / 2)
         n_local = cfg2.moe.num_experts // 2
-        full_grads = {
-            global_param_name(n, 0, cfg1.moe.num_experts): p.grad
-            for n, p in m1.named_parameters()
-            if p.grad is not None
-        }
+        full_grads = {n: p.grad for n, p in m1.named_parameters() if p.grad is not None}
         worst = 0.0
         for name, p in m2.named_parameters():
             if p.grad is None:
                 continue
-            is_expert = ".deepspeed_experts." in name
-            grad = p.grad if is_expert else D.all_reduce_sum(p.grad)  # what the engine's DP reduction does
-            ref = full_grads[global_param_name(name, rank, n_local)]
+            if getattr(p, "allreduce", True):  # non-expert: what the engine's data-parallel reduction does
+                grad, ref = D.all_reduce_sum(p.grad), full_grads[name]
+            else:  # this rank's slice of the stacked experts
+                grad, ref = p.grad, full_grads[name][rank * n_local : (rank + 1) * n_local]
             worst = max(worst, float((grad - ref).abs().max()))
         diffs = torch.tensor([float((total2 - loss1).abs()), worst])
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
