@@ -30,10 +30,12 @@ class FeedForward(nn.Module):
         return self.w_out(F.gelu(self.w_in(x)))
 
 
-# Below this share of non-zero (token, expert) gates the grouped sparse path is used, at or
-# above it the dense-masked one. Measured on 2 CPU threads (python -m smoe_ds.bench): the
-# grouped path costs about 1.0-1.4 x (k/N) of a dense FFN plus the token sort and gather,
-# so it loses to one dense GEMM somewhere between k/N = 0.5 and 1.
+# The compute path is a documented rule, not a flag. The dense-masked path runs every expert
+# on every token and scales each expert's H hidden units by its gate; the grouped path runs
+# only the routed (token, expert) pairs and scales whichever side of the second GEMM is
+# narrower. Measured on 2 CPU threads (python -m smoe_ds.bench): the grouped path costs about
+# 1.0-1.4 x (k/N) of a dense FFN plus the sort and gather, so it loses to the dense-masked one
+# above k/N of about 3/4.
 DENSE_PATH_MIN_DENSITY = 0.75
 
 
@@ -84,11 +86,21 @@ class GroupedExperts(nn.Module):
         return self.forward_sparse(x_TD, gates_TE)
 
     def forward_dense(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
-        """One GEMM over the concatenated experts, each expert's hidden units scaled by its gate."""
+        """Every expert on every token, weighted by the gates (zero gates included): no dispatch.
+
+        Narrow experts (H <= D): one GEMM over the concatenated experts, each expert's H hidden
+        units scaled by its gate. Wide experts (H > D): one GEMM pair per expert over all
+        tokens, scaling the D-wide outputs, which is less memory traffic than the hidden units.
+        """
         T, E, H = x_TD.shape[0], self.num_local_experts, self.d_hidden
-        h_TEH = F.gelu(x_TD @ self.w_in.view(E * H, -1).t()).view(T, E, H)
-        h_TEH = h_TEH * gates_TE.to(h_TEH.dtype).unsqueeze(-1)
-        return h_TEH.view(T, E * H) @ self.w_out.view(E * H, -1)
+        gates_TE = gates_TE.to(x_TD.dtype)
+        if H <= self.d_model:
+            h_TEH = F.gelu(x_TD @ self.w_in.view(E * H, -1).t()).view(T, E, H)
+            return (h_TEH * gates_TE.unsqueeze(-1)).view(T, E * H) @ self.w_out.view(E * H, -1)
+        y_TD = torch.zeros_like(x_TD)
+        for e in range(E):
+            y_TD = y_TD + gates_TE[:, e : e + 1] * (F.gelu(x_TD @ self.w_in[e].t()) @ self.w_out[e])
+        return y_TD
 
     def forward_sparse(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
         """Sort the routes by expert, run grouped GEMMs, scatter-add the weighted rows back."""
@@ -96,8 +108,12 @@ class GroupedExperts(nn.Module):
         counts = torch.bincount(expert_R, minlength=self.num_local_experts).tolist()
         gate_R = gates_TE[token_R, expert_R].to(x_TD.dtype)
         h_RH = F.gelu(grouped_matmul(x_TD.index_select(0, token_R), self.w_in.transpose(1, 2), counts))
-        # Scaling the H-wide hidden rows is cheaper than the D-wide outputs when H < D, and equal.
-        y_RD = grouped_matmul(h_RH * gate_R.unsqueeze(-1), self.w_out, counts)
+        # The gate scales a row of the second GEMM's input or of its output: the same result, so
+        # scale the narrower of the two.
+        if self.d_hidden <= self.d_model:
+            y_RD = grouped_matmul(h_RH * gate_R.unsqueeze(-1), self.w_out, counts)
+        else:
+            y_RD = grouped_matmul(h_RH, self.w_out, counts) * gate_R.unsqueeze(-1)
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
 

@@ -99,14 +99,19 @@ class FrozenRandomGate(nn.Module):
         k, n = self.k, self.num_experts
         # fp32 logits whatever the activation dtype, so bf16/fp16 training routes like fp32.
         logits_SN = F.linear(x_SD.float(), self.wg.weight.float())
+        self.last_total_routes = x_SD.shape[0] * k
+        if k == n and self.capacity_factor is None:  # full capacity: every expert, no selection to make
+            self.last_counts_N = torch.full((n,), x_SD.shape[0], device=x_SD.device)
+            self.last_dropped_routes = None
+            return torch.softmax(logits_SN, dim=-1)
         expert_ids_SK, weights_SK = topk_routes(logits_SN, k)
-        positions_KS, counts_N = slot_positions(expert_ids_SK, n)
         if self.capacity_factor is not None:
+            positions_KS, counts_N = slot_positions(expert_ids_SK, n)
             kept_SK = (positions_KS < capacity_for(x_SD.shape[0], k, n, self.capacity_factor)).t()
             weights_SK = weights_SK * kept_SK
             self.last_dropped_routes = (~kept_SK).sum().detach()
-        else:
+        else:  # dropless: only the load per expert is needed, not each route's slot
+            counts_N = torch.bincount(expert_ids_SK.reshape(-1), minlength=n)
             self.last_dropped_routes = None
         self.last_counts_N = counts_N.detach()
-        self.last_total_routes = expert_ids_SK.numel()
         return torch.zeros_like(logits_SN).scatter(1, expert_ids_SK, weights_SK)
