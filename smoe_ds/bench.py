@@ -54,8 +54,9 @@ def build_layers(d: int, n: int, h: int, ep_size: int, device, dtype, ep_rank: i
     ours = SMoEDropoutMoE(d, cfg, layer_index=0)
     # top2_2nd_expert_sampling off: plain top-k like ours (k = 1 still differs: DeepSpeed weights the
     # single expert by its full-softmax probability, SMoE-Dropout by 1).
-    stock = MoE(d, FeedForward(d, h), num_experts=n, ep_size=ep_size, k=1, drop_tokens=False,
-                top2_2nd_expert_sampling=False)
+    stock = MoE(
+        d, FeedForward(d, h), num_experts=n, ep_size=ep_size, k=1, drop_tokens=False, top2_2nd_expert_sampling=False
+    )
     dense = FeedForward(d, n * h)
     gen = torch.Generator().manual_seed(0)
     full_in, full_out = torch.randn(n, h, d, generator=gen) * 0.05, torch.randn(n, h, d, generator=gen) * 0.05

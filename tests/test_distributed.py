@@ -32,9 +32,10 @@ def ep_result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.parametrize("path", ["None", "sparse", "dense"])
 @pytest.mark.parametrize("k", ["1", "2", "3", "4"])
-def test_ep2_layer_matches_naive_loop_with_uneven_tokens(ep_result, k):
-    row = ep_result["layer"][k]
+def test_ep2_layer_matches_naive_loop_with_uneven_tokens(ep_result, k, path):
+    row = ep_result["layer"][path][k]
     assert row["out_norm"] > 1.0
     # each token reaches each rank at most once, whatever k; at k = N it reaches both exactly once
     assert all(sent <= row["tokens"] for sent in row["rows_sent"])

@@ -125,7 +125,9 @@ def _to_per_expert_state(module: GroupedExperts, state: dict, prefix: str, local
 
 
 def _from_per_expert_state(module: GroupedExperts, state: dict, prefix: str, *args) -> None:
-    names = [f"{prefix}deepspeed_experts.{e}.w_{io}.weight" for e in range(module.num_local_experts) for io in ("in", "out")]
+    names = [
+        f"{prefix}deepspeed_experts.{e}.w_{io}.weight" for e in range(module.num_local_experts) for io in ("in", "out")
+    ]
     if prefix + "w_in" in state or not all(n in state for n in names):
         return  # stacked already, or incomplete: load_state_dict reports the missing keys itself
     E = module.num_local_experts

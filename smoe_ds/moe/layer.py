@@ -50,7 +50,11 @@ class SMoEDropoutDispatcher(nn.Module):
         x_TD, gates_TE, plan = dispatch(x_SD, gates_SN, self.ep_group, self.ep_size)
         y_TD = self.experts(x_TD, gates_TE)
         out_SD = combine(y_TD, plan)
-        self.l_aux, self.exp_counts, self.last_plan = x.new_zeros((), dtype=torch.float32), self.gate.last_counts_N, plan
+        self.l_aux, self.exp_counts, self.last_plan = (
+            x.new_zeros((), dtype=torch.float32),
+            self.gate.last_counts_N,
+            plan,
+        )
         return out_SD.view_as(x)
 
 

@@ -121,7 +121,9 @@ def test_checkpoint_state_uses_per_expert_keys_and_loads_back():
     layer = make_layer(n=4)
     state = layer.state_dict()
     names = sorted(k for k in state if "deepspeed_experts" in k)
-    assert names == sorted(f"deepspeed_moe.experts.deepspeed_experts.{e}.w_{io}.weight" for e in range(4) for io in ("in", "out"))
+    assert names == sorted(
+        f"deepspeed_moe.experts.deepspeed_experts.{e}.w_{io}.weight" for e in range(4) for io in ("in", "out")
+    )
     assert state["deepspeed_moe.experts.deepspeed_experts.2.w_out.weight"].shape == (24, 16)  # nn.Linear(H, D) layout
     assert "deepspeed_moe.gate.wg.weight" in state and "deepspeed_moe.experts.w_in" not in state
     other = make_layer(n=4)

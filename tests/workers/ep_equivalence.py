@@ -25,13 +25,18 @@ from tests.workers.common import all_gather_cat, finish, start, tiny_config, wor
 D_MODEL, N, D_EXPERT = 16, 4, 8
 
 
-def layer_check(rank: int) -> dict:
-    """Max abs differences per k for output, input grad and expert-weight grads."""
+def layer_check(rank: int, path: str | None) -> dict:
+    """Max abs differences per k for output, input grad and expert-weight grads.
+
+    ``path`` forces the experts' compute path ("sparse" or "dense"); None lets the rule choose.
+    """
     cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2)
     cfg.k_schedule.k_max = N
     layer = SMoEDropoutMoE(D_MODEL, cfg, layer_index=0)
     layer.set_deepspeed_parallelism()
     experts = layer.deepspeed_moe.experts
+    if path is not None:
+        experts.forward = getattr(experts, f"forward_{path}")
     with torch.no_grad():  # expert g gets weights from seed g, on whichever rank holds it
         for i in range(N // 2):
             g = torch.Generator().manual_seed(100 + rank * (N // 2) + i)
@@ -63,17 +68,25 @@ def layer_check(rank: int) -> dict:
         ref_g_in = torch.stack([w.grad for w in w_in])[mine]
         ref_g_out = torch.stack([w.grad.t() for w in w_out])[mine]
         my_rows = slice(offset, offset + n_tokens)
-        diffs = torch.tensor([
-            (out.squeeze(0) - ref[my_rows]).abs().max(),
-            (xr.grad - ref_x.grad[my_rows]).abs().max(),
-            (experts.w_in.grad - ref_g_in).abs().max(),
-            (experts.w_out.grad - ref_g_out).abs().max(),
-        ])
+        diffs = torch.tensor(
+            [
+                (out.squeeze(0) - ref[my_rows]).abs().max(),
+                (xr.grad - ref_x.grad[my_rows]).abs().max(),
+                (experts.w_in.grad - ref_g_in).abs().max(),
+                (experts.w_out.grad - ref_g_out).abs().max(),
+            ]
+        )
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         plan = layer.deepspeed_moe.last_plan
-        rows[k] = {"out": float(diffs[0]), "grad_x": float(diffs[1]), "grad_w_in": float(diffs[2]),
-                   "grad_w_out": float(diffs[3]), "out_norm": float(out.norm()),
-                   "rows_sent": plan.send_counts, "tokens": n_tokens}
+        rows[k] = {
+            "out": float(diffs[0]),
+            "grad_x": float(diffs[1]),
+            "grad_w_in": float(diffs[2]),
+            "grad_w_out": float(diffs[3]),
+            "out_norm": float(out.norm()),
+            "rows_sent": plan.send_counts,
+            "tokens": n_tokens,
+        }
     return rows
 
 
@@ -143,7 +156,14 @@ def model_check(rank: int) -> dict:
 def main(out_path: str) -> None:
     rank, world = start()
     assert world == 2, "run with 2 ranks"
-    finish(out_path, {"layer": layer_check(rank), "capacity": capacity_check(rank), "model": model_check(rank)})
+    finish(
+        out_path,
+        {
+            "layer": {str(p): layer_check(rank, p) for p in (None, "sparse", "dense")},
+            "capacity": capacity_check(rank),
+            "model": model_check(rank),
+        },
+    )
 
 
 if __name__ == "__main__":
