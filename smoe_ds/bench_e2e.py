@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = smoe["train_wall_s"] / dense["train_wall_s"]
     print(
         f"\nend to end, {args.steps} steps, {args.layers} layers x d_model {args.d_model}, "
-        f"{args.experts} experts x {args.d_expert} (dense d_ff {args.experts * args.d_expert}), k {args.experts // 2} -> "
-        f"{args.experts} linear"
+        f"{args.experts} experts x {args.d_expert} (dense d_ff {args.experts * args.d_expert}), "
+        f"k {args.experts // 2} -> {args.experts} linear"
     )
     print(f"{'mode':>14} {'wall s':>8} {'tokens/s':>10} {'val loss k=N':>13}")
     for r in rows:

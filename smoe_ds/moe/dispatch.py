@@ -13,7 +13,6 @@ all-gather plus a reduce-scatter. Variable split sizes keep it dropless with no 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,12 +44,12 @@ class DispatchPlan:
     send_counts: list[int]  # rows sent to each rank of the group
     recv_counts: list[int]  # rows received from each rank of the group
     num_tokens: int  # S
-    group: Optional[dist.ProcessGroup]
+    group: dist.ProcessGroup | None
 
 
 def dispatch(
-    x_SD: torch.Tensor, gates_SN: torch.Tensor, group: Optional[dist.ProcessGroup], ep_size: int
-) -> tuple[torch.Tensor, torch.Tensor, Optional[DispatchPlan]]:
+    x_SD: torch.Tensor, gates_SN: torch.Tensor, group: dist.ProcessGroup | None, ep_size: int
+) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan | None]:
     """Send each token once to every rank holding one of its routed experts.
 
     Returns ``x_TD``, ``gates_TE`` (the gates for this rank's E experts) and the plan; with
@@ -74,7 +73,7 @@ def dispatch(
     return received_TX[:, :D], received_TX[:, D:], plan
 
 
-def combine(y_TD: torch.Tensor, plan: Optional[DispatchPlan]) -> torch.Tensor:
+def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     """Return each rank's partial outputs and sum them per token -> [S, D]."""
     if plan is None:
         return y_TD
@@ -82,7 +81,7 @@ def combine(y_TD: torch.Tensor, plan: Optional[DispatchPlan]) -> torch.Tensor:
     return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_R, back_RD)
 
 
-def bytes_sent(plan: Optional[DispatchPlan], d_model: int, num_local_experts: int, elem_size: int, rank: int) -> int:
+def bytes_sent(plan: DispatchPlan | None, d_model: int, num_local_experts: int, elem_size: int, rank: int) -> int:
     """Bytes this rank put on the wire for one forward (tokens out plus results back), self excluded."""
     if plan is None:
         return 0

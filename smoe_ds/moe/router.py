@@ -79,7 +79,7 @@ class FrozenRandomGate(nn.Module):
         k: int,
         router_seed: int,
         layer_index: int,
-        capacity_factor: Optional[float] = None,
+        capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         self.wg = nn.Linear(d_model, num_experts, bias=False)
@@ -91,8 +91,8 @@ class FrozenRandomGate(nn.Module):
         self.k = k
         self.capacity_factor = capacity_factor
         # Filled on every forward, read by the trainer's logging (tensors: no host sync here).
-        self.last_counts_N: Optional[torch.Tensor] = None
-        self.last_dropped_routes: Optional[torch.Tensor] = None
+        self.last_counts_N: torch.Tensor | None = None
+        self.last_dropped_routes: torch.Tensor | None = None
         self.last_total_routes = 0
 
     def forward(self, x_SD: torch.Tensor) -> torch.Tensor:
