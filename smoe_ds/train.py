@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from smoe_ds import checkpoint
 from smoe_ds import distributed as D
 from smoe_ds.config import TrainConfig, load_config
 from smoe_ds.data import train_batches
@@ -154,7 +155,7 @@ def train(cfg: TrainConfig) -> dict:
     wall = time.perf_counter() - t0
 
     if run.save_checkpoint:
-        engine.save_checkpoint(str(out_dir / "checkpoints"), tag=f"step{run.max_steps}")
+        checkpoint.save(engine, cfg, out_dir / "checkpoints", run.max_steps)
     rows = report(
         engine,
         rt.val_batches(run.final_eval_batches),

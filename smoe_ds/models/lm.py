@@ -100,10 +100,6 @@ class SMoELM(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # tied: one V x D matrix
-        if cfg.positions == "rope":
-            cos, sin = rotary_tables(cfg.block_size, cfg.d_model // cfg.n_heads)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         B, T = idx.shape
@@ -112,7 +108,9 @@ class SMoELM(nn.Module):
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.pos_emb is None else None
+        # Rotary tables are cheap ([T, Dh/2]) and rebuilt per call, so no buffer has to follow the
+        # module across devices or survive meta-device construction.
+        rope = rotary_tables(T, self.cfg.d_model // self.cfg.n_heads, idx.device) if self.pos_emb is None else None
         x = self.drop(x)
         aux_total = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:

@@ -75,8 +75,16 @@ class GroupedExperts(nn.Module):
             # What DeepSpeed's Experts wrapper marks: reduce over the expert-data-parallel group only.
             p.allreduce = False
             p.group_name = group_name
-        self.register_state_dict_post_hook(_to_per_expert_state)
-        self.register_load_state_dict_pre_hook(_from_per_expert_state)
+        self._layout_hooks = [
+            self.register_state_dict_post_hook(_to_per_expert_state),
+            self.register_load_state_dict_pre_hook(_from_per_expert_state),
+        ]
+
+    def use_stacked_state_dict(self) -> None:
+        """Save and load ``w_in``/``w_out`` as the stacked tensors they are (single-file exports)."""
+        for handle in self._layout_hooks:
+            handle.remove()
+        self._layout_hooks = []
 
     def forward(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
         """sum_e gates_TE[t, e] * expert_e(x_TD[t]) -> [T, D]; zero gates cost nothing on the sparse path."""

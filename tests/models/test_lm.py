@@ -37,7 +37,7 @@ def test_same_seed_same_weights_and_loss_near_uniform_at_init():
         assert na == nb and torch.equal(pa, pb)
     x = torch.randint(0, 256, (2, 24))
     loss = a(x[:, :-1], x[:, 1:]).loss
-    assert abs(float(loss) - torch.log(torch.tensor(256.0))) < 0.1
+    assert abs(loss.item() - torch.log(torch.tensor(256.0)).item()) < 0.1
 
 
 def test_dense_and_moe_models_have_equal_trainable_parameters():

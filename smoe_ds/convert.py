@@ -1,0 +1,82 @@
+"""DeepSpeed checkpoint -> one Hugging Face directory for single-device inference.
+
+    python -m smoe_ds.convert runs/cpu_tiny/checkpoints runs/cpu_tiny/export
+
+Takes a checkpoint of any ZeRO stage 0-2, ep_size and world size (the folder with ``latest``
+or one tag folder), needs no process group, and writes ``model.safetensors`` (every expert
+and every non-expert weight) and ``config.json`` (model config, N, router seed, the training
+k schedule) that ``AutoModelForCausalLM.from_pretrained`` reads after ``import smoe_ds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from smoe_ds.checkpoint import read_model, resolve_tag_dir
+from smoe_ds.config import ConfigError
+
+
+def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
+    """Write the export and return the loaded ``SMoEForCausalLM``."""
+    import dataclasses
+
+    import torch
+
+    from smoe_ds.models.hf import SMoEConfig, SMoEForCausalLM
+    from smoe_ds.moe.experts import _from_per_expert_state
+
+    tag_dir = resolve_tag_dir(ckpt)
+    cfg, state, step = read_model(tag_dir)
+    n = cfg.moe.num_experts
+    if k is not None and not 1 <= k <= n:
+        raise ConfigError(f"--k must be in [1, {n}], got {k}")
+    hf_cfg = SMoEConfig(
+        model=dataclasses.asdict(cfg.model),
+        moe={key: v for key, v in dataclasses.asdict(cfg.moe).items() if key != "ep_size"},
+        active_experts=k or (n if cfg.moe.mode != "learned" else cfg.moe.k),
+        trained_steps=step,
+    )
+    model = SMoEForCausalLM(hf_cfg)
+    state = {f"lm.{key}": v for key, v in state.items()}
+    for name, module in model.named_modules():  # DeepSpeed's per-expert layout -> stacked tensors
+        if module in model.expert_modules():
+            _from_per_expert_state(module, state, f"{name}.")
+    state.setdefault("lm.lm_head.weight", state["lm.tok_emb.weight"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"{tag_dir}: weights do not fit the saved config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    if cfg.data.tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(cfg.data.tokenizer).save_pretrained(out)
+    params = sum(p.numel() for p in model.parameters())
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if torch.is_tensor(t)})
+    print(f"read {tag_dir} (step {step}, {cfg.moe.mode}, saved with ep_size {cfg.moe.ep_size})")
+    print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
+    print(
+        f"  {params / 1e6:.2f}M parameters, N = {n} experts, router seed {cfg.moe.router_seed}, "
+        f"weights {'/'.join(dtypes)}, {size / 2**20:.1f} MiB on disk"
+    )
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    from smoe_ds.runtime import run_main
+
+    p = argparse.ArgumentParser(prog="smoe-convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="checkpoint folder (with 'latest') or one tag folder in it")
+    p.add_argument("out_dir", help="where to write model.safetensors and config.json")
+    p.add_argument("--k", type=int, default=None, help="active experts stored as the default (default: N)")
+    args = p.parse_args(argv)
+    return run_main(lambda: convert(args.checkpoint, args.out_dir, args.k))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The built-in LM as a Hugging Face ``transformers`` model, for single-device inference.
+
+``import smoe_ds`` registers ``SMoEConfig`` (model_type ``smoe_lm``) and ``SMoEForCausalLM``
+with the Auto classes, so an exported directory loads with
+``AutoModelForCausalLM.from_pretrained(dir)`` and supports ``generate()``. The model runs
+with every expert on the one device (ep_size 1) and no process group; ``set_active_experts(k)``
+picks any k in [1, N].
+
+The weights are stored stacked (``...experts.w_in`` [N, H, D]) rather than in DeepSpeed's
+per-expert layout, so that the file's keys are exactly the module's parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from smoe_ds.config import KScheduleConfig, ModelConfig, MoEConfig
+
+
+class SMoEConfig(PretrainedConfig):
+    """The built-in LM's ``model`` and ``moe`` sections, plus the k the model runs at."""
+
+    model_type = "smoe_lm"
+
+    def __init__(
+        self,
+        model: dict[str, Any] | None = None,
+        moe: dict[str, Any] | None = None,
+        active_experts: int | None = None,
+        tie_word_embeddings: bool = True,
+        **kwargs,
+    ) -> None:
+        self.model = dict(model or {})
+        self.moe = dict(moe or {})
+        n = self.moe.get("num_experts", MoEConfig.num_experts)
+        self.active_experts = active_experts if active_experts is not None else n
+        kwargs.setdefault("use_cache", False)  # no KV cache: each step reruns the (short) context
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        # The standard names, for the parts of transformers that look them up.
+        self.vocab_size = self.model.get("vocab_size", ModelConfig.vocab_size)
+        self.hidden_size = self.model.get("d_model", ModelConfig.d_model)
+        self.num_hidden_layers = self.model.get("n_layers", ModelConfig.n_layers)
+        self.num_attention_heads = self.model.get("n_heads", ModelConfig.n_heads)
+        self.max_position_embeddings = self.model.get("block_size", ModelConfig.block_size)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**self.model)
+
+    def moe_config(self) -> MoEConfig:
+        moe = {**self.moe, "ep_size": 1}
+        moe["k_schedule"] = KScheduleConfig(**moe.get("k_schedule", {}))
+        return MoEConfig(**moe)
+
+
+class SMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = SMoEConfig
+    base_model_prefix = "lm"
+    _tied_weights_keys = {"lm.lm_head.weight": "lm.tok_emb.weight"}
+    _supports_cache_class = False
+
+    def __init__(self, config: SMoEConfig) -> None:
+        super().__init__(config)
+        from smoe_ds.models.lm import build_model
+
+        self.lm = build_model(config.model_config(), config.moe_config())
+        for experts in self.expert_modules():
+            experts.use_stacked_state_dict()
+        self.set_active_experts(config.active_experts)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        pass  # build_model already initialised everything; from_pretrained overwrites it anyway
+
+    def expert_modules(self):
+        from smoe_ds.moe.experts import GroupedExperts
+
+        return [m for m in self.modules() if isinstance(m, GroupedExperts)]
+
+    @property
+    def num_experts(self) -> int:
+        return self.lm.moe_cfg.num_experts
+
+    def set_active_experts(self, k: int) -> None:
+        """Run every MoE layer with its top ``k`` experts (any k in [1, N])."""
+        from smoe_ds.moe.layer import set_active_experts
+
+        set_active_experts(self.lm, k)
+        self.config.active_experts = k
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.lm.tok_emb
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm.lm_head
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> CausalLMOutput:
+        """input_ids [B, T] -> logits [B, T, V]; with labels [B, T], the shifted next-token loss."""
+        block = self.lm.cfg.block_size
+        input_ids = input_ids[:, -block:]  # generation beyond the context keeps the last block
+        out = self.lm(input_ids)
+        loss = None
+        if labels is not None:
+            labels = labels[:, -block:]
+            loss = torch.nn.functional.cross_entropy(
+                out.logits[:, :-1].float().reshape(-1, out.logits.size(-1)), labels[:, 1:].reshape(-1)
+            )
+        return CausalLMOutput(loss=loss, logits=out.logits)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **kwargs) -> dict:
+        return {"input_ids": input_ids}
+
+
+def register() -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(SMoEConfig.model_type, SMoEConfig, exist_ok=True)
+    AutoModelForCausalLM.register(SMoEConfig, SMoEForCausalLM, exist_ok=True)

@@ -1,0 +1,55 @@
+"""Train a few steps on a real engine, save a checkpoint, and record the distributed logits.
+
+    torchrun --nproc_per_node P -m tests.workers.export_logits OUT_DIR EP_SIZE ZERO_STAGE
+
+Writes OUT_DIR/checkpoints (as the trainer does) and, from rank 0, OUT_DIR/logits.pt:
+{k: logits [2, 16, V]} for k = 1, N/2, N on a fixed input that every rank feeds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from smoe_ds import checkpoint
+from smoe_ds import distributed as D
+from smoe_ds.models.lm import build_model
+from smoe_ds.moe.layer import set_active_experts
+from smoe_ds.runtime import optimizer_param_groups
+from tests.workers.common import start, tiny_config, worker_args
+
+
+def main(out_dir: str, ep_size: int, zero_stage: int) -> None:
+    import deepspeed
+
+    rank, world = start()
+    zero = {"stage": zero_stage, **({"contiguous_gradients": True, "reduce_scatter": True} if zero_stage == 2 else {})}
+    cfg = tiny_config(ep_size=ep_size, zero_stage=zero_stage)
+    cfg.deepspeed["zero_optimization"] = zero
+    model = build_model(cfg.model, cfg.moe, ep_rank=rank % ep_size)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=optimizer_param_groups(model, 0.1), config=cfg.deepspeed
+    )
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(5):
+        x = torch.randint(0, 256, (2, 16), generator=gen)
+        result = engine(x, torch.roll(x, -1, dims=1))
+        engine.backward(result.loss)
+        engine.step()
+    checkpoint.save(engine, cfg, f"{out_dir}/checkpoints", 5)
+    engine.eval()
+    probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(99))
+    n = cfg.moe.num_experts
+    logits = {}
+    with torch.no_grad():
+        for k in (1, n // 2, n):
+            set_active_experts(engine.module, k)
+            logits[k] = engine(probe).logits.float()
+    if rank == 0:
+        torch.save({"probe": probe, "logits": logits}, f"{out_dir}/logits.pt")
+    D.barrier()
+    D.shutdown()
+
+
+if __name__ == "__main__":
+    out, ep, zero = worker_args()
+    main(out, int(ep), int(zero))
