@@ -5,20 +5,29 @@ A checkpoint folder is what ``engine.save_checkpoint`` writes under a tag (``ste
   ``module``, plus smoe-ds's own ``smoe_ds_config`` (the resolved run config) and ``step``;
 - ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``: expert E of MoE layer L, keys in the
   per-expert layout with the global expert id;
-- the ZeRO optimizer shards.
+- the ZeRO optimizer shards, and one ``rng_state_rank{r}.pt`` per rank;
+- ``smoe_ds_meta.json``: step, world size, ep_size and config, written once all ranks are done.
+The folder's ``latest`` file names the newest complete tag; it is replaced atomically.
 The reader needs no process group, so one process can gather any world size and ep_size.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from smoe_ds import distributed as D
 from smoe_ds.config import ConfigError, TrainConfig, config_from_dict
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
+META_FILE = "smoe_ds_meta.json"  # written last of a tag's files, by rank 0: marks it complete
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
@@ -26,11 +35,95 @@ class CheckpointError(ConfigError):
     """A checkpoint that is missing, partial, corrupt or from another model; one line."""
 
 
-def save(engine, cfg: TrainConfig, save_dir: str | Path, step: int) -> None:
-    """Save through DeepSpeed with the run config inside, so the folder describes itself."""
+def save(engine, cfg: TrainConfig, save_dir: str | Path, step: int, keep_last: int = 0) -> Path:
+    """Save step ``step`` crash-safely; returns the tag folder.
+
+    Every rank writes its files (DeepSpeed's model, expert and optimizer shards, plus its own
+    RNG state) into a fresh tag folder; only when all ranks are done does rank 0 move the
+    ``latest`` pointer, atomically (write a temporary file, fsync, rename). A kill at any
+    moment therefore leaves ``latest`` naming a complete checkpoint. Then the oldest
+    checkpoints beyond ``keep_last`` (0 keeps all) are removed.
+    """
+    save_dir, tag = Path(save_dir), f"step{step}"
+    tag_dir = save_dir / tag
+    if D.is_main():
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # left by a save that was killed before its pointer moved
+            shutil.rmtree(tag_dir)
+    D.barrier()
+    meta = {"step": step, "world_size": D.world_size(), "ep_size": cfg.moe.ep_size}
     engine.save_checkpoint(
-        str(save_dir), tag=f"step{step}", client_state={"smoe_ds_config": cfg.to_dict(), "step": step}
+        str(save_dir), tag=tag, client_state={"smoe_ds_config": cfg.to_dict(), **meta}, save_latest=False
     )
+    torch.save(rng_states(), tag_dir / f"rng_state_rank{D.rank()}.pt")
+    D.barrier()
+    if D.is_main():
+        (tag_dir / META_FILE).write_text(json.dumps({**meta, "config": cfg.to_dict()}, indent=2) + "\n")
+        _write_atomically(save_dir / "latest", tag)
+        prune(save_dir, keep_last)
+    D.barrier()
+    return tag_dir
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _step_of(tag_dir: Path) -> int:
+    m = re.fullmatch(r"step(\d+)", tag_dir.name)
+    return int(m[1]) if m else -1
+
+
+def prune(save_dir: Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` complete checkpoints, never the one ``latest`` names."""
+    if keep_last <= 0:
+        return
+    current = latest_tag(save_dir)
+    complete = sorted((d for d in save_dir.iterdir() if _step_of(d) >= 0 and (d / META_FILE).is_file()), key=_step_of)
+    for d in complete[:-keep_last]:
+        if d.name != current:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def latest_tag(save_dir: str | Path) -> str | None:
+    """The tag ``latest`` names, if it names a complete checkpoint."""
+    pointer = Path(save_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (Path(save_dir) / tag / META_FILE).is_file() else None
+
+
+def read_meta(tag_dir: Path) -> dict:
+    try:
+        return json.loads((tag_dir / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {tag_dir / META_FILE}: {e}") from None
+
+
+def rng_states() -> dict:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
@@ -85,3 +178,64 @@ def read_model(tag_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor], int
         path = found.get((layer, e), tag_dir / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt")
         state.update(load_file(path))
     return cfg, state, int(main.get("step", main.get("global_steps", 0)))
+
+
+WEIGHT_KEYS = {
+    "model": ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "positions", "moe_layers", "init_seed"),
+    "moe": ("mode", "num_experts", "d_expert", "router_seed"),
+}
+
+
+def model_mismatch(saved: TrainConfig, current: TrainConfig) -> str | None:
+    """The first weight-shaping key on which two configs differ, as 'key: saved vs current'."""
+    for section, keys in WEIGHT_KEYS.items():
+        for key in keys:
+            a, b = getattr(getattr(saved, section), key), getattr(getattr(current, section), key)
+            if a != b:
+                return f"{section}.{key}: {a!r} in the checkpoint vs {b!r} now"
+    return None
+
+
+def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
+    """Resume from the newest complete checkpoint in ``save_dir``; returns its step (0 if none).
+
+    Same world size and ep_size: everything comes back (weights, optimizer, LR scheduler, loss
+    scaler, RNG). Otherwise the weights and the LR schedule come back exactly and the optimizer
+    state starts fresh, with a warning that says so.
+    """
+    tag = latest_tag(save_dir)
+    if tag is None:
+        return 0
+    tag_dir = Path(save_dir) / tag
+    meta = read_meta(tag_dir)
+    mismatch = model_mismatch(config_from_dict(meta["config"]).resolve(), cfg)
+    if mismatch:
+        raise CheckpointError(
+            f"{tag_dir} was written by a different model ({mismatch}); "
+            "use another run.out_dir, or set run.resume=false to start over there"
+        )
+    world, ep = D.world_size(), cfg.moe.ep_size
+    if meta["world_size"] == world and meta["ep_size"] == ep:
+        path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
+        rng_file = tag_dir / f"rng_state_rank{D.rank()}.pt"
+        set_rng_states(torch.load(rng_file, weights_only=False))
+    else:
+        path, _ = engine.load_checkpoint(
+            str(save_dir), tag=tag, load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False
+        )
+        scheduler_state = load_file(tag_dir / MODEL_FILE).get("lr_scheduler")
+        if engine.lr_scheduler is not None and scheduler_state is not None:
+            engine.lr_scheduler.load_state_dict(scheduler_state)
+        if D.is_main():
+            print(
+                f"smoe-ds: warning: resuming {tag} (saved on world size {meta['world_size']}, ep_size "
+                f"{meta['ep_size']}) on world size {world}, ep_size {ep}: model weights and the LR schedule are "
+                "restored exactly; the optimizer state (Adam moments and fp32 master weights) is RESET, because "
+                "DeepSpeed cannot reshard it to another data-parallel layout; RNG states are reset too",
+                flush=True,
+            )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+    engine.global_steps = meta["step"]
+    engine.global_samples = meta["step"] * engine.train_batch_size()
+    return meta["step"]

@@ -106,6 +106,9 @@ class RunConfig:
     final_eval_batches: int = 16  # per rank, for the self-slimming table at the end
     eval_ks: list | None = None  # default: 1, 2, 4, ..., N
     save_checkpoint: bool = True  # save a DeepSpeed checkpoint in out_dir/checkpoints at the end
+    save_interval: int = 0  # also save every this many steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept in out_dir/checkpoints (0: all)
+    resume: bool = True  # continue from the newest complete checkpoint in out_dir/checkpoints, if any
     master_port: int = 29500  # used only for MPI discovery under mpirun
     collective_timeout_s: float = 600.0  # a collective that waits longer than this fails instead of hanging
 
@@ -205,6 +208,7 @@ class TrainConfig:
             run.log_interval >= 1 and run.eval_batches >= 1 and run.final_eval_batches >= 1,
             "run.log_interval, run.eval_batches and run.final_eval_batches must be >= 1",
         )
+        _require(run.save_interval >= 0 and run.keep_last >= 0, "run.save_interval and run.keep_last must be >= 0")
         _require(run.collective_timeout_s > 0, "run.collective_timeout_s must be positive")
         _require(run.eval_interval >= 0, "run.eval_interval must be >= 0 (0 disables it)")
         bad_ks = [k for k in run.eval_ks if not (isinstance(k, int) and 1 <= k <= n)]

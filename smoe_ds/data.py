@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from smoe_ds.config import ConfigError, DataConfig
 
@@ -227,32 +226,43 @@ def load_corpus(cfg: DataConfig, block_size: int) -> Corpus:
 # -- per-rank iteration -------------------------------------------------------------------
 
 
-def _xy(blocks: torch.Tensor) -> TensorDataset:
-    return TensorDataset(blocks[:, :-1], blocks[:, 1:])
-
-
 def train_batches(
-    blocks: torch.Tensor, micro_batch: int, rank: int, world_size: int, seed: int, start_epoch: int = 0
+    blocks: torch.Tensor,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    grad_accum: int = 1,
+    start_step: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x [B, T], y [B, T]) micro-batches of this rank's disjoint shard.
+    """Endless (x [B, T], y [B, T]) micro-batches for this rank, from optimizer step ``start_step`` on.
 
-    Each epoch is a fresh permutation drawn from (seed, epoch) and dealt round-robin to the
-    ranks; the tail that would give ranks unequal batch counts is dropped, so every rank
-    runs the same number of steps and no collective is left waiting.
+    The data order is global: epoch e is a permutation of the blocks drawn from (seed, e), and
+    each optimizer step consumes the next G = micro_batch x world_size x grad_accum of it;
+    micro-batch m of a step goes to rank r as items [(m x world_size + r) x micro_batch, ...).
+    Ranks therefore read disjoint blocks, the order depends only on the seed, and a run
+    resumed at step s -- even with another world size, as long as G is the same -- reads
+    exactly what an uninterrupted run would. The tail of an epoch that does not fill a whole
+    step is skipped, so every rank runs every step and no collective is left waiting.
     """
-    sampler = DistributedSampler(
-        _xy(blocks), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
-    if len(sampler) < micro_batch:
+    per_step = micro_batch * world_size * grad_accum
+    steps_per_epoch = len(blocks) // per_step
+    if steps_per_epoch < 1:
         raise ConfigError(
-            f"the training split has {len(blocks)} blocks, too few for {world_size} ranks x micro-batch {micro_batch}"
+            f"the training split has {len(blocks)} blocks, too few for one step of {per_step} "
+            f"({world_size} ranks x micro-batch {micro_batch} x {grad_accum} accumulation steps)"
         )
-    loader = DataLoader(_xy(blocks), batch_size=micro_batch, sampler=sampler, drop_last=True)
-    epoch = start_epoch
+    step = start_step
     while True:
-        sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+        epoch, within = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        for s in range(within, steps_per_epoch):
+            chunk = order[s * per_step : (s + 1) * per_step]
+            for m in range(grad_accum):
+                start = (m * world_size + rank) * micro_batch
+                b = blocks[chunk[start : start + micro_batch]]
+                yield b[:, :-1], b[:, 1:]
+        step += steps_per_epoch - within
 
 
 def eval_batches(

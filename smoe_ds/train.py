@@ -103,24 +103,33 @@ def train(cfg: TrainConfig) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         print(describe(rt), flush=True)
-    batches = train_batches(rt.corpus.train_blocks, rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed)
+    ckpt_dir = out_dir / "checkpoints"
+    start_step = checkpoint.restore(engine, cfg, ckpt_dir) if run.resume else 0
+    if start_step and D.is_main():
+        print(f"resumed from {ckpt_dir / f'step{start_step}'}", flush=True)
+    gas = engine.gradient_accumulation_steps()
+    batches = train_batches(
+        rt.corpus.train_blocks, rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed, gas, start_step
+    )
     val = rt.val_batches(run.eval_batches)
     n = cfg.moe.num_experts
-    gas = engine.gradient_accumulation_steps()
     tokens_per_step = rt.micro_batch * gas * rt.world_size * cfg.model.block_size
     # A log file (no terminal) gets a line every 10 s instead of a redraw per step.
     bar = tqdm(
         total=run.max_steps,
+        initial=start_step,
         disable=not D.is_main(),
         desc="train",
         dynamic_ncols=True,
         file=sys.stdout,
         mininterval=0.5 if sys.stdout.isatty() else 10.0,
     )
-    val_history = [periodic_validation(rt, val, active_k(cfg, 0), 0, bar)] if run.eval_interval else []
+    val_history = (
+        [periodic_validation(rt, val, active_k(cfg, start_step), start_step, bar)] if run.eval_interval else []
+    )
     history, t0, window_loss, window_steps = [], time.perf_counter(), torch.zeros(()), 0
 
-    for step in range(run.max_steps):
+    for step in range(start_step, run.max_steps):
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)
         for _ in range(gas):
@@ -135,7 +144,7 @@ def train(cfg: TrainConfig) -> dict:
 
         if done % run.log_interval == 0 or done == run.max_steps:
             loss = float(D.all_reduce_sum(window_loss) / (window_steps * gas * rt.world_size))
-            tok_s = done * tokens_per_step / (time.perf_counter() - t0)
+            tok_s = (done - start_step) * tokens_per_step / (time.perf_counter() - t0)
             lr = engine.get_lr()[0]
             events = [("Train/loss", loss, done), ("Train/k", k, done), ("Train/lr", lr, done)]
             events += expert_load_events(engine.module, done)
@@ -151,11 +160,13 @@ def train(cfg: TrainConfig) -> dict:
 
         if run.eval_interval and (done % run.eval_interval == 0 or done == run.max_steps):
             val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar))
+        if run.save_checkpoint and run.save_interval and done % run.save_interval == 0 and done < run.max_steps:
+            checkpoint.save(engine, cfg, ckpt_dir, done, run.keep_last)
     bar.close()
     wall = time.perf_counter() - t0
 
-    if run.save_checkpoint:
-        checkpoint.save(engine, cfg, out_dir / "checkpoints", run.max_steps)
+    if run.save_checkpoint and start_step < run.max_steps:
+        checkpoint.save(engine, cfg, ckpt_dir, run.max_steps, run.keep_last)
     rows = report(
         engine,
         rt.val_batches(run.final_eval_batches),
@@ -172,17 +183,18 @@ def train(cfg: TrainConfig) -> dict:
     )
     summary = {
         "train_wall_s": wall,
-        "tokens_per_s": run.max_steps * tokens_per_step / wall,
+        "tokens_per_s": (run.max_steps - start_step) * tokens_per_step / max(wall, 1e-9),
+        "resumed_from_step": start_step,
         "history": history,
         "val_history": val_history,
         "self_slimming": rows,
     }
     if D.is_main():
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        first = history[0]["loss"] if history else math.nan
+        first, last = (history[0]["loss"], history[-1]["loss"]) if history else (math.nan, math.nan)
         print(
-            f"trained {run.max_steps} steps in {wall:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); "
-            f"train loss {first:.3f} -> {history[-1]['loss']:.3f} ({history[-1]['loss'] / LN2:.3f} bits/token)",
+            f"trained steps {start_step}..{run.max_steps} in {wall:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); "
+            f"train loss {first:.3f} -> {last:.3f} ({last / LN2:.3f} bits/token)",
             flush=True,
         )
     return summary

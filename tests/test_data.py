@@ -81,19 +81,32 @@ def test_hf_tokenizer_from_a_local_path():
     assert corpus.bytes_per_token > 1.5  # wordpieces cover several bytes each
 
 
+def first_column(it, n):
+    return torch.cat([next(it)[0][:, 0] for _ in range(n)])
+
+
 def test_training_shards_are_disjoint_per_rank_and_deterministic():
     blocks = torch.arange(103 * 5).view(103, 5)
-    firsts = []
-    for rank in range(4):
-        it = train_batches(blocks, micro_batch=4, rank=rank, world_size=4, seed=3)
-        epoch = [next(it)[0][:, 0] for _ in range(6)]  # 103 // 4 = 25 per rank -> 6 batches of 4
-        firsts.append(torch.cat(epoch))
+    # 4 ranks x micro 4 = 16 per step -> 6 steps per epoch (96 of 103 blocks), each rank 6 batches
+    firsts = [first_column(train_batches(blocks, 4, rank, 4, seed=3), 6) for rank in range(4)]
     flat = torch.cat(firsts)
     assert len(set(flat.tolist())) == len(flat) == 96
-    again = train_batches(blocks, micro_batch=4, rank=2, world_size=4, seed=3)
-    assert torch.equal(torch.cat([next(again)[0][:, 0] for _ in range(6)]), firsts[2])
-    other_seed = train_batches(blocks, micro_batch=4, rank=2, world_size=4, seed=4)
-    assert not torch.equal(torch.cat([next(other_seed)[0][:, 0] for _ in range(6)]), firsts[2])
+    assert torch.equal(first_column(train_batches(blocks, 4, 2, 4, seed=3), 6), firsts[2])
+    assert not torch.equal(first_column(train_batches(blocks, 4, 2, 4, seed=4), 6), firsts[2])
+
+
+def test_resuming_at_a_step_continues_the_same_order_even_at_another_world_size():
+    blocks = torch.arange(200 * 3).view(200, 3)
+    # uninterrupted: 1 rank x micro 8 x 2 accumulation = 16 per step; 12 steps per epoch, cross an epoch
+    whole = first_column(train_batches(blocks, 8, 0, 1, seed=1, grad_accum=2), 2 * 20)
+    resumed = first_column(train_batches(blocks, 8, 0, 1, seed=1, grad_accum=2, start_step=7), 2 * 13)
+    assert torch.equal(resumed, whole[7 * 16 :])
+    # 2 ranks x micro 4 x 2 accumulation: same 16 per step, the step's blocks split between ranks
+    two = [first_column(train_batches(blocks, 4, r, 2, seed=1, grad_accum=2, start_step=7), 2 * 13) for r in (0, 1)]
+    per_step = [set(whole[(7 + s) * 16 : (8 + s) * 16].tolist()) for s in range(13)]
+    for s in range(13):
+        got = set(two[0][s * 8 : (s + 1) * 8].tolist()) | set(two[1][s * 8 : (s + 1) * 8].tolist())
+        assert got == per_step[s]
 
 
 def test_eval_batches_are_equal_in_number_on_every_rank():
