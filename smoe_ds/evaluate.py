@@ -7,6 +7,9 @@ checkpoint written by ``smoe_ds.train`` and runs the same sweep, under the same 
         --checkpoint runs/cpu_tiny/checkpoints [--ks 1,2,4,8]
 
 It prints a table and writes ``self_slimming.json`` and ``self_slimming.png`` to run.out_dir.
+An exported model (``smoe_ds.convert``) is evaluated on one device, with tokens/s per k:
+
+    python -m smoe_ds.evaluate runs/cpu_tiny/export --k 1,2,4,8 --data my_corpus.txt
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,37 +31,58 @@ LN2 = math.log(2.0)
 
 
 @torch.no_grad()
-def validation_loss(engine, batches: list, k: int | None = None) -> float:
+def validation_loss(model, batches: list, k: int | None = None) -> float:
     """Mean next-token loss (nats) over every rank's ``batches`` at ``k`` active experts.
 
-    All ranks must call this together with the same number of batches: the MoE layers
-    exchange tokens in every forward.
+    ``model`` is a DeepSpeed engine or a plain ``SMoELM``. Under a process group all ranks
+    must call this together with the same number of batches: the MoE layers exchange tokens
+    in every forward.
     """
-    was_training = engine.training
-    engine.eval()
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
+    was_training = model.training
+    model.eval()
     if k is not None:
-        set_active_experts(engine.module, k)
+        set_active_experts(module, k)
     total = torch.zeros(2, dtype=torch.float64)
     for x, y in batches:
-        out = engine(x.to(engine.device), y.to(engine.device))
+        out = model(x.to(device), y.to(device))
         total += torch.tensor([out.lm_loss.item(), 1.0], dtype=torch.float64)
-    total = D.all_reduce_sum(total.to(engine.device)).cpu()
-    engine.train(was_training)
+    total = D.all_reduce_sum(total.to(device)).cpu()
+    model.train(was_training)
     return float(total[0] / total[1])
 
 
-def self_slimming_sweep(engine, batches: list, ks: Iterable[int], bytes_per_token: float) -> list[dict]:
-    """One row per k: {"k", "loss" (nats/token), "bpb" (bits per UTF-8 byte)}."""
+def self_slimming_sweep(model, batches: list, ks: Iterable[int], bytes_per_token: float) -> list[dict]:
+    """One row per k: {"k", "loss" (nats/token), "bpb" (bits per UTF-8 byte), "tokens_per_s"}.
+
+    tokens/s is the evaluation throughput over all ranks at that k: the compute side of the
+    self-slimming trade-off.
+    """
+    tokens = D.world_size() * sum(x.numel() for x, _ in batches)
     rows = []
     for k in ks:
-        loss = validation_loss(engine, batches, k)
-        rows.append({"k": k, "loss": loss, "bpb": loss / LN2 / bytes_per_token})
+        validation_loss(model, batches[:1], k)  # warm-up at this k, so the timing below is steady
+        start = time.perf_counter()
+        loss = validation_loss(model, batches, k)
+        rows.append(
+            {
+                "k": k,
+                "loss": loss,
+                "bpb": loss / LN2 / bytes_per_token,
+                "tokens_per_s": tokens / (time.perf_counter() - start),
+            }
+        )
     return rows
 
 
 def format_table(rows: list[dict], title: str = "self-slimming evaluation") -> str:
-    lines = [title, f"{'k':>4}  {'val loss':>9}  {'bits/byte':>9}", f"{'-' * 4}  {'-' * 9}  {'-' * 9}"]
-    lines += [f"{r['k']:>4}  {r['loss']:>9.4f}  {r['bpb']:>9.4f}" for r in rows]
+    lines = [
+        title,
+        f"{'k':>4}  {'val loss':>9}  {'bits/byte':>9}  {'tokens/s':>9}",
+        f"{'-' * 4}  {'-' * 9}  {'-' * 9}  {'-' * 9}",
+    ]
+    lines += [f"{r['k']:>4}  {r['loss']:>9.4f}  {r['bpb']:>9.4f}  {r['tokens_per_s']:>9,.0f}" for r in rows]
     return "\n".join(lines)
 
 
@@ -103,17 +128,68 @@ def parse_ks(text: str) -> list[int]:
         raise SystemExit(f"smoe-ds: error: --ks expects comma-separated integers, got {text!r}") from None
 
 
+def evaluate_export(
+    model_dir: str,
+    ks: list[int] | None,
+    data: str | None,
+    device: str,
+    batches: int,
+    micro_batch: int,
+    out_dir: str | None,
+) -> list[dict]:
+    """The self-slimming sweep of an exported model on one device, with tokens/s per k."""
+    from smoe_ds.config import ConfigError, DataConfig
+    from smoe_ds.data import eval_batches, load_corpus
+    from smoe_ds.inference import load_model
+
+    model = load_model(model_dir, device)
+    n = model.num_experts
+    ks = ks or [1 << i for i in range(n.bit_length()) if (1 << i) < n] + [n]
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise ConfigError(f"--k values must be in [1, {n}], got {bad}")
+    tokenizer = model_dir if (Path(model_dir) / "tokenizer_config.json").is_file() else None
+    corpus = load_corpus(DataConfig(path=data, tokenizer=tokenizer), model.lm.cfg.block_size)
+    val = eval_batches(corpus.val_blocks, micro_batch, 0, 1, batches)
+    rows = self_slimming_sweep(model.lm, val, ks, corpus.bytes_per_token)
+    print("\n" + format_table(rows, f"self-slimming: {model_dir} on {data or 'the default corpus'} ({device})"))
+    json_path, png_path = write_results(
+        rows,
+        out_dir or Path(model_dir) / "eval",
+        {"title": f"self-slimming: {Path(model_dir).name}", "model": str(model_dir), "data": data, "device": device},
+    )
+    print(f"wrote {json_path} and {png_path}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from smoe_ds.config import ConfigError, load_config
     from smoe_ds.runtime import build_runtime, run_main
 
     p = argparse.ArgumentParser(prog="smoe-evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="the JSON config the checkpoint was trained with")
-    p.add_argument("--checkpoint", required=True, help="the checkpoint folder (run.out_dir/checkpoints)")
-    p.add_argument("--ks", default=None, help="comma-separated k values (default: run.eval_ks)")
+    p.add_argument("model_dir", nargs="?", help="an exported model (smoe_ds.convert); evaluated on one device")
+    p.add_argument("--config", help="with --checkpoint: the JSON config the checkpoint was trained with")
+    p.add_argument("--checkpoint", help="with --config: the checkpoint folder (run.out_dir/checkpoints)")
+    p.add_argument("--ks", "--k", dest="ks", default=None, help="comma-separated k values (default: 1, 2, 4, ..., N)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--data", default=None, help="exported model: text file, folder or hub name (default corpus)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batches", type=int, default=16, help="exported model: validation batches")
+    p.add_argument("--micro-batch", type=int, default=8, help="exported model: sequences per batch")
+    p.add_argument("--out", default=None, help="exported model: output folder (default MODEL_DIR/eval)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
+    if bool(args.model_dir) == bool(args.config or args.checkpoint):
+        p.error("give either MODEL_DIR (an exported model) or --config and --checkpoint (a DeepSpeed checkpoint)")
+    if args.model_dir:
+        ks = parse_ks(args.ks) if args.ks else None
+        return run_main(
+            lambda: evaluate_export(
+                args.model_dir, ks, args.data, args.device, args.batches, args.micro_batch, args.out
+            )
+        )
+    if not (args.config and args.checkpoint):
+        p.error("--config and --checkpoint go together")
 
     def job() -> None:
         cfg = load_config(args.config, args.set)

@@ -119,3 +119,29 @@ def test_convert_cli_reports_errors_in_one_line(tmp_path):
     )
     assert proc.returncode == 2 and "smoe-ds: error: checkpoint folder not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_cli_on_an_export_reports_loss_and_tokens_per_second_per_k(exported, tmp_path):
+    convert(exported[(2, 2, 2)] / "checkpoints", tmp_path / "export")
+    proc = run_ranks(
+        "python",
+        1,
+        [
+            "smoe_ds.evaluate",
+            str(tmp_path / "export"),
+            "--k",
+            "1,2,4",
+            "--batches",
+            "2",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+        module=True,
+    )
+    assert "tokens/s" in proc.stdout
+    rows = json.loads((tmp_path / "eval" / "self_slimming.json").read_text())["results"]
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["bpb"] < 9 for r in rows)
+    assert (tmp_path / "eval" / "self_slimming.png").is_file()
+    bad = run_ranks("python", 1, ["smoe_ds.evaluate", str(tmp_path / "export"), "--k", "5"], module=True, check=False)
+    assert bad.returncode == 2 and "--k values must be in [1, 4], got [5]" in bad.stderr
