@@ -239,3 +239,50 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
     engine.global_steps = meta["step"]
     engine.global_samples = meta["step"] * engine.train_batch_size()
     return meta["step"]
+
+
+ZERO_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # bf16_: ZeRO with bf16
+
+
+def read_zero_masters(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[str, torch.Tensor] | None:
+    """fp32 master weights gathered from ZeRO-1/2 shards, in the per-expert layout with global ids.
+
+    Each shard names, per optimizer group, the fragment of every parameter it holds
+    (``param_slice_mappings``); a parameter is the concatenation of its fragments over the
+    group's data-parallel ranks in rank order. Non-expert groups span every rank; an expert
+    group spans the ranks of one expert-parallel rank e (r mod ep_size == e), and its local
+    experts are global experts [e * E, (e + 1) * E). Returns None when there are no shards.
+    """
+    shards = {}
+    for f in tag_dir.iterdir():
+        m = ZERO_SHARD.match(f.name)
+        if m:
+            shards[int(m[1])] = f
+    if not shards:
+        return None
+    if sorted(shards) != list(range(world_size)):
+        raise CheckpointError(f"{tag_dir} has ZeRO shards for ranks {sorted(shards)}, expected 0..{world_size - 1}")
+    ep = cfg.moe.ep_size if cfg.uses_moe else 1
+    n_local = cfg.moe.num_experts // ep
+    pieces: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for rank in range(world_size):
+        state = load_file(shards[rank])["optimizer_state_dict"]
+        for partition, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+            for name, frag in mapping.items():
+                is_expert = ".deepspeed_moe.experts." in name
+                key = (name, rank % ep if is_expert else 0)
+                pieces.setdefault(key, []).append(partition[frag.start : frag.start + frag.numel])
+    shapes = {name: shape for group in load_file(tag_dir / MODEL_FILE)["param_shapes"] for name, shape in group.items()}
+    masters: dict[str, torch.Tensor] = {}
+    for (name, ep_rank), parts in pieces.items():
+        tensor = torch.cat(parts).view(shapes[name]).clone()
+        if name.endswith((".experts.w_in", ".experts.w_out")):  # stacked: split into per-expert nn.Linear weights
+            prefix, which = name.rsplit(".", 1)
+            for e in range(n_local):
+                w = tensor[e] if which == "w_in" else tensor[e].t()
+                masters[f"{prefix}.deepspeed_experts.{ep_rank * n_local + e}.{which}.weight"] = w.contiguous()
+        else:
+            from smoe_ds.models.lm import global_param_name
+
+            masters[global_param_name(name, ep_rank, n_local)] = tensor
+    return masters

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smoe_ds.checkpoint import read_model, resolve_tag_dir
+from smoe_ds.checkpoint import META_FILE, read_meta, read_model, read_zero_masters, resolve_tag_dir
 from smoe_ds.config import ConfigError
 
 
@@ -29,6 +29,14 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
 
     tag_dir = resolve_tag_dir(ckpt)
     cfg, state, step = read_model(tag_dir)
+    masters = (
+        read_zero_masters(tag_dir, cfg, read_meta(tag_dir)["world_size"]) if (tag_dir / META_FILE).is_file() else None
+    )
+    if masters is not None:  # ZeRO-1/2: the exact fp32 weights, even when the module ran in bf16/fp16
+        unknown = sorted(set(masters) - set(state))
+        if unknown:
+            raise ConfigError(f"{tag_dir}: ZeRO shards hold parameters the model does not have, e.g. {unknown[0]}")
+        state.update(masters)
     n = cfg.moe.num_experts
     if k is not None and not 1 <= k <= n:
         raise ConfigError(f"--k must be in [1, {n}], got {k}")
@@ -58,7 +66,10 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
     params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if torch.is_tensor(t)})
-    print(f"read {tag_dir} (step {step}, {cfg.moe.mode}, saved with ep_size {cfg.moe.ep_size})")
+    source = (
+        f"fp32 masters from {len(list(tag_dir.glob('*zero_pp_rank_*')))} ZeRO shards" if masters else "module weights"
+    )
+    print(f"read {tag_dir} (step {step}, {cfg.moe.mode}, saved with ep_size {cfg.moe.ep_size}; {source})")
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
     print(
         f"  {params / 1e6:.2f}M parameters, N = {n} experts, router seed {cfg.moe.router_seed}, "

@@ -9,7 +9,7 @@ from smoe_ds.checkpoint import CheckpointError
 from smoe_ds.convert import convert
 from smoe_ds.inference import load_model
 
-from .launch import run_ranks
+from .launch import REPO, run_ranks
 
 TOL = 1e-5
 
@@ -145,3 +145,26 @@ def test_evaluate_cli_on_an_export_reports_loss_and_tokens_per_second_per_k(expo
     assert (tmp_path / "eval" / "self_slimming.png").is_file()
     bad = run_ranks("python", 1, ["smoe_ds.evaluate", str(tmp_path / "export"), "--k", "5"], module=True, check=False)
     assert bad.returncode == 2 and "--k values must be in [1, 4], got [5]" in bad.stderr
+
+
+def test_bf16_run_exports_the_fp32_masters_from_the_zero_shards(tmp_path):
+    from safetensors.torch import load_file
+
+    from smoe_ds.checkpoint import read_model, resolve_tag_dir
+
+    config = str(REPO / "tests" / "configs" / "e2e_tiny.json")
+    sets = ["bf16.enabled=true", "run.max_steps=5", "run.eval_interval=0", f"run.out_dir={tmp_path}"]
+    run_ranks("torchrun", 2, ["smoe_ds.train", "--config", config] + sum([["--set", s] for s in sets], []), module=True)
+    convert(tmp_path / "checkpoints", tmp_path / "export")
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    _, module, _ = read_model(resolve_tag_dir(tmp_path / "checkpoints"))
+    qkv = "blocks.0.attn.qkv.weight"
+    assert module[qkv].dtype == torch.bfloat16 and exported[f"lm.{qkv}"].dtype == torch.float32
+    # the bf16 weights the engine ran with are the fp32 masters rounded; the export keeps the fp32 bits
+    assert torch.equal(exported[f"lm.{qkv}"].to(torch.bfloat16), module[qkv])
+    assert not torch.equal(exported[f"lm.{qkv}"], module[qkv].float())
+    expert = exported["lm.blocks.0.ffn.deepspeed_moe.experts.w_in"]  # [N, H, D], all 4 experts from both ranks
+    assert expert.shape == (4, 32, 64) and expert.dtype == torch.float32
+    assert torch.equal(
+        expert[3].to(torch.bfloat16), module["blocks.0.ffn.deepspeed_moe.experts.deepspeed_experts.3.w_in.weight"]
+    )
