@@ -226,14 +226,31 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
         scheduler_state = load_file(tag_dir / MODEL_FILE).get("lr_scheduler")
         if engine.lr_scheduler is not None and scheduler_state is not None:
             engine.lr_scheduler.load_state_dict(scheduler_state)
+            # The state holds the position only; re-applying it sets the optimizer groups' lr.
+            engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
+        saved_cfg = config_from_dict(meta["config"]).resolve()
+        zero_state = read_zero_state(tag_dir, saved_cfg, meta["world_size"])
+        resharded = zero_state is not None and engine.zero_optimization_stage() in (1, 2)
+        if resharded:
+            reshard_optimizer(engine, cfg, zero_state)
         if D.is_main():
-            print(
-                f"smoe-ds: warning: resuming {tag} (saved on world size {meta['world_size']}, ep_size "
-                f"{meta['ep_size']}) on world size {world}, ep_size {ep}: model weights and the LR schedule are "
-                "restored exactly; the optimizer state (Adam moments and fp32 master weights) is RESET, because "
-                "DeepSpeed cannot reshard it to another data-parallel layout; RNG states are reset too",
-                flush=True,
+            layout = (
+                f"resuming {tag} (saved on world size {meta['world_size']}, ep_size {meta['ep_size']}) "
+                f"on world size {world}, ep_size {ep}"
             )
+            if resharded:
+                print(
+                    f"smoe-ds: {layout}: weights, fp32 master weights, Adam moments and the LR schedule "
+                    "resharded exactly; RNG states start fresh",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"smoe-ds: warning: {layout}: model weights and the LR schedule are restored exactly; the "
+                    "optimizer state (Adam moments and fp32 master weights) is RESET, because it can only be "
+                    "resharded between ZeRO stage 1/2 runs; RNG states start fresh",
+                    flush=True,
+                )
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
     engine.global_steps = meta["step"]
@@ -244,14 +261,20 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
 ZERO_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # bf16_: ZeRO with bf16
 
 
-def read_zero_masters(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[str, torch.Tensor] | None:
-    """fp32 master weights gathered from ZeRO-1/2 shards, in the per-expert layout with global ids.
+OPTIMIZER_FIELDS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def read_zero_state(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[str, dict[str, torch.Tensor]] | None:
+    """Full fp32 master weights and Adam moments gathered from ZeRO-1/2 shards.
+
+    Returns {"fp32" | "exp_avg" | "exp_avg_sq": {name: tensor}} with names in the per-expert
+    layout and global expert ids, plus {"step": {"step": tensor}}; None when there are no shards.
 
     Each shard names, per optimizer group, the fragment of every parameter it holds
     (``param_slice_mappings``); a parameter is the concatenation of its fragments over the
     group's data-parallel ranks in rank order. Non-expert groups span every rank; an expert
     group spans the ranks of one expert-parallel rank e (r mod ep_size == e), and its local
-    experts are global experts [e * E, (e + 1) * E). Returns None when there are no shards.
+    experts are global experts [e * E, (e + 1) * E).
     """
     shards = {}
     for f in tag_dir.iterdir():
@@ -264,25 +287,76 @@ def read_zero_masters(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[
         raise CheckpointError(f"{tag_dir} has ZeRO shards for ranks {sorted(shards)}, expected 0..{world_size - 1}")
     ep = cfg.moe.ep_size if cfg.uses_moe else 1
     n_local = cfg.moe.num_experts // ep
-    pieces: dict[tuple[str, int], list[torch.Tensor]] = {}
+    pieces: dict[tuple[str, str, int], list[torch.Tensor]] = {}
+    step = None
     for rank in range(world_size):
         state = load_file(shards[rank])["optimizer_state_dict"]
-        for partition, mapping in zip(state["single_partition_of_fp32_groups"], state["param_slice_mappings"]):
+        adam = state["base_optimizer_state"]["state"]
+        for g, mapping in enumerate(state["param_slice_mappings"]):
+            flats = {"fp32": state["single_partition_of_fp32_groups"][g]}
+            flats.update({key: adam[g][key] for key in ("exp_avg", "exp_avg_sq") if g in adam})
+            step = adam[g]["step"] if g in adam else step
             for name, frag in mapping.items():
-                is_expert = ".deepspeed_moe.experts." in name
-                key = (name, rank % ep if is_expert else 0)
-                pieces.setdefault(key, []).append(partition[frag.start : frag.start + frag.numel])
+                ep_rank = rank % ep if ".deepspeed_moe.experts." in name else 0
+                for field, flat in flats.items():
+                    pieces.setdefault((field, name, ep_rank), []).append(flat[frag.start : frag.start + frag.numel])
     shapes = {name: shape for group in load_file(tag_dir / MODEL_FILE)["param_shapes"] for name, shape in group.items()}
-    masters: dict[str, torch.Tensor] = {}
-    for (name, ep_rank), parts in pieces.items():
-        tensor = torch.cat(parts).view(shapes[name]).clone()
-        if name.endswith((".experts.w_in", ".experts.w_out")):  # stacked: split into per-expert nn.Linear weights
-            prefix, which = name.rsplit(".", 1)
-            for e in range(n_local):
-                w = tensor[e] if which == "w_in" else tensor[e].t()
-                masters[f"{prefix}.deepspeed_experts.{ep_rank * n_local + e}.{which}.weight"] = w.contiguous()
-        else:
-            from smoe_ds.models.lm import global_param_name
+    out: dict[str, dict[str, torch.Tensor]] = {field: {} for field in OPTIMIZER_FIELDS}
+    out["step"] = {"step": step}
+    for (field, name, ep_rank), parts in pieces.items():
+        out[field].update(per_expert_entries(name, torch.cat(parts).view(shapes[name]).clone(), ep_rank, n_local))
+    return out
 
-            masters[global_param_name(name, ep_rank, n_local)] = tensor
-    return masters
+
+def per_expert_entries(name: str, tensor: torch.Tensor, ep_rank: int, n_local: int) -> dict[str, torch.Tensor]:
+    """A local parameter as checkpoint entries: stacked experts split per expert, global ids."""
+    from smoe_ds.models.lm import global_param_name
+
+    if name.endswith((".experts.w_in", ".experts.w_out")):
+        prefix, which = name.rsplit(".", 1)
+        return {
+            f"{prefix}.deepspeed_experts.{ep_rank * n_local + e}.{which}.weight": (
+                tensor[e] if which == "w_in" else tensor[e].t()
+            ).contiguous()
+            for e in range(n_local)
+        }
+    return {global_param_name(name, ep_rank, n_local): tensor}
+
+
+def local_value(full: dict[str, torch.Tensor], name: str, ep_rank: int, n_local: int) -> torch.Tensor:
+    """The inverse of ``per_expert_entries``: this rank's parameter ``name`` from global entries."""
+    from smoe_ds.models.lm import global_param_name
+
+    if name.endswith((".experts.w_in", ".experts.w_out")):
+        prefix, which = name.rsplit(".", 1)
+        parts = [full[f"{prefix}.deepspeed_experts.{ep_rank * n_local + e}.{which}.weight"] for e in range(n_local)]
+        return torch.stack([p if which == "w_in" else p.t() for p in parts])
+    return full[global_param_name(name, ep_rank, n_local)]
+
+
+def reshard_optimizer(engine, cfg: TrainConfig, zero_state: dict) -> None:
+    """Fill this rank's ZeRO-1/2 partitions with the saved fp32 masters and Adam moments, exactly.
+
+    Each parameter's ``_hp_mapping`` (set by DeepSpeed) says which slice of it lives in which
+    slice of this rank's flat fp32 partition; the Adam state of a partition is keyed by that
+    flat tensor, so it is rebuilt here in full (torch's Adam creates its state lazily).
+    """
+    ep = cfg.moe.ep_size if cfg.uses_moe else 1
+    ep_rank, n_local = D.rank() % ep, cfg.moe.num_experts // ep
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    opt = engine.optimizer
+    for group, flat in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups):
+        targets = {"fp32": flat.data, "exp_avg": torch.zeros_like(flat.data), "exp_avg_sq": torch.zeros_like(flat.data)}
+        for p in group:
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:  # no slice of this parameter on this rank
+                continue
+            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+            for field, target in targets.items():
+                full = local_value(zero_state[field], names[id(p)], ep_rank, n_local).reshape(-1)
+                target[hp.start : hp.start + hp.numel] = full[lp.start : lp.start + lp.numel].to(target.dtype)
+        opt.optimizer.state[flat] = {
+            "step": zero_state["step"]["step"].clone(),
+            "exp_avg": targets["exp_avg"],
+            "exp_avg_sq": targets["exp_avg_sq"],
+        }
