@@ -230,9 +230,11 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
             engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
         saved_cfg = config_from_dict(meta["config"]).resolve()
         zero_state = read_zero_state(tag_dir, saved_cfg, meta["world_size"])
-        resharded = zero_state is not None and engine.zero_optimization_stage() in (1, 2)
-        if resharded:
+        if zero_state is not None and engine.zero_optimization_stage() in (1, 2):
             reshard_optimizer(engine, cfg, zero_state)
+            resharded = True
+        else:
+            resharded = zero_state is None and reshard_plain_optimizer(engine, cfg, saved_cfg, tag_dir)
         if D.is_main():
             layout = (
                 f"resuming {tag} (saved on world size {meta['world_size']}, ep_size {meta['ep_size']}) "
@@ -248,7 +250,7 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
                 print(
                     f"smoe-ds: warning: {layout}: model weights and the LR schedule are restored exactly; the "
                     "optimizer state (Adam moments and fp32 master weights) is RESET, because it can only be "
-                    "resharded between ZeRO stage 1/2 runs; RNG states start fresh",
+                    "resharded between ZeRO-1/2 runs or between fp32 ZeRO-0 runs; RNG states start fresh",
                     flush=True,
                 )
     if path is None:
@@ -360,3 +362,36 @@ def reshard_optimizer(engine, cfg: TrainConfig, zero_state: dict) -> None:
             "exp_avg": targets["exp_avg"],
             "exp_avg_sq": targets["exp_avg_sq"],
         }
+
+
+EXPP_FILE = re.compile(r"expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def reshard_plain_optimizer(engine, cfg: TrainConfig, saved_cfg: TrainConfig, tag_dir: Path) -> bool:
+    """ZeRO-0 (fp32): fill the torch optimizer's per-parameter Adam state from the saved one.
+
+    DeepSpeed saves, per expert-parallel rank e, the whole optimizer state dict of that rank
+    (``expp_rank_{e}``). Parameters are numbered in param-group order, which is the same at
+    every ep_size because stacked experts keep one tensor per layer; only their first
+    dimension (the local experts) changes. Returns False when this cannot apply.
+    """
+    files = {int(m[1]): f for f in tag_dir.iterdir() if (m := EXPP_FILE.match(f.name))}
+    saved_ep = saved_cfg.moe.ep_size if saved_cfg.uses_moe else 1
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() != 0 or sorted(files) != list(range(saved_ep)) or not hasattr(opt, "state"):
+        return False
+    saved = [load_file(files[e])["optimizer"]["state"] for e in range(saved_ep)]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if len(params) != len(saved[0]):
+        return False
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    ep = cfg.moe.ep_size if cfg.uses_moe else 1
+    n_local = cfg.moe.num_experts // ep
+    mine = slice((D.rank() % ep) * n_local, (D.rank() % ep + 1) * n_local)
+    for i, p in enumerate(params):
+        if names[id(p)].endswith((".experts.w_in", ".experts.w_out")):  # gather all experts, keep this rank's
+            state = {k: torch.cat([s[i][k] for s in saved])[mine] for k in ("exp_avg", "exp_avg_sq")}
+        else:
+            state = {k: saved[0][i][k] for k in ("exp_avg", "exp_avg_sq")}
+        opt.state[p] = {"step": saved[0][i]["step"].clone(), **{k: v.clone() for k, v in state.items()}}
+    return True
