@@ -214,7 +214,39 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
             f"{tag_dir} was written by a different model ({mismatch}); "
             "use another run.out_dir, or set run.resume=false to start over there"
         )
+    needed = check_files(tag_dir, config_from_dict(meta["config"]).resolve(), meta["world_size"])
     world, ep = D.world_size(), cfg.moe.ep_size
+    try:
+        return _load(engine, cfg, Path(save_dir), tag, meta, world, ep)
+    except CheckpointError:
+        raise
+    except Exception as e:  # DeepSpeed's own errors on a damaged folder: one line naming the file
+        for path in needed:  # only on this failure path: find the file that does not read
+            load_file(path)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot resume from {tag_dir}: {reason}") from None
+
+
+def check_files(tag_dir: Path, saved: TrainConfig, world_size: int) -> list[Path]:
+    """Every file a resume reads is there and not empty, before any rank starts reading; returns them."""
+    n_layers = len(saved.model.moe_layer_indices()) if saved.uses_moe else 0
+    needed = [tag_dir / MODEL_FILE]
+    needed += [
+        tag_dir / f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt"
+        for layer in range(n_layers)
+        for e in range(saved.moe.num_experts)
+    ]
+    needed += [tag_dir / f"rng_state_rank{r}.pt" for r in range(world_size)]
+    for path in needed:
+        if not path.is_file():
+            raise CheckpointError(f"missing checkpoint file: {path}")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"empty checkpoint file: {path}")
+    return needed
+
+
+def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world: int, ep: int) -> int:
+    tag_dir = save_dir / tag
     if meta["world_size"] == world and meta["ep_size"] == ep:
         path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
         rng_file = tag_dir / f"rng_state_rank{D.rank()}.pt"

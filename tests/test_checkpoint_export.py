@@ -12,25 +12,29 @@ from smoe_ds.inference import load_model
 from .launch import REPO, run_ranks
 
 TOL = 1e-5
+# (launcher, world size, ep_size, ZeRO stage): every stage 0-2 with ep_size 1 and 2
+LAYOUTS = [
+    ("python", 1, 1, 0),
+    ("torchrun", 2, 2, 0),
+    ("torchrun", 2, 1, 1),
+    ("torchrun", 2, 2, 1),
+    ("deepspeed", 2, 1, 2),
+    ("torchrun", 2, 2, 2),
+]
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(world, ep_size, zero) -> the folder holding the checkpoint and the engine's logits."""
     runs = {}
-    for launcher, world, ep, zero in [
-        ("python", 1, 1, 0),
-        ("torchrun", 2, 2, 1),
-        ("torchrun", 2, 2, 2),
-        ("deepspeed", 2, 1, 2),
-    ]:
+    for launcher, world, ep, zero in LAYOUTS:
         out = tmp_path_factory.mktemp(f"ws{world}_ep{ep}_z{zero}")
         run_ranks(launcher, world, ["tests.workers.export_logits", str(out), str(ep), str(zero)], module=True)
         runs[(world, ep, zero)] = out
     return runs
 
 
-@pytest.mark.parametrize("key", [(1, 1, 0), (2, 2, 1), (2, 2, 2), (2, 1, 2)])
+@pytest.mark.parametrize("key", [layout[1:] for layout in LAYOUTS])
 def test_single_device_logits_equal_the_distributed_ones(exported, key, tmp_path):
     out = exported[key]
     convert(out / "checkpoints", tmp_path / "export")

@@ -96,7 +96,9 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(uninterru
     assert max(abs(resumed[s] - uninterrupted[s]) for s in uninterrupted) <= 1e-6
 
 
-@pytest.mark.parametrize("launcher, world, ep, micro", [("python", 1, 1, 16), ("deepspeed", 4, 2, 4)])
+@pytest.mark.parametrize(
+    "launcher, world, ep, micro", [("python", 1, 1, 16), ("deepspeed", 4, 2, 4), ("deepspeed", 4, 4, 4)]
+)
 def test_resume_at_another_world_size_reshards_weights_and_optimizer_exactly(
     uninterrupted, tmp_path, launcher, world, ep, micro
 ):
@@ -148,3 +150,17 @@ def test_partial_tag_without_pointer_is_ignored(tmp_path):
     assert latest_tag(tmp_path / "checkpoints") == "step30"
     proc = run_ranks("python", 1, args_for(tmp_path, "run.max_steps=31", "moe.ep_size=1"), module=True)
     assert "resumed from" in proc.stdout and "step30" in proc.stdout
+
+
+def test_damaged_checkpoint_stops_the_resume_with_one_line_naming_the_file(tmp_path):
+    run_ranks("python", 1, args_for(tmp_path, "run.max_steps=30", "moe.ep_size=1"), module=True)
+    expert = tmp_path / "checkpoints" / "step30" / "layer_1_expert_2_mp_rank_00_model_states.pt"
+    expert.write_bytes(expert.read_bytes()[:50])
+    proc = run_ranks("python", 1, args_for(tmp_path, "run.max_steps=31", "moe.ep_size=1"), module=True, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "smoe-ds: error: cannot read checkpoint file " in proc.stderr
+    assert "step30/layer_1_expert_2_mp_rank_00_model_states.pt" in proc.stderr
+    expert.unlink()
+    proc = run_ranks("python", 1, args_for(tmp_path, "run.max_steps=31", "moe.ep_size=1"), module=True, check=False)
+    assert proc.returncode == 2 and "missing checkpoint file: " in proc.stderr
+    assert "layer_1_expert_2_mp_rank_00_model_states.pt" in proc.stderr
