@@ -172,3 +172,18 @@ def test_bf16_run_exports_the_fp32_masters_from_the_zero_shards(tmp_path):
     assert torch.equal(
         expert[3].to(torch.bfloat16), module["blocks.0.ffn.deepspeed_moe.experts.deepspeed_experts.3.w_in.weight"]
     )
+
+
+def test_single_device_inference_imports_neither_deepspeed_nor_a_process_group(exported, tmp_path):
+    convert(exported[(2, 2, 2)] / "checkpoints", tmp_path / "export")
+    script = (
+        "import sys, torch\n"
+        "from smoe_ds.inference import load_model\n"
+        f"m = load_model({str(tmp_path / 'export')!r}, 'cpu', k=2)\n"
+        "m.generate(torch.tensor([[100, 101]]), max_new_tokens=3, do_sample=False)\n"
+        "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n"
+        "assert not torch.distributed.is_initialized()\n"
+        "print('clean')\n"
+    )
+    proc = run_ranks("python", 1, ["-c", script])
+    assert proc.stdout.strip().endswith("clean")

@@ -66,7 +66,7 @@ class SMoEForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         from smoe_ds.models.lm import build_model
 
-        self.lm = build_model(config.model_config(), config.moe_config())
+        self.lm = build_model(config.model_config(), config.moe_config(), for_deepspeed=False)
         for experts in self.expert_modules():
             experts.use_stacked_state_dict()
         self.set_active_experts(config.active_experts)

@@ -85,7 +85,7 @@ class Block(nn.Module):
 class SMoELM(nn.Module):
     """Token ids [B, T] -> logits [B, T, V]; MoE FFNs in the blocks listed by ``model.moe_layers``."""
 
-    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, for_deepspeed: bool = True) -> None:
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
         dense_moe = MoEConfig(**{**moe_cfg.__dict__, "mode": "dense"})
@@ -94,7 +94,12 @@ class SMoELM(nn.Module):
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg, build_ffn(cfg.d_model, moe_cfg if i in moe_at else dense_moe, layer_index=i))
+            Block(
+                cfg,
+                build_ffn(
+                    cfg.d_model, moe_cfg if i in moe_at else dense_moe, layer_index=i, for_deepspeed=for_deepspeed
+                ),
+            )
             for i in range(cfg.n_layers)
         )
         self.ln_f = nn.LayerNorm(cfg.d_model)
@@ -168,9 +173,12 @@ def init_weights(model: SMoELM, seed: int, ep_rank: int = 0) -> None:
         p.copy_(_draw(seed, global_param_name(name, ep_rank, n_local), tuple(p.shape), std))
 
 
-def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0) -> SMoELM:
-    """Build the LM and initialise it; ``ep_rank`` is this rank's place in its expert-parallel group."""
-    model = SMoELM(cfg, moe_cfg)
+def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0, for_deepspeed: bool = True) -> SMoELM:
+    """Build the LM and initialise it; ``ep_rank`` is this rank's place in its expert-parallel group.
+
+    ``for_deepspeed=False`` builds it without importing DeepSpeed, for single-device inference.
+    """
+    model = SMoELM(cfg, moe_cfg, for_deepspeed)
     init_weights(model, cfg.init_seed, ep_rank)
     return model
 

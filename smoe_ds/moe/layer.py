@@ -13,10 +13,10 @@ file per global expert and build MoE parameter groups for ZeRO-1/2.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
-from deepspeed.moe.layer import MoE
 from torch import nn
 
 from smoe_ds.config import MoEConfig
@@ -58,9 +58,13 @@ class SMoEDropoutDispatcher(nn.Module):
         return out_SD.view_as(x)
 
 
-class SMoEDropoutMoE(MoE):
-    """A ``deepspeed.moe.layer.MoE`` (so the engine treats it as one) with the frozen random
-    router and the fast stacked experts; x [B, T, D] -> ([B, T, D], l_aux, counts)."""
+class SMoEDropoutFFN(nn.Module):
+    """The SMoE-Dropout FFN without DeepSpeed: x [B, T, D] -> ([B, T, D], l_aux, counts).
+
+    It has the attributes and the forward of ``deepspeed.moe.layer.MoE``, so that the
+    DeepSpeed flavour below only adds the base class; single-device inference uses this one
+    and never imports DeepSpeed.
+    """
 
     def __init__(self, d_model: int, cfg: MoEConfig, layer_index: int) -> None:
         nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate and N deep-copied experts
@@ -81,12 +85,44 @@ class SMoEDropoutMoE(MoE):
         experts = GroupedExperts(self.num_local_experts, d_model, cfg.d_expert, self.expert_group_name)
         self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, cfg.ep_size)
 
+    def forward(self, hidden_states: torch.Tensor, used_token=None):
+        out = self.deepspeed_moe(hidden_states, used_token)
+        return out, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
 
-def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int) -> nn.Module:
-    """The FFN for block ``layer_index`` of a model whose MoE blocks use ``cfg``."""
+
+@functools.cache
+def deepspeed_moe_class() -> type:
+    """``SMoEDropoutMoE``: the FFN as a ``deepspeed.moe.layer.MoE``, built on first use.
+
+    Being an ``MoE`` instance is what makes DeepSpeed's engine reduce expert gradients over
+    the expert-data-parallel group only, save one file per global expert and build MoE
+    parameter groups for ZeRO-1/2. ``set_deepspeed_parallelism`` comes from ``MoE``.
+    """
+    from deepspeed.moe.layer import MoE
+
+    class SMoEDropoutMoE(SMoEDropoutFFN, MoE):
+        """SMoE-Dropout FFN that DeepSpeed's engine recognises as an MoE layer."""
+
+    return SMoEDropoutMoE
+
+
+def __getattr__(name: str):  # ``from smoe_ds.moe.layer import SMoEDropoutMoE`` imports DeepSpeed then
+    if name == "SMoEDropoutMoE":
+        return deepspeed_moe_class()
+    raise AttributeError(name)
+
+
+def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int, for_deepspeed: bool = True) -> nn.Module:
+    """The FFN for block ``layer_index`` of a model whose MoE blocks use ``cfg``.
+
+    ``for_deepspeed=False`` builds the same modules without DeepSpeed (single-device inference);
+    only the ``learned`` baseline, which is DeepSpeed's own layer, always needs it.
+    """
     if cfg.mode == "smoe_dropout":
-        return SMoEDropoutMoE(d_model, cfg, layer_index)
+        return (deepspeed_moe_class() if for_deepspeed else SMoEDropoutFFN)(d_model, cfg, layer_index)
     if cfg.mode == "learned":
+        from deepspeed.moe.layer import MoE
+
         return MoE(
             hidden_size=d_model,
             expert=FeedForward(d_model, cfg.d_expert),
@@ -101,16 +137,21 @@ def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int) -> nn.Module:
     return FeedForward(d_model, cfg.num_experts * cfg.d_expert)
 
 
+def is_moe(module: nn.Module) -> bool:
+    """Any MoE FFN from ``build_ffn`` (ours in either flavour, or DeepSpeed's)."""
+    return hasattr(module, "deepspeed_moe")
+
+
 def ffn_forward(ffn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run any FFN from ``build_ffn``: x [B, T, D] -> (y [B, T, D], balance loss scalar)."""
-    if isinstance(ffn, MoE):
+    if is_moe(ffn):
         y, l_aux, _ = ffn(x)
         return y, l_aux.float()
     return ffn(x), x.new_zeros((), dtype=torch.float32)
 
 
-def moe_layers(model: nn.Module) -> Iterator[MoE]:
-    return (m for m in model.modules() if isinstance(m, MoE))
+def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
+    return (m for m in model.modules() if is_moe(m))
 
 
 def set_active_experts(model: nn.Module, k: int) -> None:

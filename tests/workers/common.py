@@ -51,6 +51,16 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def train_random_steps(engine, steps: int, seed: int) -> None:
+    """``steps`` optimizer steps on random byte sequences [2, 16] drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 256, (2, 16), generator=gen)
+        result = engine(x, torch.roll(x, -1, dims=1))
+        engine.backward(result.loss)
+        engine.step()
+
+
 def finish(out_path: str, result: dict) -> None:
     """Rank 0 writes the result; every rank leaves the process group cleanly."""
     if D.is_main():

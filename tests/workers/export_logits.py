@@ -15,7 +15,7 @@ from smoe_ds import distributed as D
 from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.runtime import optimizer_param_groups
-from tests.workers.common import start, tiny_config, worker_args
+from tests.workers.common import start, tiny_config, train_random_steps, worker_args
 
 
 def main(out_dir: str, ep_size: int, zero_stage: int) -> None:
@@ -29,12 +29,7 @@ def main(out_dir: str, ep_size: int, zero_stage: int) -> None:
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=optimizer_param_groups(model, 0.1), config=cfg.deepspeed
     )
-    gen = torch.Generator().manual_seed(rank)
-    for _ in range(5):
-        x = torch.randint(0, 256, (2, 16), generator=gen)
-        result = engine(x, torch.roll(x, -1, dims=1))
-        engine.backward(result.loss)
-        engine.step()
+    train_random_steps(engine, 5, seed=rank)
     checkpoint.save(engine, cfg, f"{out_dir}/checkpoints", 5)
     engine.eval()
     probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(99))

@@ -12,7 +12,7 @@ from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.router import frozen_router_weight
 from smoe_ds.runtime import optimizer_param_groups
-from tests.workers.common import all_gather_cat, finish, start, tiny_config, worker_args
+from tests.workers.common import all_gather_cat, finish, start, tiny_config, train_random_steps, worker_args
 
 
 def optimizer_params(engine) -> set[int]:
@@ -56,12 +56,7 @@ def main(out: str, ep_size: int, zero_stage: int) -> None:
     # The same lookup does find every trainable parameter, so the check above can fail.
     trainable_held = all(id(p) in held for p in engine.module.parameters() if p.requires_grad)
 
-    gen = torch.Generator().manual_seed(rank)
-    for _ in range(20):
-        x = torch.randint(0, 256, (2, 16), generator=gen)
-        result = engine(x, torch.roll(x, -1, dims=1))
-        engine.backward(result.loss)
-        engine.step()
+    train_random_steps(engine, 20, seed=rank)
     unchanged = all(torch.equal(r.detach(), b) for r, b in zip(routers, before))
     expert_after = next(moe_layers(engine.module)).deepspeed_moe.experts.w_in
     finish(
