@@ -14,6 +14,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m smoe_ds.deepspeed_ops
 	touch $@
 
 train: $(VENV)/.installed

@@ -138,8 +138,7 @@ def bench_shape(label: str, d: int, n: int, h: int, tokens: int, dtype, device, 
 
 
 def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
-    from deepspeed.moe.layer import MoE
-
+    from smoe_ds.distributed import shutdown
     from smoe_ds.moe.dispatch import bytes_sent
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -151,8 +150,8 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     d, n, h, tokens = spec["d_model"], spec["experts"], spec["d_expert"], spec["tokens"] // world
     dtype = getattr(torch, spec["dtype"])
     layers = build_layers(d, n, h, world, torch.device("cpu"), dtype, ep_rank=rank)
-    for m in (layers.ours, layers.stock):
-        m.set_deepspeed_parallelism() if isinstance(m, MoE) else None
+    for moe in (layers.ours, layers.stock):  # both are deepspeed MoE layers
+        moe.set_deepspeed_parallelism()
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(1, tokens, d, generator=gen, dtype=torch.float32).to(dtype).requires_grad_(True)
     grad = torch.randn(1, tokens, d, generator=gen).to(dtype)
@@ -188,12 +187,14 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
         )
     if rank == 0:
         queue.put(rows)
-    dist.destroy_process_group()
+    shutdown()
 
 
 def bench_expert_parallel(spec: dict, world: int = 2) -> dict:
+    from smoe_ds.deepspeed_ops import prebuild
     from smoe_ds.distributed import free_port
 
+    prebuild()  # compile DeepSpeed's CPU op here, once, rather than racing in every spawned rank
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()

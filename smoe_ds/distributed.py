@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .deepspeed_ops import lock_watchdog, release_shm_buffer
+
 
 def backend_name() -> str:
     from deepspeed.accelerator import get_accelerator
@@ -36,13 +38,15 @@ def init_distributed(master_port: int = 29500, timeout_s: float = 600.0) -> None
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     # MPI discovery ignores MASTER_PORT unless it is passed here explicitly.
     port = int(os.environ.get("MASTER_PORT", master_port))
-    deepspeed.init_distributed(
-        dist_backend=backend_name(),
-        auto_mpi_discovery=True,
-        distributed_port=port,
-        timeout=timedelta(seconds=timeout_s),
-        verbose=False,
-    )
+    # On CPU this may compile DeepSpeed's shm op (see smoe_ds.deepspeed_ops); say so if it stalls.
+    with lock_watchdog(after_s=min(timeout_s, 120.0)):
+        deepspeed.init_distributed(
+            dist_backend=backend_name(),
+            auto_mpi_discovery=True,
+            distributed_port=port,
+            timeout=timedelta(seconds=timeout_s),
+            verbose=False,
+        )
 
 
 def free_port() -> int:
@@ -92,6 +96,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group, removing DeepSpeed's per-rank /dev/shm buffer (it would leak).
+
+    ``clean=False`` is for the way out after an error: no barrier, since a peer may be dead.
+    """
     if dist.is_initialized():
+        if clean:
+            barrier()  # every peer has long mapped our buffer; nobody opens it by name again
+        release_shm_buffer(rank())
         dist.destroy_process_group()

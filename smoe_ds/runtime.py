@@ -92,8 +92,10 @@ def _launcher_rank() -> int:
 
 def run_main(job: Callable[[], None]) -> int:
     """Run ``job``; a ConfigError becomes one line on stderr (from rank 0) and exit code 2."""
+    clean = False
     try:
         job()
+        clean = True
     except ConfigError as e:
         if _launcher_rank() == 0:
             print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
@@ -104,5 +106,5 @@ def run_main(job: Callable[[], None]) -> int:
         traceback.print_exc()
         return 1
     finally:
-        D.shutdown()
+        D.shutdown(clean=clean)
     return 0

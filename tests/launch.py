@@ -7,10 +7,12 @@ leftover process. Output is captured and shown when the run fails.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from smoe_ds.deepspeed_ops import release_job_shm_buffers
 from smoe_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +48,10 @@ def launcher_command(launcher: str, nprocs: int, target: list[str], port: int, m
     raise ValueError(launcher)
 
 
+def failure(cmd: list[str], what: str, stdout: str, stderr: str) -> str:
+    return f"{' '.join(cmd)} {what}\n--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-6000:]}"
+
+
 def run_ranks(
     launcher: str,
     nprocs: int,
@@ -69,12 +75,22 @@ def run_ranks(
         **(env or {}),
     }
     cmd = launcher_command(launcher, nprocs, target, port, module)
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # A session of its own, so a timeout kills the launcher *and* its ranks, not the launcher only.
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            stdout, stderr = popen.communicate()
+            raise AssertionError(failure(cmd, f"ran past {timeout}s", stdout, stderr)) from None
+        finally:
+            leaked = release_job_shm_buffers(port)  # ranks that were killed never unlink their /dev/shm buffers
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
+    proc.leaked_shm_buffers = leaked
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
-            f"\n--- stderr ---\n{proc.stderr[-6000:]}"
-        )
+        raise AssertionError(failure(cmd, f"exited {proc.returncode}", proc.stdout, proc.stderr))
     return proc
 
 

@@ -37,6 +37,11 @@ def test_bench_tiny_shape_writes_table_and_json(tmp_path):
         assert all(math.isfinite(r[key]) and r[key] > 0 for key in ("ours_vs_dense", "stock_vs_dense", "dense_s"))
         if r["k"] > 1:  # DeepSpeed weights a single expert by its full-softmax probability, so k = 1 differs
             assert r["max_abs_diff_vs_stock"] <= 1e-5
-    # The 2-rank part spawns ranks that JIT-build DeepSpeed's shm op; it is exercised by hand
-    # (python -m smoe_ds.bench), and the per-rank-once dispatch by tests/test_distributed.py.
-    assert "expert_parallel" not in result
+    ep = result["expert_parallel"]  # the 2-rank part (ranks spawned by the benchmark itself)
+    assert ep["ep_size"] == 2 and [r["k"] for r in ep["rows"]] == [1, 2, 4]
+    for r in ep["rows"]:
+        assert r["ours_s"] > 0 and r["stock_s"] > 0
+        # each token crosses to the other rank at most once: d_model 32 fp32 out with its gates for the
+        # 2 experts there, and 32 values back
+        assert 0 < r["ours_bytes_per_token"] <= (32 + 2 + 32) * 4
+    assert ep["rows"][-1]["stock_bytes_per_token"] > ep["rows"][-1]["ours_bytes_per_token"]
