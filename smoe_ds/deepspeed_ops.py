@@ -11,12 +11,13 @@ into torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, default
   :func:`lock_watchdog` names a lock that start-up has waited on for too long.
 * When the deepspeed launcher sets ``LOCAL_SIZE`` the op allocates a 69 MB buffer per rank in
   ``/dev/shm`` and never unlinks it, so every run leaks RAM until the machine is rebooted.
-  :func:`release_shm_buffer` removes this rank's buffer at shutdown.
+  :func:`without_shm_allreduce` keeps it off.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -89,25 +90,27 @@ class lock_watchdog:  # noqa: N801 - used as a context manager, reads like a sta
         self._done.set()
 
 
-def shm_buffer(rank: int, master_addr: str | None = None, master_port: str | None = None) -> Path:
-    """The /dev/shm file DeepSpeed's shm op creates for ``rank`` of the job at addr:port."""
-    addr = master_addr if master_addr is not None else os.environ.get("MASTER_ADDR", "")
-    port = master_port if master_port is not None else os.environ.get("MASTER_PORT", "")
-    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+@contextlib.contextmanager
+def without_shm_allreduce():
+    """Keep DeepSpeed's CPU shm allreduce off while the process group starts.
+
+    The op switches itself on when ``LOCAL_SIZE`` (set by the deepspeed launcher) equals the
+    world size. We keep gloo's allreduce instead: the op puts a 69 MB buffer per rank in
+    /dev/shm and never unlinks it (every run leaks RAM; a container's default 64 MB /dev/shm
+    makes the ranks crash), and a rank waits without a timeout for a peer's buffer to appear,
+    so a peer that dies early hangs it. ``LOCAL_SIZE`` is put back afterwards.
+    """
+    saved = os.environ.pop("LOCAL_SIZE", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["LOCAL_SIZE"] = saved
 
 
-def release_shm_buffer(rank: int) -> None:
-    """Unlink this rank's buffer. Call only after a barrier: peers open it by name at start-up."""
-    shm_buffer(rank).unlink(missing_ok=True)
-
-
-def release_job_shm_buffers(master_port: int | str) -> int:
-    """Remove every buffer of the job on ``master_port`` (after its ranks died); returns the count."""
-    removed = 0
-    for path in SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"):
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
+def shm_buffers(master_port: int | str) -> list[Path]:
+    """The /dev/shm buffers DeepSpeed's shm op made for the job on ``master_port`` (should be none)."""
+    return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .deepspeed_ops import lock_watchdog, release_shm_buffer
+from .deepspeed_ops import lock_watchdog, without_shm_allreduce
 
 
 def backend_name() -> str:
@@ -38,8 +38,9 @@ def init_distributed(master_port: int = 29500, timeout_s: float = 600.0) -> None
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     # MPI discovery ignores MASTER_PORT unless it is passed here explicitly.
     port = int(os.environ.get("MASTER_PORT", master_port))
-    # On CPU this may compile DeepSpeed's shm op (see smoe_ds.deepspeed_ops); say so if it stalls.
-    with lock_watchdog(after_s=min(timeout_s, 120.0)):
+    # On CPU this may compile DeepSpeed's shm op (see smoe_ds.deepspeed_ops): say so if it stalls,
+    # and keep the op's allreduce off.
+    with lock_watchdog(after_s=min(timeout_s, 120.0)), without_shm_allreduce():
         deepspeed.init_distributed(
             dist_backend=backend_name(),
             auto_mpi_discovery=True,
@@ -96,13 +97,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def shutdown(clean: bool = True) -> None:
-    """Leave the process group, removing DeepSpeed's per-rank /dev/shm buffer (it would leak).
-
-    ``clean=False`` is for the way out after an error: no barrier, since a peer may be dead.
-    """
+def shutdown() -> None:
     if dist.is_initialized():
-        if clean:
-            barrier()  # every peer has long mapped our buffer; nobody opens it by name again
-        release_shm_buffer(rank())
         dist.destroy_process_group()

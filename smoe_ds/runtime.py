@@ -92,10 +92,8 @@ def _launcher_rank() -> int:
 
 def run_main(job: Callable[[], None]) -> int:
     """Run ``job``; a ConfigError becomes one line on stderr (from rank 0) and exit code 2."""
-    clean = False
     try:
         job()
-        clean = True
     except ConfigError as e:
         if _launcher_rank() == 0:
             print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
@@ -106,5 +104,5 @@ def run_main(job: Callable[[], None]) -> int:
         traceback.print_exc()
         return 1
     finally:
-        D.shutdown(clean=clean)
+        D.shutdown()
     return 0

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smoe_ds.deepspeed_ops import release_job_shm_buffers
 from smoe_ds.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,10 +84,7 @@ def run_ranks(
             os.killpg(popen.pid, signal.SIGKILL)
             stdout, stderr = popen.communicate()
             raise AssertionError(failure(cmd, f"ran past {timeout}s", stdout, stderr)) from None
-        finally:
-            leaked = release_job_shm_buffers(port)  # ranks that were killed never unlink their /dev/shm buffers
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
-    proc.leaked_shm_buffers = leaked
     if check and proc.returncode != 0:
         raise AssertionError(failure(cmd, f"exited {proc.returncode}", proc.stdout, proc.stderr))
     return proc

@@ -15,10 +15,10 @@ TOL = 1e-5
 )
 def test_frozen_router_identical_absent_from_optimizer_and_unchanged(tmp_path, launcher, world, ep_size, zero):
     out = tmp_path / "router.json"
-    proc = run_ranks(launcher, world, ["tests.workers.router", str(out), str(ep_size), str(zero)], module=True)
+    run_ranks(launcher, world, ["tests.workers.router", str(out), str(ep_size), str(zero)], module=True)
     r = json.loads(out.read_text())
-    if launcher == "deepspeed":  # the shm allreduce was in use, and shutdown left no buffer behind
-        assert r["shm_buffers_exist"] == [True] * world and proc.leaked_shm_buffers == 0
+    if launcher == "deepspeed":  # LOCAL_SIZE would switch DeepSpeed's leaky shm allreduce on; it stays off
+        assert r["local_size"] == str(world) and r["shm_buffers"] == []
     assert r["world"] == world
     assert r["router_identical_across_ranks"] and r["router_matches_seed"]
     assert not r["router_requires_grad"] and r["router_grad_is_none"]

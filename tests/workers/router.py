@@ -5,10 +5,12 @@ torchrun --nproc_per_node N -m tests.workers.router OUT.json EP_SIZE ZERO_STAGE
 
 from __future__ import annotations
 
+import os
+
 import deepspeed
 import torch
 
-from smoe_ds.deepspeed_ops import shm_buffer
+from smoe_ds.deepspeed_ops import shm_buffers
 from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.router import frozen_router_weight
@@ -73,8 +75,8 @@ def main(out: str, ep_size: int, zero_stage: int) -> None:
             "router_unchanged_after_20_steps": unchanged,
             "experts_trained": not torch.equal(expert_after.detach(), expert_before),
             "expert_init_independent_of_ep_size": expert_init_matches,
-            # DeepSpeed's CPU shm op makes these when its launcher sets LOCAL_SIZE; shutdown removes them
-            "shm_buffers_exist": [shm_buffer(r).exists() for r in range(world)],
+            "local_size": os.environ.get("LOCAL_SIZE"),
+            "shm_buffers": [p.name for p in shm_buffers(os.environ["MASTER_PORT"])],
         },
     )
 
