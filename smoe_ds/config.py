@@ -111,6 +111,9 @@ class RunConfig:
     resume: bool = True  # continue from the newest complete checkpoint in out_dir/checkpoints, if any
     master_port: int = 29500  # used only for MPI discovery under mpirun
     collective_timeout_s: float = 600.0  # a collective that waits longer than this fails instead of hanging
+    dead_rank_timeout_s: float = 120.0  # a rank silent this long is declared dead and every rank exits
+    heartbeat_interval_s: float = 2.0  # how often each rank tells the others it is alive
+    max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss (fp32, bf16) before the run stops
 
 
 @dataclass
@@ -210,6 +213,11 @@ class TrainConfig:
         )
         _require(run.save_interval >= 0 and run.keep_last >= 0, "run.save_interval and run.keep_last must be >= 0")
         _require(run.collective_timeout_s > 0, "run.collective_timeout_s must be positive")
+        _require(
+            0 < run.heartbeat_interval_s * 3 <= run.dead_rank_timeout_s,
+            "run.dead_rank_timeout_s must be at least 3 x run.heartbeat_interval_s (both positive)",
+        )
+        _require(run.max_bad_steps >= 1, f"run.max_bad_steps must be >= 1, got {run.max_bad_steps}")
         _require(run.eval_interval >= 0, "run.eval_interval must be >= 0 (0 disables it)")
         bad_ks = [k for k in run.eval_ks if not (isinstance(k, int) and 1 <= k <= n)]
         _require(not bad_ks, f"run.eval_ks has values outside [1, num_experts={n}]: {bad_ks}")
