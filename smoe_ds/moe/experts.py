@@ -1,6 +1,9 @@
 """Feed-forward networks: one FFN (the dense baseline, DeepSpeed's stock experts) and the
 stacked experts of the fast SMoE-Dropout layer.
 
+The stacked experts also hold slices of pretrained FFNs (``smoe_ds.hf``): optionally with
+in-projection biases, another activation, or a SwiGLU gate projection.
+
 Shape legend: T tokens reaching this rank's experts, D d_model, E local experts, H expert
 width, R routes (token, expert pairs) with a non-zero gate.
 """
@@ -8,6 +11,7 @@ width, R routes (token, expert pairs) with a non-zero gate.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,22 +60,42 @@ def grouped_matmul(x_RA: torch.Tensor, w_EAB: torch.Tensor, counts: list[int]) -
 
 
 class GroupedExperts(nn.Module):
-    """E experts held as two stacked weights, so they run as grouped or concatenated GEMMs.
+    """E experts held as stacked weights, so they run as grouped or concatenated GEMMs.
 
     ``w_in`` [E, H, D] holds each expert's ``nn.Linear(D, H).weight`` and ``w_out`` [E, H, D]
     the transpose of each ``nn.Linear(H, D).weight``; both layouts make the dense path's
     concatenated matrices free views. The state dict is written and read in the per-expert
     layout of ``FeedForward`` under ``deepspeed_experts.{e}``, which is what DeepSpeed's
     checkpointing splits into one file per global expert.
+
+    Expert e computes ``act(x w_in[e]^T + b_in[e]) @ w_out[e]``, or with ``gated=True`` the
+    SwiGLU form ``(act(x w_gate[e]^T) * (x w_in[e]^T)) @ w_out[e]``. ``b_in`` [E, H] exists
+    with ``bias=True`` (plain experts only); an output bias belongs to the whole FFN, not to
+    an expert, so it is not here. The defaults (GELU, no bias, not gated) are the built-in LM's.
     """
 
-    def __init__(self, num_local_experts: int, d_model: int, d_hidden: int, group_name: str) -> None:
+    def __init__(
+        self,
+        num_local_experts: int,
+        d_model: int,
+        d_hidden: int,
+        group_name: str,
+        activation: Callable[[torch.Tensor], torch.Tensor] = F.gelu,
+        bias: bool = False,
+        gated: bool = False,
+    ) -> None:
         super().__init__()
+        if bias and gated:
+            raise ValueError("gated experts with biases are not supported")
         self.num_local_experts, self.d_model, self.d_hidden = num_local_experts, d_model, d_hidden
+        self.activation = activation
         bound = 1.0 / math.sqrt(d_model)
-        self.w_in = nn.Parameter(torch.empty(num_local_experts, d_hidden, d_model).uniform_(-bound, bound))
-        self.w_out = nn.Parameter(torch.empty(num_local_experts, d_hidden, d_model).uniform_(-bound, bound))
-        for p in (self.w_in, self.w_out):
+        shape = (num_local_experts, d_hidden, d_model)
+        self.w_in = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.w_out = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.b_in = nn.Parameter(torch.zeros(num_local_experts, d_hidden)) if bias else None
+        self.w_gate = nn.Parameter(torch.empty(shape).uniform_(-bound, bound)) if gated else None
+        for p in self.parameters():
             # What DeepSpeed's Experts wrapper marks: reduce over the expert-data-parallel group only.
             p.allreduce = False
             p.group_name = group_name
@@ -81,7 +105,7 @@ class GroupedExperts(nn.Module):
         ]
 
     def use_stacked_state_dict(self) -> None:
-        """Save and load ``w_in``/``w_out`` as the stacked tensors they are (single-file exports)."""
+        """Save and load the stacked tensors as they are (single-file exports)."""
         for handle in self._layout_hooks:
             handle.remove()
         self._layout_hooks = []
@@ -93,6 +117,16 @@ class GroupedExperts(nn.Module):
             return self.forward_dense(x_TD, gates_TE)
         return self.forward_sparse(x_TD, gates_TE)
 
+    def _hidden(self, project: Callable[[torch.Tensor], torch.Tensor], b_in: torch.Tensor | None) -> torch.Tensor:
+        """The hidden units, given ``project(w)``: the inputs times the matching rows of a stacked
+        [E, H, D] weight, and ``b_in``, the matching bias rows (None without biases)."""
+        pre = project(self.w_in)
+        if b_in is not None:
+            pre = pre + b_in
+        if self.w_gate is None:
+            return self.activation(pre)
+        return self.activation(project(self.w_gate)) * pre
+
     def forward_dense(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, weighted by the gates (zero gates included): no dispatch.
 
@@ -102,12 +136,14 @@ class GroupedExperts(nn.Module):
         """
         T, E, H = x_TD.shape[0], self.num_local_experts, self.d_hidden
         gates_TE = gates_TE.to(x_TD.dtype)
+        b = self.b_in
         if H <= self.d_model:
-            h_TEH = F.gelu(x_TD @ self.w_in.view(E * H, -1).t()).view(T, E, H)
-            return (h_TEH * gates_TE.unsqueeze(-1)).view(T, E * H) @ self.w_out.view(E * H, -1)
+            h_TEH = self._hidden(lambda w: x_TD @ w.view(E * H, -1).t(), None if b is None else b.view(E * H))
+            return (h_TEH.view(T, E, H) * gates_TE.unsqueeze(-1)).view(T, E * H) @ self.w_out.view(E * H, -1)
         y_TD = torch.zeros_like(x_TD)
         for e in range(E):
-            y_TD = y_TD + gates_TE[:, e : e + 1] * (F.gelu(x_TD @ self.w_in[e].t()) @ self.w_out[e])
+            h_TH = self._hidden(lambda w: x_TD @ w[e].t(), None if b is None else b[e])  # noqa: B023 (used at once)
+            y_TD = y_TD + gates_TE[:, e : e + 1] * (h_TH @ self.w_out[e])
         return y_TD
 
     def forward_sparse(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
@@ -115,7 +151,9 @@ class GroupedExperts(nn.Module):
         expert_R, token_R = gates_TE.t().nonzero(as_tuple=True)  # row-major over [E, T]: sorted by expert
         counts = torch.bincount(expert_R, minlength=self.num_local_experts).tolist()
         gate_R = gates_TE[token_R, expert_R].to(x_TD.dtype)
-        h_RH = F.gelu(grouped_matmul(x_TD.index_select(0, token_R), self.w_in.transpose(1, 2), counts))
+        x_RD = x_TD.index_select(0, token_R)
+        b_in = None if self.b_in is None else self.b_in.index_select(0, expert_R)
+        h_RH = self._hidden(lambda w: grouped_matmul(x_RD, w.transpose(1, 2), counts), b_in)
         # The gate scales a row of the second GEMM's input or of its output: the same result, so
         # scale the narrower of the two.
         if self.d_hidden <= self.d_model:
@@ -125,21 +163,32 @@ class GroupedExperts(nn.Module):
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
 
+# Stacked parameter -> (its name in the per-expert ``FeedForward``-style layout, transposed there?)
+_PER_EXPERT_NAMES = {
+    "w_in": ("w_in.weight", False),
+    "w_out": ("w_out.weight", True),
+    "b_in": ("w_in.bias", False),
+    "w_gate": ("w_gate.weight", False),
+}
+
+
 def _to_per_expert_state(module: GroupedExperts, state: dict, prefix: str, local_metadata) -> None:
-    w_in, w_out = state.pop(prefix + "w_in"), state.pop(prefix + "w_out")
-    for e in range(module.num_local_experts):
-        state[f"{prefix}deepspeed_experts.{e}.w_in.weight"] = w_in[e]
-        state[f"{prefix}deepspeed_experts.{e}.w_out.weight"] = w_out[e].t()
+    for stacked, (name, transposed) in _PER_EXPERT_NAMES.items():
+        if prefix + stacked not in state:
+            continue  # b_in / w_gate exist only for some experts
+        tensor = state.pop(prefix + stacked)
+        for e in range(module.num_local_experts):
+            state[f"{prefix}deepspeed_experts.{e}.{name}"] = tensor[e].t() if transposed else tensor[e]
 
 
 def _from_per_expert_state(module: GroupedExperts, state: dict, prefix: str, *args) -> None:
-    names = [
-        f"{prefix}deepspeed_experts.{e}.w_{io}.weight" for e in range(module.num_local_experts) for io in ("in", "out")
-    ]
-    if prefix + "w_in" in state or not all(n in state for n in names):
+    present = [s for s in _PER_EXPERT_NAMES if getattr(module, s) is not None]
+    names = {
+        s: [f"{prefix}deepspeed_experts.{e}.{_PER_EXPERT_NAMES[s][0]}" for e in range(module.num_local_experts)]
+        for s in present
+    }
+    if prefix + "w_in" in state or not all(n in state for ns in names.values() for n in ns):
         return  # stacked already, or incomplete: load_state_dict reports the missing keys itself
-    E = module.num_local_experts
-    state[prefix + "w_in"] = torch.stack([state.pop(f"{prefix}deepspeed_experts.{e}.w_in.weight") for e in range(E)])
-    state[prefix + "w_out"] = torch.stack(
-        [state.pop(f"{prefix}deepspeed_experts.{e}.w_out.weight").t() for e in range(E)]
-    )
+    for stacked, per_expert in names.items():
+        transposed = _PER_EXPERT_NAMES[stacked][1]
+        state[prefix + stacked] = torch.stack([state.pop(n).t() if transposed else state.pop(n) for n in per_expert])

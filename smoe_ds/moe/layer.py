@@ -25,6 +25,11 @@ from smoe_ds.moe.experts import FeedForward, GroupedExperts
 from smoe_ds.moe.router import FrozenRandomGate
 
 
+def expert_group_name(ep_size: int) -> str:
+    """The name DeepSpeed gives the expert-parallel process groups of this ep_size."""
+    return f"ep_size_{ep_size}"
+
+
 class SMoEDropoutDispatcher(nn.Module):
     """route -> dispatch -> experts -> combine; sits where DeepSpeed's MOELayer would.
 
@@ -67,13 +72,6 @@ class SMoEDropoutFFN(nn.Module):
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, layer_index: int) -> None:
-        nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate and N deep-copied experts
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-        self.ep_size = cfg.ep_size
-        self.expert_group_name = f"ep_size_{cfg.ep_size}"
-        self.num_experts = cfg.num_experts
-        self.num_local_experts = cfg.num_experts // cfg.ep_size
         gate = FrozenRandomGate(
             d_model,
             cfg.num_experts,
@@ -82,8 +80,26 @@ class SMoEDropoutFFN(nn.Module):
             layer_index=layer_index,
             capacity_factor=cfg.capacity_factor,
         )
-        experts = GroupedExperts(self.num_local_experts, d_model, cfg.d_expert, self.expert_group_name)
-        self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, cfg.ep_size)
+        experts = GroupedExperts(cfg.num_experts // cfg.ep_size, d_model, cfg.d_expert, expert_group_name(cfg.ep_size))
+        self._init_parts(gate, experts, cfg.ep_size)
+
+    @classmethod
+    def from_parts(cls, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int = 1):
+        """The FFN around a given router and this rank's experts (e.g. slices of a pretrained FFN);
+        ``experts`` must be built with ``group_name=expert_group_name(ep_size)``."""
+        self = cls.__new__(cls)
+        self._init_parts(gate, experts, ep_size)
+        return self
+
+    def _init_parts(self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int) -> None:
+        nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate and N deep-copied experts
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        self.ep_size = ep_size
+        self.expert_group_name = expert_group_name(ep_size)
+        self.num_experts = gate.num_experts
+        self.num_local_experts = experts.num_local_experts
+        self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, ep_size)
 
     def forward(self, hidden_states: torch.Tensor, used_token=None):
         out = self.deepspeed_moe(hidden_states, used_token)

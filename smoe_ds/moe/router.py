@@ -64,9 +64,15 @@ def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
 
 
-class FrozenRandomGate(nn.Module):
-    """x_SD -> dense gates_SN: softmax over each token's top-k logits, zero elsewhere.
+WEIGHTINGS = ("softmax", "rescale")
 
+
+class FrozenRandomGate(nn.Module):
+    """x_SD -> dense gates_SN: each token's top-k experts weighted, zero elsewhere.
+
+    ``weighting`` "softmax" (the paper's): a softmax over the k selected logits. "rescale"
+    (dropout-style, for FFNs split from a pretrained dense one): N / k for every selected
+    expert, so that at k = N every gate is exactly 1 and the experts sum to the dense FFN.
     ``k`` may change between any two forwards. With ``capacity_factor`` set, each expert
     takes at most C = ceil(cf * k * S / N) of this rank's routes, first choices first; a
     dropped route's gate is zero and the token's other weights are not renormalised.
@@ -80,8 +86,12 @@ class FrozenRandomGate(nn.Module):
         router_seed: int,
         layer_index: int,
         capacity_factor: float | None = None,
+        weighting: str = "softmax",
     ) -> None:
         super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        self.weighting = weighting
         self.wg = nn.Linear(d_model, num_experts, bias=False)
         with torch.no_grad():
             self.wg.weight.copy_(frozen_router_weight(d_model, num_experts, router_seed, layer_index))
@@ -103,8 +113,10 @@ class FrozenRandomGate(nn.Module):
         if k == n and self.capacity_factor is None:  # full capacity: every expert, no selection to make
             self.last_counts_N = torch.full((n,), x_SD.shape[0], device=x_SD.device)
             self.last_dropped_routes = None
-            return torch.softmax(logits_SN, dim=-1)
+            return torch.softmax(logits_SN, dim=-1) if self.weighting == "softmax" else torch.ones_like(logits_SN)
         expert_ids_SK, weights_SK = topk_routes(logits_SN, k)
+        if self.weighting == "rescale":  # set, not derived from the softmax, which can underflow to 0
+            weights_SK = torch.full_like(weights_SK, n / k)
         if self.capacity_factor is not None:
             positions_KS, counts_N = slot_positions(expert_ids_SK, n)
             kept_SK = (positions_KS < capacity_for(x_SD.shape[0], k, n, self.capacity_factor)).t()
