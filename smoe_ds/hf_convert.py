@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-seed", type=int, default=1234)
     p.add_argument("--densify", action="store_true", help="write SRC (an SMoE directory) as a plain dense model")
     args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the summary says what was loaded and written; errors stay one line
     try:
         if args.densify:
             densify_cmd(args.src, args.out)
