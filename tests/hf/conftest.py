@@ -45,6 +45,8 @@ def minilm(_minilm):
     return copy.deepcopy(_minilm)
 
 
+DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+
 TINY = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
@@ -52,26 +54,10 @@ TINY = {
         )
     ),
     # intermediate 512 / 4 experts: H = 128 > d_model, so the wide-expert paths run too
-    "llama": lambda: transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=512,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
+    "llama": lambda **kw: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**DECODER, "intermediate_size": 512, **kw})
     ),
-    "mistral": lambda: transformers.MistralForCausalLM(
-        transformers.MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        )
-    ),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER, intermediate_size=128)),
     "roberta": lambda: transformers.RobertaForMaskedLM(
         transformers.RobertaConfig(
             hidden_size=64,
@@ -85,9 +71,10 @@ TINY = {
 }
 
 
-def tiny_model(name: str) -> transformers.PreTrainedModel:
+def tiny_model(name: str, **config) -> transformers.PreTrainedModel:
+    """A tiny randomly initialised model; ``config`` overrides its config (llama only)."""
     torch.manual_seed(0)
-    return TINY[name]().eval()
+    return TINY[name](**config).eval()
 
 
 def tiny_inputs() -> dict:

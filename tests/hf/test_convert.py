@@ -125,16 +125,7 @@ def test_bad_expert_counts_and_unsupported_weights_are_refused():
         convert_model(tiny_model("gpt2"), num_experts=3)
     with pytest.raises(ConfigError, match="weighting must be one of"):
         convert_model(tiny_model("gpt2"), num_experts=4, weighting="uniform")
-    biased = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=64,
-            mlp_bias=True,
-        )
-    )
+    biased = tiny_model("llama", mlp_bias=True)
     with pytest.raises(ConfigError, match="mlp.up_proj.bias"):
         convert_model(biased, num_experts=2)
     assert isinstance(biased.model.layers[0].mlp, transformers.models.llama.modeling_llama.LlamaMLP)  # untouched
