@@ -132,3 +132,18 @@ def test_bad_expert_counts_and_unsupported_weights_are_refused():
     model = convert_model(tiny_model("gpt2"), num_experts=4)
     with pytest.raises(ConfigError, match="already converted"):
         convert_model(model, num_experts=4)
+
+
+def test_fine_tuning_trains_the_experts_and_never_the_router():
+    model, inputs = convert_model(tiny_model("llama"), num_experts=4), tiny_inputs()
+    set_active_experts(model, 2)
+    routers = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("gate.wg.weight")}
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    assert len(routers) == 2 and all(not p.requires_grad for n, p in model.named_parameters() if n in routers)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    optimizer.step()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], w) for n, w in routers.items())
+    assert all(not torch.equal(params[n], w) for n, w in experts.items())
