@@ -187,13 +187,33 @@ WEIGHT_KEYS = {
 
 
 def model_mismatch(saved: TrainConfig, current: TrainConfig) -> str | None:
-    """The first weight-shaping key on which two configs differ, as 'key: saved vs current'."""
+    """Every weight-shaping key on which two configs differ, as 'key: saved in the checkpoint vs current now'."""
+    diffs = []
     for section, keys in WEIGHT_KEYS.items():
         for key in keys:
             a, b = getattr(getattr(saved, section), key), getattr(getattr(current, section), key)
             if a != b:
-                return f"{section}.{key}: {a!r} in the checkpoint vs {b!r} now"
-    return None
+                diffs.append(f"{section}.{key}: {a!r} in the checkpoint vs {b!r} now")
+    return ", ".join(diffs) or None
+
+
+def check_resumable(cfg: TrainConfig, tag_dir: Path, meta: dict) -> list[Path]:
+    """The checkpoint in ``tag_dir`` fits ``cfg``'s model and has every file a resume reads; returns them.
+
+    Reads only the meta file and file sizes, so every rank can run it before any engine exists.
+    """
+    try:
+        saved = config_from_dict(meta["config"]).resolve()
+        saved_world = meta["world_size"]
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{tag_dir / META_FILE} holds no usable config ({e})") from None
+    mismatch = model_mismatch(saved, cfg)
+    if mismatch:
+        raise CheckpointError(
+            f"{tag_dir} was written by a different model ({mismatch}); "
+            "use another run.out_dir, or set run.resume=false to start over there"
+        )
+    return check_files(tag_dir, saved, saved_world)
 
 
 def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
@@ -208,13 +228,7 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
         return 0
     tag_dir = Path(save_dir) / tag
     meta = read_meta(tag_dir)
-    mismatch = model_mismatch(config_from_dict(meta["config"]).resolve(), cfg)
-    if mismatch:
-        raise CheckpointError(
-            f"{tag_dir} was written by a different model ({mismatch}); "
-            "use another run.out_dir, or set run.resume=false to start over there"
-        )
-    needed = check_files(tag_dir, config_from_dict(meta["config"]).resolve(), meta["world_size"])
+    needed = check_resumable(cfg, tag_dir, meta)
     world, ep = D.world_size(), cfg.moe.ep_size
     try:
         return _load(engine, cfg, Path(save_dir), tag, meta, world, ep)

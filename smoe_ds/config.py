@@ -275,7 +275,15 @@ class TrainConfig:
             _require(
                 tbs == mbs * gas_eff * world_size,
                 f"train_batch_size ({tbs}) != train_micro_batch_size_per_gpu ({mbs}) * "
-                f"gradient_accumulation_steps ({gas_eff}) * world size ({world_size})",
+                f"gradient_accumulation_steps ({gas_eff}) * world size ({world_size}); "
+                "fix one of them, or drop train_batch_size to have it computed",
+            )
+        elif tbs is not None:
+            per_micro = (gas or 1) * world_size
+            _require(
+                tbs % per_micro == 0,
+                f"train_batch_size ({tbs}) is not divisible by gradient_accumulation_steps ({gas or 1}) * "
+                f"world size ({world_size}); set train_micro_batch_size_per_gpu instead",
             )
 
     def micro_batch_size(self, world_size: int) -> int:
@@ -283,6 +291,15 @@ class TrainConfig:
         if "train_micro_batch_size_per_gpu" in ds:
             return ds["train_micro_batch_size_per_gpu"]
         return ds["train_batch_size"] // (ds.get("gradient_accumulation_steps", 1) * world_size)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step, as DeepSpeed will derive it (after ``validate_for_world``)."""
+        ds = self.deepspeed
+        if "gradient_accumulation_steps" in ds:
+            return ds["gradient_accumulation_steps"]
+        if "train_batch_size" in ds and "train_micro_batch_size_per_gpu" in ds:
+            return ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * world_size)
+        return 1
 
     def to_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in OUR_SECTIONS}

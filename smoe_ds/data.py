@@ -4,6 +4,8 @@ Sources, by ``data.path``:
 - ``None``: the embedded default corpus, the Python standard library's ``.py`` sources of the
   running interpreter (tests and site-packages excluded). Every machine with Python has it.
 - a local text file: its paragraphs are the documents;
+- a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file: each row is a document, its text in
+  the column ``data.text_column`` (default ``text``);
 - a local folder: each text file in it is a document;
 - anything else: a Hugging Face hub dataset name, loaded with ``datasets.load_dataset``.
 
@@ -13,12 +15,15 @@ relative path for folders (so the split never depends on the file count or order
 without a validation split.
 
 Tokens are UTF-8 bytes (vocabulary 256) unless ``data.tokenizer`` names a local Hugging
-Face tokenizer. The token stream is packed into non-overlapping blocks of block_size + 1
+Face tokenizer. Text files are decoded as UTF-8 in both cases (bytes are the text's UTF-8
+encoding), so a file that is not UTF-8 is an error naming the file and the offset of its first
+bad byte. The token stream is packed into non-overlapping blocks of block_size + 1
 tokens; a block gives the input ``x = block[:-1]`` and the target ``y = block[1:]``.
 """
 
 from __future__ import annotations
 
+import codecs
 import os
 import sysconfig
 import zlib
@@ -33,6 +38,9 @@ from smoe_ds.config import ConfigError, DataConfig
 
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".tsv", ".csv", ".json", ".jsonl"}
+# A single data.path file with one of these suffixes is a table: one document per row, in data.text_column.
+# (Inside a folder, such files are read as plain text documents, like every file there.)
+TABLE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -79,13 +87,12 @@ def split_files_by_hash(root: Path, files: list[Path], val_fraction: float) -> t
 
 
 def looks_like_local_path(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or Path(path).suffix.lower() in TEXT_SUFFIXES or os.sep * 2 in path
+    suffix = Path(path).suffix.lower()
+    return path.startswith(("/", ".", "~")) or suffix in TEXT_SUFFIXES | set(TABLE_BUILDERS) or os.sep * 2 in path
 
 
 def load_text_splits(cfg: DataConfig):
     """A ``datasets.DatasetDict`` with ``train`` and ``validation`` splits and a ``text`` column."""
-    import datasets
-
     if cfg.path is None:
         root, files = stdlib_files()
         train, val = split_files_by_hash(root, files, cfg.val_fraction)
@@ -97,21 +104,94 @@ def load_text_splits(cfg: DataConfig):
     if path.is_file():
         if path.stat().st_size == 0:
             raise ConfigError(f"data.path {path} is empty")
-        ds = datasets.load_dataset("text", data_files=[str(path)], sample_by="paragraph", split="train")
-        ds = ds.filter(lambda row: bool(row["text"].strip()))
-        if len(ds) < 2:
-            raise ConfigError(f"data.path {path} needs at least 2 paragraphs to split off a validation set")
-        parts = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
-        return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+        if path.suffix.lower() in TABLE_BUILDERS:
+            return _split_documents(_load_table(path, cfg.text_column), path, "rows", cfg)
+        ds = _load_local("text", [str(path)], split="train", sample_by="paragraph")
+        return _split_documents(ds, path, "paragraphs", cfg)
     if looks_like_local_path(cfg.path):
         raise ConfigError(f"data.path not found: {cfg.path}")
     return _load_hub(cfg)
 
 
-def _load_local_documents(files: dict):
+def _split_documents(ds, path: Path, what: str, cfg: DataConfig):
+    """Train/validation split of one file's documents (``text`` column), empty ones dropped."""
     import datasets
 
-    return datasets.load_dataset("text", data_files=files, sample_by="document")
+    ds = ds.filter(lambda row: bool(row["text"] and row["text"].strip()))
+    if len(ds) < 2:
+        raise ConfigError(f"data.path {path} needs at least 2 non-empty {what} to split off a validation set")
+    parts = ds.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+    return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+
+
+def _load_local_documents(files: dict):
+    return _load_local("text", files, sample_by="document")
+
+
+def _load_table(path: Path, column: str):
+    """One ``.json``/``.jsonl``/``.csv``/``.parquet`` file; its ``column`` becomes the ``text`` column."""
+    import datasets
+
+    ds = _load_local(TABLE_BUILDERS[path.suffix.lower()], [str(path)], split="train")
+    if column not in ds.column_names:
+        raise ConfigError(
+            f"data.path {path} has no column {column!r} (its columns: {', '.join(ds.column_names)}); "
+            "set data.text_column to the one that holds the text"
+        )
+    feature = ds.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise ConfigError(
+            f"column {column!r} of data.path {path} holds {kind}, not text; set data.text_column to a text column"
+        )
+    ds = ds.select_columns([column])
+    return ds if column == "text" else ds.rename_column(column, "text")
+
+
+def _load_local(builder: str, files, **kwargs):
+    """``datasets.load_dataset`` on local files; a file it cannot read is one line naming the file."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, **kwargs)
+    except Exception as e:  # datasets wraps the reader's error (UnicodeDecodeError, a parse error, ...)
+        paths = list(files.values()) if isinstance(files, dict) else [files]
+        paths = [p for group in paths for p in ([group] if isinstance(group, str) else group)]
+        bad = first_non_utf8(paths)
+        if bad:
+            raise ConfigError(bad) from None
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        where = paths[0] if len(paths) == 1 else f"data.path ({len(paths)} files)"
+        raise ConfigError(f"cannot read {where} as {builder}: {reason}") from None
+
+
+def first_non_utf8(paths: list[str], chunk: int = 1 << 20) -> str | None:
+    """A one-line message naming the first file that is not UTF-8 and its first bad byte; None if all are.
+
+    Called only when loading failed, so a good corpus is never read twice.
+    """
+    for path in paths:
+        decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(chunk)
+                pending = len(decoder.getstate()[0])  # bytes of an unfinished character from the last chunk
+                try:
+                    decoder.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    at = offset - pending + e.start
+                    return (
+                        f"{path} is not UTF-8: byte 0x{e.object[e.start]:02x} at offset {at} ({e.reason}); "
+                        "smoe-ds decodes every data file as UTF-8 (in byte mode too): convert it, "
+                        "e.g. iconv -f latin1 -t utf-8"
+                    )
+                if not data:
+                    break
+                offset += len(data)
+    return None
 
 
 def _load_hub(cfg: DataConfig):
@@ -213,7 +293,10 @@ def load_corpus(cfg: DataConfig, block_size: int) -> Corpus:
     where = cfg.path or "the Python standard library (embedded default)"
     for name, blocks in (("training", train), ("validation", val)):
         if len(blocks) == 0:
-            raise ConfigError(f"the {name} split of {where} is shorter than one block of {block_size + 1} tokens")
+            raise ConfigError(
+                f"the {name} split of {where} is shorter than one block of {block_size + 1} tokens "
+                "(model.block_size + 1); use more data or a smaller model.block_size"
+            )
     return Corpus(
         train_blocks=torch.from_numpy(train),
         val_blocks=torch.from_numpy(val),
@@ -246,12 +329,7 @@ def train_batches(
     step is skipped, so every rank runs every step and no collective is left waiting.
     """
     per_step = micro_batch * world_size * grad_accum
-    steps_per_epoch = len(blocks) // per_step
-    if steps_per_epoch < 1:
-        raise ConfigError(
-            f"the training split has {len(blocks)} blocks, too few for one step of {per_step} "
-            f"({world_size} ranks x micro-batch {micro_batch} x {grad_accum} accumulation steps)"
-        )
+    steps_per_epoch = train_steps_per_epoch(len(blocks), micro_batch, world_size, grad_accum)
     step = start_step
     while True:
         epoch, within = divmod(step, steps_per_epoch)
@@ -263,6 +341,18 @@ def train_batches(
                 b = blocks[chunk[start : start + micro_batch]]
                 yield b[:, :-1], b[:, 1:]
         step += steps_per_epoch - within
+
+
+def train_steps_per_epoch(n_blocks: int, micro_batch: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over ``n_blocks`` training blocks; ConfigError when not even one."""
+    per_step = micro_batch * world_size * grad_accum
+    if n_blocks < per_step:
+        raise ConfigError(
+            f"the training split has {n_blocks} blocks, too few for one step of {per_step} "
+            f"({world_size} ranks x micro-batch {micro_batch} x {grad_accum} accumulation steps); "
+            "use more data or a smaller batch"
+        )
+    return n_blocks // per_step
 
 
 def eval_batches(

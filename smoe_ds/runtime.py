@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from smoe_ds import distributed as D
+from smoe_ds import preflight
 from smoe_ds.config import ConfigError, TrainConfig
-from smoe_ds.data import Corpus, eval_batches, load_corpus
+from smoe_ds.data import Corpus, eval_batches
 from smoe_ds.models.lm import SMoELM, build_model
 
 
@@ -53,20 +54,26 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
 
 
-def build_runtime(cfg: TrainConfig) -> Runtime:
-    """Join the process group, load the data, build the model and the DeepSpeed engine."""
+def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
+    """Join the process group, load the data, build the model and the DeepSpeed engine.
+
+    Every check of the input (smoe_ds.preflight) runs first, on every rank, and writes nothing;
+    ``training`` adds the checks that the training split fills a step and that a checkpoint
+    to resume from was written by this model.
+    """
     import deepspeed
     from deepspeed.utils import groups
 
     D.init_distributed(cfg.run.master_port, cfg.run.collective_timeout_s)
     rank, world = D.rank(), D.world_size()
     cfg.validate_for_world(world)
-    with D.local_main_first():
-        corpus = load_corpus(cfg.data, cfg.model.block_size)
+    preflight.check_out_dir(cfg.run.out_dir)
+    corpus = preflight.load_corpus_on_every_rank(cfg)
     cfg.model.vocab_size = corpus.vocab_size
     micro = cfg.micro_batch_size(world)
-    # Fail on a too-small validation split now rather than after training.
-    eval_batches(corpus.val_blocks, micro, rank, world, cfg.run.eval_batches)
+    preflight.check_validation(cfg, corpus, world)
+    if training:
+        preflight.check_training(cfg, corpus, world)
 
     torch.manual_seed(cfg.run.seed)
     # DeepSpeed's expert-parallel groups are runs of consecutive ranks (checked below).

@@ -96,7 +96,7 @@ def describe(rt: Runtime) -> str:
 
 
 def train(cfg: TrainConfig) -> dict:
-    rt = build_runtime(cfg)
+    rt = build_runtime(cfg, training=True)  # every input check runs in here, before out_dir is created
     engine, run = rt.engine, cfg.run
     out_dir = Path(run.out_dir)
     if D.is_main():

@@ -1,12 +1,52 @@
-"""Bad input costs a second: one line naming the problem, exit code 2, nothing written."""
+"""Bad input costs a second: one line naming the problem, exit code 2, nothing written.
+
+Every case is a real ``python -m smoe_ds.train`` run on tests/configs/e2e_tiny.json (one
+process, ep_size 1 unless the case says otherwise); the last two run 2 ranks under a launcher.
+"""
+
+import json
 
 import pytest
 
 from .launch import REPO, run_ranks
 
 CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
+ERROR = "smoe-ds: error:"
 
-CASES = {
+
+def sets(*items: str) -> list[str]:
+    return sum([["--set", s] for s in items], [])
+
+
+def train(*args: str, launcher: str = "python", nprocs: int = 1):
+    return run_ranks(launcher, nprocs, ["smoe_ds.train", *args], module=True, check=False, timeout=300)
+
+
+def assert_refused(proc, message: str) -> None:
+    """Exit code 2, exactly one error line and it holds ``message``, no traceback."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith(ERROR)]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and message in errors[0], (message, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def refuse(out, message: str, *args: str, config: str = CONFIG) -> None:
+    """Run with ``args`` and out_dir ``out``: refused with ``message``, and ``out`` never created."""
+    assert_refused(train("--config", config, *sets(f"run.out_dir={out}", "moe.ep_size=1"), *args), message)
+    assert not out.exists()
+
+
+# -- the config ------------------------------------------------------------------------------------
+
+CASES = {  # --set overrides -> the message
+    "unknown_key": (["moe.expert_count=4"], "unknown config key moe.expert_count (known keys in moe:"),
+    "wrong_type": (["moe.num_experts=four"], "moe.num_experts must be int, got str 'four'"),
+    "set_without_equals": (["moe.num_experts"], "--set expects KEY=VALUE, got 'moe.num_experts'"),
+    "batch_sizes_do_not_multiply": (
+        ["train_batch_size=12"],
+        "train_batch_size (12) != train_micro_batch_size_per_gpu (8) * gradient_accumulation_steps (1) "
+        "* world size (1)",
+    ),
     "experts_not_divisible_by_ep": (
         ["moe.num_experts=6", "moe.ep_size=4"],
         "moe.num_experts (6) is not divisible by moe.ep_size (4)",
@@ -14,56 +54,156 @@ CASES = {
     "world_not_divisible_by_ep": (["moe.ep_size=2"], "the world size (1) is not divisible by moe.ep_size (2)"),
     "k_max_above_n": (["moe.k_schedule.k_max=5"], "moe.k_schedule.k_max (5) must be in [1, num_experts=4]"),
     "k_min_below_1": (["moe.k_schedule.k_min=0"], "moe.k_schedule.k_min (0) must be in [1, num_experts=4]"),
-    "unknown_key": (["moe.expert_count=4"], "unknown config key moe.expert_count"),
-    "missing_data": (["data.path=/no/such/corpus.txt"], "data.path not found: /no/such/corpus.txt"),
+    "k_schedule_ends_before_it_starts": (
+        ["moe.k_schedule.start_step=20", "moe.k_schedule.end_step=10"],
+        "moe.k_schedule.end_step (10) is before start_step (20)",
+    ),
+    "eval_ks_outside_1_to_n": (["run.eval_ks=[1,8]"], "run.eval_ks has values outside [1, num_experts=4]: [8]"),
+    "max_steps_zero": (["run.max_steps=0"], "run.max_steps must be >= 1, got 0"),
     "negative_lr": (["optimizer.params.lr=-0.001"], "optimizer.params.lr must be >= 0, got -0.001"),
+    "fp16_and_bf16": (
+        ["fp16.enabled=true", "bf16.enabled=true"],
+        "fp16.enabled and bf16.enabled are both true; choose one",
+    ),
     "zero3_with_moe": (
         ["zero_optimization.stage=3"],
         "zero_optimization.stage 3 is not supported with DeepSpeed's native MoE",
     ),
+    "missing_data": (["data.path=/no/such/corpus.txt"], "data.path not found: /no/such/corpus.txt"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_config_one_line_exit_2_nothing_written(tmp_path, case):
-    sets, message = CASES[case]
+def test_bad_config(tmp_path, case):
+    overrides, message = CASES[case]
+    refuse(tmp_path / "run", message, *sets(*overrides))
+
+
+CONFIG_FILES = {  # the config file's text (None: no file) -> the message
+    "missing": (None, "config file not found: {path}"),
+    "json_syntax": ('{\n "optimizer": {\n}\n "model": 1}', "{path}: invalid JSON at line 4, column 2"),
+    "json_list": ("[1, 2]", "{path}: the top level must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_FILES))
+def test_bad_config_file(tmp_path, case):
+    text, message = CONFIG_FILES[case]
+    path = tmp_path / "config.json"
+    if text is not None:
+        path.write_text(text)
+    refuse(tmp_path / "run", message.format(path=path), config=str(path))
+
+
+# -- the data --------------------------------------------------------------------------------------
+
+
+def paragraphs(n: int, size: int) -> bytes:
+    """``n`` paragraphs of ``size`` bytes each."""
+    return b"".join(b"%04d " % i + b"x" * (size - 5) + b"\n\n" for i in range(n))
+
+
+# 40 paragraphs of 198 bytes (+ 2 newlines): a 5% validation split holds 2 of them, 6 blocks of 65 tokens
+# (fewer than one micro-batch of 8); with 25% held out, the training split holds 30, fewer than 160 blocks.
+DATA = {  # file name, its bytes, --set overrides -> the message ({path}: the file)
+    "empty_file": ("corpus.txt", b"", [], "data.path {path} is empty"),
+    "shorter_than_one_block": (
+        "corpus.txt",
+        b"one paragraph\n\nanother paragraph\n",
+        ["data.val_fraction=0.5"],
+        "the training split of {path} is shorter than one block of 65 tokens (model.block_size + 1)",
+    ),
+    "too_few_blocks_for_validation": (
+        "corpus.txt",
+        paragraphs(40, 198),
+        [],
+        "the validation split has 6 blocks, too few for 1 ranks x micro-batch 8; raise data.val_fraction",
+    ),
+    "too_few_blocks_for_one_step": (
+        "corpus.txt",
+        paragraphs(40, 198),
+        ["gradient_accumulation_steps=20", "data.val_fraction=0.25"],
+        "too few for one step of 160 (1 ranks x micro-batch 8 x 20 accumulation steps)",
+    ),
+    "not_utf8": (
+        "corpus.txt",
+        b"plain text first\n\nthen caf\xe9 in latin-1\n",
+        [],
+        "{path} is not UTF-8: byte 0xe9 at offset 26",
+    ),
+    "missing_column": (
+        "corpus.jsonl",
+        b"".join(json.dumps({"body": "x" * 300, "id": i}).encode() + b"\n" for i in range(10)),
+        [],
+        "data.path {path} has no column 'text' (its columns: body, id); set data.text_column",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA))
+def test_bad_data(tmp_path, case):
+    name, content, overrides, message = DATA[case]
+    path = tmp_path / name
+    path.write_bytes(content)
+    refuse(tmp_path / "run", message.format(path=path), *sets(f"data.path={path}", *overrides))
+
+
+# -- the run folder --------------------------------------------------------------------------------
+
+
+def tree(folder) -> dict:
+    """Every path under ``folder`` with its size and modification time."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_out_dir_that_cannot_be_created(tmp_path):
+    # Tests run as root, and root writes into any folder whatever its mode bits (os.access says yes
+    # even for /proc, where mkdir then fails). What stops root too is a parent that is a regular file.
+    parent = tmp_path / "a_file"
+    parent.write_text("not a folder\n")
+    refuse(parent / "run", f"run.out_dir {parent / 'run'} cannot be created: {parent} is a file, not a folder")
+    assert parent.read_text() == "not a folder\n"
+
+
+def test_resume_folder_of_a_different_model(tmp_path):
     out = tmp_path / "run"
-    sets = ["moe.ep_size=1", *sets]  # one process: only the world-size case asks for more ranks
-    args = ["smoe_ds.train", "--config", CONFIG, "--set", f"run.out_dir={out}"] + sum([["--set", s] for s in sets], [])
-    proc = run_ranks("python", 1, args, module=True, check=False, timeout=120)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("smoe-ds: error:")]
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    assert not out.exists()
+    short = sets(f"run.out_dir={out}", "moe.ep_size=1", "run.max_steps=2", "run.eval_interval=0")
+    first = train("--config", CONFIG, *short, *sets("run.final_eval_batches=1", "run.eval_ks=[4]"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = tree(out)
+    assert (out / "checkpoints" / "step2" / "smoe_ds_meta.json").is_file()
+    proc = train("--config", CONFIG, *short, *sets("model.d_model=32", "moe.d_expert=16"))
+    assert_refused(
+        proc,
+        f"{out / 'checkpoints' / 'step2'} was written by a different model (model.d_model: 64 in the checkpoint "
+        "vs 32 now, moe.d_expert: 32 in the checkpoint vs 16 now); use another run.out_dir, or set "
+        "run.resume=false to start over there",
+    )
+    assert tree(out) == before
+
+
+# -- under launchers: every rank checks, one line is printed -----------------------------------------
 
 
 def test_bad_config_under_the_deepspeed_launcher_exits_nonzero(tmp_path):
     out = tmp_path / "run"
-    args = [
-        "smoe_ds.train",
-        "--config",
-        CONFIG,
-        "--set",
-        f"run.out_dir={out}",
-        "--set",
-        "moe.ep_size=4",
-        "--set",
-        "moe.num_experts=8",
-        "--set",
-        "moe.k_schedule.k_max=8",
-    ]
-    proc = run_ranks("deepspeed", 2, args, module=True, check=False, timeout=300)
+    args = sets(f"run.out_dir={out}", "moe.ep_size=4", "moe.num_experts=8", "moe.k_schedule.k_max=8")
+    proc = train("--config", CONFIG, *args, launcher="deepspeed", nprocs=2)
     assert proc.returncode != 0
     combined = proc.stdout + proc.stderr
     assert combined.count("smoe-ds: error: the world size (2) is not divisible by moe.ep_size (4)") == 1
+    assert combined.count(ERROR) == 1
     assert not out.exists()
 
 
-def test_missing_config_file_and_bad_json(tmp_path):
-    proc = run_ranks("python", 1, ["smoe_ds.train", "--config", str(tmp_path / "none.json")], module=True, check=False)
-    assert proc.returncode == 2 and "smoe-ds: error: config file not found" in proc.stderr
-    bad = tmp_path / "bad.json"
-    bad.write_text('{\n "optimizer": {\n}\n "model": 1}')
-    proc = run_ranks("python", 1, ["smoe_ds.train", "--config", str(bad)], module=True, check=False)
-    assert proc.returncode == 2 and "invalid JSON at line 4" in proc.stderr
+def test_bad_data_under_torchrun_every_rank_stops_one_line(tmp_path):
+    # Local rank 0 loads the data first while rank 1 waits in a barrier; a data error on rank 0
+    # releases rank 1, which then fails the same way, silently (torchrun may stop it first).
+    out, corpus = tmp_path / "run", tmp_path / "corpus.txt"
+    corpus.write_bytes(b"plain text first\n\nthen caf\xe9 in latin-1\n")
+    proc = train("--config", CONFIG, *sets(f"run.out_dir={out}", f"data.path={corpus}"), launcher="torchrun", nprocs=2)
+    assert proc.returncode != 0
+    combined = proc.stdout + proc.stderr
+    assert combined.count(f"{ERROR} {corpus} is not UTF-8: byte 0xe9 at offset 26") == 1
+    assert combined.count(ERROR) == 1
+    assert not out.exists()

@@ -1,10 +1,19 @@
+import json
 import os
 
 import pytest
 import torch
 
 from smoe_ds.config import ConfigError, DataConfig
-from smoe_ds.data import eval_batches, load_corpus, load_text_splits, split_files_by_hash, stdlib_files, train_batches
+from smoe_ds.data import (
+    eval_batches,
+    first_non_utf8,
+    load_corpus,
+    load_text_splits,
+    split_files_by_hash,
+    stdlib_files,
+    train_batches,
+)
 
 from .launch import SHARED_DATA
 
@@ -71,6 +80,30 @@ def test_empty_and_too_short_files(tmp_path):
     short.write_text("one paragraph\n\nanother paragraph\n")
     with pytest.raises(ConfigError, match="shorter than one block"):
         load_corpus(DataConfig(path=str(short), val_fraction=0.5), 64)
+
+
+def test_first_non_utf8_byte_offset_across_chunk_boundaries(tmp_path):
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("caf\u00e9 \u20ac " * 100)  # 2- and 3-byte characters cut by every chunk size below
+    bad.write_bytes(good.read_bytes() + b"ok \xff more")
+    for chunk in (1, 2, 3, 7, 1 << 20):
+        assert first_non_utf8([str(good)], chunk) is None
+        message = first_non_utf8([str(good), str(bad)], chunk)
+        assert message.startswith(f"{bad} is not UTF-8: byte 0xff at offset {good.stat().st_size + 3} ")
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes(b"abc\xe2\x82")  # a truncated character at the very end
+    assert f"{cut} is not UTF-8: byte 0xe2 at offset 3 " in first_non_utf8([str(cut)], 2)
+
+
+def test_table_file_uses_the_text_column(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "body": f"row {i} " + "w" * 300}) + "\n" for i in range(20)))
+    corpus = load_corpus(DataConfig(path=str(rows), text_column="body", val_fraction=0.2), block_size=32)
+    assert len(corpus.train_blocks) > len(corpus.val_blocks) > 0
+    with pytest.raises(ConfigError, match="has no column 'text' .its columns: id, body."):
+        load_corpus(DataConfig(path=str(rows)), block_size=32)
+    with pytest.raises(ConfigError, match="column 'id' of data.path .* holds int64, not text"):
+        load_corpus(DataConfig(path=str(rows), text_column="id"), block_size=32)
 
 
 def test_hf_tokenizer_from_a_local_path():
