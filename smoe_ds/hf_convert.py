@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # the summary says what was loaded and written; errors stay one line
     try:
+        if args.densify and args.experts is not None:
+            raise ConfigError("--densify writes an SMoE directory as it is; --experts is for conversion only")
         if args.densify:
             densify_cmd(args.src, args.out)
         elif args.experts is None:

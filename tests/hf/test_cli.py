@@ -62,11 +62,12 @@ def test_convert_then_densify_minilm(minilm_dir, minilm, minilm_inputs, tmp_path
         ("t5", "model type 't5' is not supported"),
         ("softmax_densify", "cannot densify a 'softmax'"),
         ("no_experts", "--experts N is required"),
+        ("densify_with_experts", "--experts is for conversion only"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(case, message, tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
-    if case in ("indivisible", "no_experts"):
+    if case in ("indivisible", "no_experts", "densify_with_experts"):
         tiny_model("gpt2").save_pretrained(src)
     elif case == "t5":
         config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64)
@@ -79,6 +80,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, message, tmp_path, capsys):
         "t5": ["--experts", "2"],
         "softmax_densify": ["--densify"],
         "no_experts": [],
+        "densify_with_experts": ["--densify", "--experts", "4"],
     }[case]
     capsys.readouterr()  # drop what the setup printed
     assert main([str(src), str(out), *options]) == 2
