@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from smoe_ds import distributed as D
+from smoe_ds import faults
 from smoe_ds.config import ConfigError, TrainConfig, config_from_dict
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -56,6 +57,7 @@ def save(engine, cfg: TrainConfig, save_dir: str | Path, step: int, keep_last: i
         str(save_dir), tag=tag, client_state={"smoe_ds_config": cfg.to_dict(), **meta}, save_latest=False
     )
     torch.save(rng_states(), tag_dir / f"rng_state_rank{D.rank()}.pt")
+    faults.maybe_die("save", D.rank(), step)
     D.barrier()
     if D.is_main():
         (tag_dir / META_FILE).write_text(json.dumps({**meta, "config": cfg.to_dict()}, indent=2) + "\n")
@@ -102,6 +104,12 @@ def latest_tag(save_dir: str | Path) -> str | None:
         return None
     tag = pointer.read_text().strip()
     return tag if (Path(save_dir) / tag / META_FILE).is_file() else None
+
+
+def latest_path(save_dir: str | Path) -> str | None:
+    """The folder of the newest complete checkpoint, as a string for messages; None if there is none."""
+    tag = latest_tag(save_dir)
+    return str(Path(save_dir) / tag) if tag else None
 
 
 def read_meta(tag_dir: Path) -> dict:

@@ -48,6 +48,11 @@ def init_distributed(master_port: int = 29500, timeout_s: float = 600.0) -> None
             timeout=timedelta(seconds=timeout_s),
             verbose=False,
         )
+    # Under mpirun, DeepSpeed's MPI discovery numbers local ranks in rank order, but Open MPI may
+    # place them otherwise (seen with --oversubscribe), and DeepSpeed's engine then refuses to
+    # start. The MPI runtime's own local rank is the one that matches the process's placement.
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        os.environ["LOCAL_RANK"] = os.environ["OMPI_COMM_WORLD_LOCAL_RANK"]
 
 
 def free_port() -> int:

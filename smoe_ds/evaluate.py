@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from smoe_ds import distributed as D
+from smoe_ds import faults
 from smoe_ds.moe.layer import set_active_experts
 
 LN2 = math.log(2.0)
@@ -46,6 +47,7 @@ def validation_loss(model, batches: list, k: int | None = None) -> float:
         set_active_experts(module, k)
     total = torch.zeros(2, dtype=torch.float64)
     for x, y in batches:
+        faults.maybe_die("eval", D.rank())
         out = model(x.to(device), y.to(device))
         total += torch.tensor([out.lm_loss.item(), 1.0], dtype=torch.float64)
     total = D.all_reduce_sum(total.to(device)).cpu()

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from smoe_ds import distributed as D
-from smoe_ds import preflight
+from smoe_ds import preflight, watchdog
 from smoe_ds.config import ConfigError, TrainConfig
 from smoe_ds.data import Corpus, eval_batches
 from smoe_ds.models.lm import SMoELM, build_model
+from smoe_ds.numerics import NumericalFault
 
 
 @dataclass
@@ -75,6 +76,8 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     if training:
         preflight.check_training(cfg, corpus, world)
 
+    # From here on a dead peer would leave this rank waiting in a collective: watch for one.
+    watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
     torch.manual_seed(cfg.run.seed)
     # DeepSpeed's expert-parallel groups are runs of consecutive ranks (checked below).
     ep_rank = rank % cfg.moe.ep_size if cfg.uses_moe else 0
@@ -101,15 +104,26 @@ def run_main(job: Callable[[], None]) -> int:
     """Run ``job``; a ConfigError becomes one line on stderr (from rank 0) and exit code 2."""
     try:
         job()
+        D.barrier()  # peers finish together, so no watchdog mistakes a finished peer for a dead one
     except ConfigError as e:
         if _launcher_rank() == 0:
             print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NumericalFault as e:  # every rank raises it together; one of them says so
+        if _launcher_rank() == 0:
+            print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
-    except Exception:
+    except Exception as e:
         traceback.print_exc()
+        # A failed collective usually means a peer died: name it. Any other error is this rank's own.
+        cause = watchdog.explain_collective_failure() if watchdog.is_communication_error(e) else None
+        if cause:
+            print(f"smoe-ds: error: {cause}", file=sys.stderr, flush=True)
+            return watchdog.EXIT_PEER_LOST
         return 1
     finally:
+        watchdog.stop()
         D.shutdown()
     return 0

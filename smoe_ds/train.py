@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from smoe_ds import checkpoint
+from smoe_ds import checkpoint, faults, placement
 from smoe_ds import distributed as D
 from smoe_ds.config import TrainConfig, load_config
 from smoe_ds.data import train_batches
@@ -33,6 +33,7 @@ from smoe_ds.evaluate import LN2, report, validation_loss
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.layer import moe_layers, set_active_experts
 from smoe_ds.moe.schedule import k_at_step
+from smoe_ds.numerics import BadLossGuard
 from smoe_ds.runtime import Runtime, build_runtime, run_main
 
 
@@ -62,6 +63,29 @@ def dropped_fraction(model: torch.nn.Module) -> float | None:
     t = torch.tensor([[float(g.last_dropped_routes), g.last_total_routes] for g in gates], dtype=torch.float64)
     t = D.all_reduce_sum(t).sum(0)
     return float(t[0] / t[1])
+
+
+def train_step(rt: Runtime, batches, step: int, guard: BadLossGuard, ckpt_dir: Path) -> torch.Tensor:
+    """One optimizer step of gradient_accumulation_steps good micro-batches; returns their summed LM loss.
+
+    A micro-batch whose loss is NaN/inf on any rank is skipped everywhere before backward and
+    replaced by the next one (see smoe_ds.numerics), so no bad gradient reaches the weights.
+    """
+    engine, total, good = rt.engine, torch.zeros(()), 0
+    while good < engine.gradient_accumulation_steps():
+        x, y = next(batches)
+        out = engine(x.to(engine.device), y.to(engine.device))
+        loss = out.loss * float("nan") if faults.poisoned("train", rt.rank, step) else out.loss
+        bad = guard.bad_ranks(loss)
+        if bad:
+            guard.record_bad(step, bad, checkpoint.latest_path(ckpt_dir))
+            continue
+        engine.backward(loss)
+        engine.step()
+        total += out.lm_loss.detach().float().cpu()
+        good += 1
+    guard.record_good()
+    return total
 
 
 def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
@@ -99,10 +123,14 @@ def train(cfg: TrainConfig) -> dict:
     rt = build_runtime(cfg, training=True)  # every input check runs in here, before out_dir is created
     engine, run = rt.engine, cfg.run
     out_dir = Path(run.out_dir)
+    layout = placement.gather_layout(cfg.moe.ep_size, cfg.moe.num_experts) if cfg.uses_moe else None
     if D.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         print(describe(rt), flush=True)
+        if layout:
+            print(placement.describe(layout), flush=True)
+            placement.write(layout, out_dir)
     ckpt_dir = out_dir / "checkpoints"
     start_step = checkpoint.restore(engine, cfg, ckpt_dir) if run.resume else 0
     if start_step and D.is_main():
@@ -129,15 +157,12 @@ def train(cfg: TrainConfig) -> dict:
     )
     history, t0, window_loss, window_steps = [], time.perf_counter(), torch.zeros(()), 0
 
+    guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.deepspeed.get("fp16", {}).get("enabled", False))
     for step in range(start_step, run.max_steps):
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)
-        for _ in range(gas):
-            x, y = next(batches)
-            out = engine(x.to(engine.device), y.to(engine.device))
-            engine.backward(out.loss)
-            engine.step()
-            window_loss += out.lm_loss.detach().float().cpu()
+        faults.maybe_die("train", rt.rank, step)
+        window_loss += train_step(rt, batches, step, guard, ckpt_dir)
         window_steps += 1
         done = step + 1
         bar.update(1)
@@ -148,14 +173,21 @@ def train(cfg: TrainConfig) -> dict:
             lr = engine.get_lr()[0]
             events = [("Train/loss", loss, done), ("Train/k", k, done), ("Train/lr", lr, done)]
             events += expert_load_events(engine.module, done)
+            skipped = engine.skipped_steps if not guard.enabled else guard.skipped  # fp16: the loss scaler's
+            if skipped:
+                events.append(("Train/skipped_steps", skipped, done))
             drop = dropped_fraction(engine.module)
             postfix = {"loss": f"{loss:.3f}", "k": k, "tok/s": f"{tok_s:,.0f}"}
+            if skipped:
+                postfix["skipped"] = skipped
             if drop is not None:
                 events.append(("Train/dropped_fraction", drop, done))
                 postfix["dropped"] = f"{drop:.1%}"
             engine.monitor.write_events(events)
             bar.set_postfix(postfix)
-            history.append({"step": done, "loss": loss, "k": k, "lr": lr, "tokens_per_s": tok_s})
+            history.append(
+                {"step": done, "loss": loss, "k": k, "lr": lr, "tokens_per_s": tok_s, "skipped_steps": skipped}
+            )
             window_loss, window_steps = torch.zeros(()), 0
 
         if run.eval_interval and (done % run.eval_interval == 0 or done == run.max_steps):

@@ -6,8 +6,8 @@ leftover process. Output is captured and shown when the run fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +47,22 @@ def launcher_command(launcher: str, nprocs: int, target: list[str], port: int, m
     raise ValueError(launcher)
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process below it. Launchers (torchrun) may start ranks in
+    sessions of their own, so killing the launcher's process group is not enough; SIGKILL also
+    ends a stopped (SIGSTOP) rank."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
 def failure(cmd: list[str], what: str, stdout: str, stderr: str) -> str:
     return f"{' '.join(cmd)} {what}\n--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-6000:]}"
 
@@ -81,7 +97,7 @@ def run_ranks(
         try:
             stdout, stderr = popen.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
+            kill_tree(popen.pid)
             stdout, stderr = popen.communicate()
             raise AssertionError(failure(cmd, f"ran past {timeout}s", stdout, stderr)) from None
     proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
@@ -92,3 +108,37 @@ def run_ranks(
 
 def run_worker(launcher: str, nprocs: int, worker: str, *args: str, **kw) -> subprocess.CompletedProcess:
     return run_ranks(launcher, nprocs, [str(WORKERS / worker), *args], **kw)
+
+
+def start_torchrun_node(
+    node_rank: int, nnodes: int, nproc: int, port: int, target: list[str], env: dict | None = None
+) -> subprocess.Popen:
+    """One simulated node: a torchrun agent with ``node_rank``, all nodes sharing 127.0.0.1:``port``.
+
+    Started in a session of its own (kill the group to stop it); output goes to pipes.
+    """
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nnodes",
+        str(nnodes),
+        "--node_rank",
+        str(node_rank),
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        "-m",
+        *target,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env={**full_env, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
