@@ -87,12 +87,19 @@ def test_evaluate_cli_reloads_the_checkpoint_under_torchrun(deepspeed_run, tmp_p
     assert "bits/byte" in proc.stdout
 
 
-def test_mpirun_with_mpi_discovery(tmp_path):
+def test_mpirun_4_ranks_with_mpi_discovery_and_the_logged_expert_layout(tmp_path):
     data = SHARED_DATA / "tinyshakespeare" / "input.txt"
     corpus = [f"data.path={data}"] if data.exists() else []  # a local text file when ../shared is there
-    train("mpirun", tmp_path, *corpus, "zero_optimization.stage=1", "run.max_steps=30", "run.eval_interval=30")
+    sets = ("zero_optimization.stage=1", "run.max_steps=30", "run.eval_interval=30", "data.val_fraction=0.2")
+    proc = train("mpirun", tmp_path, *corpus, *sets, nprocs=4)
     val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
     assert val[-1]["k=4"] < val[0]["k=4"] - 0.5
+    # ep_size 2 on 4 ranks: two all-to-all groups of consecutive ranks, experts averaged across them
+    layout = json.loads((tmp_path / "layout.json").read_text())
+    assert layout["world_size"] == 4 and layout["expert_parallel_groups"] == [[0, 1], [2, 3]]
+    assert layout["expert_data_parallel_groups"] == [[0, 2], [1, 3]]
+    assert layout["experts_of_rank"] == [[0, 1], [2, 3], [0, 1], [2, 3]]
+    assert "all-to-all groups: [[0, 1], [2, 3]]" in proc.stdout
 
 
 @pytest.mark.parametrize("mode, zero", [("dense", 0), ("learned", 1)])
