@@ -41,6 +41,19 @@ def check_out_dir(out_dir: str) -> None:
         raise ConfigError(f"{ckpt_dir} is not a writable folder; remove it or choose another run.out_dir")
 
 
+def check_precision(cfg: TrainConfig) -> None:
+    """fp16/bf16 are enabled only where DeepSpeed's accelerator supports them (no fp16 on CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    for kind, supported in (("fp16", acc.is_fp16_supported()), ("bf16", acc.is_bf16_supported())):
+        if cfg.deepspeed.get(kind, {}).get("enabled") and not supported:
+            raise ConfigError(
+                f"{kind}.enabled is true, but DeepSpeed's {acc.device_name()} accelerator has no {kind}; "
+                f"set {kind}.enabled=false ({'bf16 or ' if kind == 'fp16' else ''}fp32 instead)"
+            )
+
+
 def load_corpus_on_every_rank(cfg: TrainConfig) -> Corpus:
     """``load_corpus``, local rank 0 first (it fills the datasets cache), then the others.
 

@@ -69,6 +69,7 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     rank, world = D.rank(), D.world_size()
     cfg.validate_for_world(world)
     preflight.check_out_dir(cfg.run.out_dir)
+    preflight.check_precision(cfg)
     corpus = preflight.load_corpus_on_every_rank(cfg)
     cfg.model.vocab_size = corpus.vocab_size
     micro = cfg.micro_batch_size(world)

@@ -61,6 +61,7 @@ CASES = {  # --set overrides -> the message
     "eval_ks_outside_1_to_n": (["run.eval_ks=[1,8]"], "run.eval_ks has values outside [1, num_experts=4]: [8]"),
     "max_steps_zero": (["run.max_steps=0"], "run.max_steps must be >= 1, got 0"),
     "negative_lr": (["optimizer.params.lr=-0.001"], "optimizer.params.lr must be >= 0, got -0.001"),
+    "fp16_on_cpu": (["fp16.enabled=true"], "fp16.enabled is true, but DeepSpeed's cpu accelerator has no fp16"),
     "fp16_and_bf16": (
         ["fp16.enabled=true", "bf16.enabled=true"],
         "fp16.enabled and bf16.enabled are both true; choose one",
