@@ -3,10 +3,11 @@
     python -m smoe_ds.hf_convert SRC OUT --experts N [--weighting rescale|softmax] [--router-seed S]
     python -m smoe_ds.hf_convert SMOE_DIR OUT --densify
 
-SRC is a local model directory or a hub name; OUT becomes an SMoE directory (``load_smoe``
-reloads it at any k). ``--densify`` writes a ``rescale`` SMoE directory as a plain model of the
-original architecture, loadable by ``transformers`` alone. The tokenizer travels along when
-SRC has one. Bad input stops with one line and exit code 2.
+SRC is a local model directory or a hub name; OUT becomes an SMoE directory (after
+``import smoe_ds``, ``AutoModel.from_pretrained`` or ``load_smoe`` reloads it at any k).
+``--densify`` writes a ``rescale`` SMoE directory as a plain model of the original
+architecture, loadable by ``transformers`` alone. The tokenizer travels along when SRC has
+one. Bad input stops with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ def _load_dense(src: str):
     """SRC's model in the class its config names (e.g. GPT2LMHeadModel), so heads are kept."""
     import transformers
 
-    from smoe_ds.hf.export import SMOE_CONFIG
+    from smoe_ds.hf.auto import MODEL_TYPE
     from smoe_ds.hf.families import family_for
 
-    if (Path(src) / SMOE_CONFIG).is_file():
-        raise ConfigError(f"{src} is an SMoE-Dropout directory already (--densify writes it as a dense model)")
     if not Path(src).exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
         raise ConfigError(f"{src}: no such model directory")
     try:
         config = transformers.AutoConfig.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{src}: cannot read a Hugging Face model config ({str(e).splitlines()[0]})") from e
+    if config.model_type == MODEL_TYPE:
+        raise ConfigError(f"{src} is an SMoE-Dropout directory already (--densify writes it as a dense model)")
     family_for(config.model_type)  # refuse an unsupported architecture before loading any weights
     archs = [a for a in config.architectures or [] if hasattr(transformers, a)]
     model_cls = getattr(transformers, archs[0]) if archs else transformers.AutoModel

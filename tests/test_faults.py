@@ -126,10 +126,12 @@ def test_a_hung_rank_is_found_by_the_heartbeat_within_the_timeout(tmp_path):
         nodes.kill_all()
 
 
-def test_nan_losses_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nan_losses_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoint(tmp_path, precision):
     out = tmp_path / "run"
     # A transient NaN (2 micro-batches on rank 1 at step 2) is skipped on both ranks and the run finishes.
     args = ["run.max_steps=5", "run.save_interval=3", "run.max_bad_steps=3", "run.log_interval=5"]
+    args.append(f"bf16.enabled={precision == 'bf16'}".lower())
     transient = run_ranks(
         "torchrun", 2, train_args(out, *args), module=True, env={"SMOE_DS_INJECT_FAULT": "nan:1:train:2:2"}
     )
@@ -140,7 +142,7 @@ def test_nan_losses_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoi
     lasting = run_ranks(
         "torchrun",
         2,
-        train_args(out, "run.max_steps=10", "run.save_interval=3", "run.max_bad_steps=3"),
+        train_args(out, *args[-1:], "run.max_steps=10", "run.save_interval=3", "run.max_bad_steps=3"),
         module=True,
         check=False,
         env={"SMOE_DS_INJECT_FAULT": "nan:1:train:7"},

@@ -4,6 +4,7 @@
 - ``ffn``: the converted FFN module (shared experts and layer from ``smoe_ds.moe``).
 - ``families``: where each architecture keeps its FFN and in which layout.
 - ``export``: save/load the SMoE model; densify a ``rescale`` model back into the original architecture.
+- ``auto``: the saved SMoE directory's config and its loader for transformers' Auto classes.
 
 The CLI is ``python -m smoe_ds.hf_convert``.
 """
