@@ -1,0 +1,171 @@
+"""A converted model as a standard Hugging Face directory that transformers' Auto classes load.
+
+The directory holds ``config.json`` (an ``SMoEHFConfig``: model_type ``smoe_dropout_hf``, the
+original architecture and its config, family, N, weighting, router seed and the k it was saved
+at) and ``model.safetensors`` (every weight of the converted model, routers included).
+
+``import smoe_ds`` calls ``register``: the config joins ``AutoConfig``, and a loader joins
+``AutoModel`` and the task Auto classes. The loader's ``from_pretrained`` builds the original
+architecture from the stored config, converts it the same way, then loads the file strictly, so
+``AutoModel.from_pretrained(dir)`` returns e.g. a converted ``BertModel`` that runs at the saved
+k and takes ``set_active_experts``. Without ``import smoe_ds`` the model type is unknown and
+``AutoConfig`` refuses the directory: it never loads as the dense model with its FFNs missing.
+
+The loader is not a model class: what it returns is the original architecture's own class, so
+heads, ``generate()`` and everything that checks the class work as for the dense model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import transformers
+from safetensors.torch import load_model
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
+
+from smoe_ds.config import ConfigError
+from smoe_ds.hf.convert import SMoESpec, active_experts, convert_model, spec_of
+from smoe_ds.moe.layer import set_active_experts
+
+MODEL_TYPE = "smoe_dropout_hf"
+FORMAT_VERSION = 2  # 1 was smoe_config.json + smoe_model.safetensors
+# Auto classes the loader joins; each returns the saved architecture, head included, and a task
+# class refuses an architecture that is not its own (AutoModel takes any).
+AUTO_CLASSES = (
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "AutoModelForQuestionAnswering",
+)
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+AUTO_INTERNAL_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs")  # set by every Auto call
+
+
+class SMoEHFConfig(PretrainedConfig):
+    """What rebuilds a converted model: the original architecture and config, and the SMoE spec."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(
+        self,
+        architecture: str | None = None,
+        base_model_type: str | None = None,
+        base_config: dict | None = None,
+        family: str | None = None,
+        num_experts: int | None = None,
+        weighting: str | None = None,
+        router_seed: int | None = None,
+        num_layers: int | None = None,
+        active_experts: int | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs,
+    ) -> None:
+        self.architecture = architecture
+        self.base_model_type = base_model_type
+        self.base_config = dict(base_config or {})
+        self.family = family
+        self.num_experts = num_experts
+        self.weighting = weighting
+        self.router_seed = router_seed
+        self.num_layers = num_layers
+        self.active_experts = active_experts
+        self.format_version = format_version
+        super().__init__(**kwargs)
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> SMoEHFConfig:
+        base = model.config.to_dict()
+        # Kept apart: given a nested dict whose model_type is its own, a config class's from_pretrained
+        # takes that dict, so e.g. GPT2LMHeadModel.from_pretrained(dir) would build the right shapes
+        # and load every weight but the FFNs'.
+        base_model_type = base.pop("model_type")
+        return cls(
+            architecture=type(model).__name__,
+            base_model_type=base_model_type,
+            base_config=base,
+            active_experts=active_experts(model),
+            **asdict(spec_of(model)),
+        )
+
+    def base(self) -> PretrainedConfig:
+        """The original architecture's config."""
+        return transformers.AutoConfig.for_model(self.base_model_type, **self.base_config)
+
+    @property
+    def spec(self) -> SMoESpec:
+        return SMoESpec(**{f: getattr(self, f) for f in SMoESpec.__dataclass_fields__})
+
+
+def read_config(path: str | Path, **hub_kwargs) -> SMoEHFConfig:
+    """``path``'s config.json as an SMoEHFConfig; ConfigError when it is not an SMoE directory."""
+    try:
+        config_dict, _ = SMoEHFConfig.get_config_dict(str(path), **hub_kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not an SMoE-Dropout directory ({str(e).splitlines()[0]})") from e
+    if config_dict.get("model_type") != MODEL_TYPE:
+        raise ConfigError(
+            f"{path}: not an SMoE-Dropout directory (config.json has model_type "
+            f"{config_dict.get('model_type')!r}, not {MODEL_TYPE!r})"
+        )
+    return SMoEHFConfig.from_dict(config_dict)
+
+
+def build(config: SMoEHFConfig, weights_file: str | Path) -> PreTrainedModel:
+    """The converted model ``config`` describes, with the weights of ``weights_file``, at the saved k."""
+    if config.format_version != FORMAT_VERSION:
+        raise ConfigError(f"SMoE-Dropout format_version {config.format_version}, expected {FORMAT_VERSION}")
+    model_cls = getattr(transformers, config.architecture, None)
+    if model_cls is None:
+        raise ConfigError(f"transformers has no model class {config.architecture!r}")
+    spec = config.spec
+    # The dense weights drawn here are overwritten by the file: only the structure matters.
+    model = model_cls(config.base())
+    convert_model(model, spec.num_experts, spec.weighting, spec.router_seed)
+    load_model(model, str(weights_file))  # strict: any missing or unexpected key is an error
+    set_active_experts(model, config.active_experts)
+    return model.eval()
+
+
+class SMoEDropoutLoader:
+    """Registered with one Auto class (``auto_class``, set per subclass by ``register``)."""
+
+    config_class = SMoEHFConfig
+    auto_class = "AutoModel"
+
+    @classmethod
+    def from_pretrained(cls, path, *model_args, config: SMoEHFConfig | None = None, **kwargs) -> PreTrainedModel:
+        hub = {k: v for k in HUB_KWARGS if (v := kwargs.pop(k, None)) is not None}
+        for k in AUTO_INTERNAL_KWARGS:
+            kwargs.pop(k, None)
+        if model_args or kwargs:  # e.g. dtype or device_map: refused rather than silently ignored
+            raise ConfigError(
+                f"loading an SMoE-Dropout model takes no options besides {', '.join(HUB_KWARGS)}; "
+                f"got {', '.join([*map(repr, model_args), *kwargs])}"
+            )
+        config = config if config is not None else read_config(path, **hub)
+        cls._check_task(config)
+        return build(config, cached_file(str(path), SAFE_WEIGHTS_NAME, **hub))
+
+    @classmethod
+    def _check_task(cls, config: SMoEHFConfig) -> None:
+        if cls.auto_class == "AutoModel":
+            return
+        base = config.base()
+        mapping = getattr(transformers, cls.auto_class)._model_mapping
+        expected = mapping[type(base)].__name__ if type(base) in mapping else None
+        if expected != config.architecture:
+            raise ConfigError(
+                f"this SMoE-Dropout model is a converted {config.architecture}, which {cls.auto_class} does not "
+                f"load (it loads {expected or f'no {base.model_type} model'}); use AutoModel"
+            )
+
+
+def register() -> None:
+    transformers.AutoConfig.register(MODEL_TYPE, SMoEHFConfig, exist_ok=True)
+    for name in AUTO_CLASSES:
+        loader = type(f"SMoEDropout{name[4:]}Loader", (SMoEDropoutLoader,), {"auto_class": name})
+        getattr(transformers, name).register(SMoEHFConfig, loader, exist_ok=True)
