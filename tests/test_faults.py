@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -152,3 +154,26 @@ def test_nan_losses_are_skipped_then_stop_the_run_keeping_the_last_good_checkpoi
     assert "NaN/inf 3 times in a row" in errors[0] and "on rank(s) 1" in errors[0]
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step6'}" in errors[0]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step6"
+
+
+def test_a_stale_extension_build_lock_is_named_instead_of_hanging_silently(tmp_path):
+    # A process killed while DeepSpeed JIT-builds its CPU op leaves `lock` behind, and torch waits on
+    # it forever. Start-up must say which file to delete. (The wait itself is torch's; the test stops it.)
+    ext = tmp_path / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").touch()
+    env = {"TORCH_EXTENSIONS_DIR": str(ext)}
+    args = train_args(tmp_path / "run", "run.collective_timeout_s=5")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env={**os.environ, **env}, stderr=err)
+    try:
+        deadline, seen = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "delete it" not in seen:
+            time.sleep(0.5)
+            seen = log.read_text()
+        assert f"start-up has waited 5s on {ext / 'deepspeed_shm_comm' / 'lock'}" in seen, seen[-3000:]
+        assert "delete it" in seen
+    finally:
+        kill_tree(proc.pid)
+        proc.wait()
