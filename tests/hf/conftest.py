@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,22 @@ def outputs(model, inputs: dict) -> torch.Tensor:
     """The model's final tensor: logits for LM heads, else the last hidden states."""
     out = model(**inputs)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+PLAIN_LOAD = Path(__file__).with_name("plain_load.py")
+
+
+def run_plain_transformers(jobs: list[dict], workdir: Path) -> None:
+    """Run ``plain_load.py`` on ``jobs`` in a subprocess that only imports torch and transformers."""
+    (workdir / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    proc = subprocess.run(
+        [sys.executable, str(PLAIN_LOAD), str(workdir / "jobs.json")],
+        cwd=workdir,  # not the repo: nothing of smoe_ds is importable by accident from here
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "smoe_ds imported: False" in proc.stdout

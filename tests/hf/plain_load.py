@@ -3,7 +3,8 @@
     python plain_load.py jobs.json
 
 Each job names a model directory, an Auto class, an inputs file and an output file; the final
-tensor (logits, else last hidden states) is saved. Proves the export needs no smoe_ds.
+tensor (logits, else last hidden states) is saved. Proves the export needs no smoe_ds. A job
+with ``"expect_error": true`` must fail to load instead; its error message is saved as text.
 """
 
 import json
@@ -13,7 +14,16 @@ import torch
 import transformers
 
 for job in json.load(open(sys.argv[1])):
-    model = getattr(transformers, job["auto_class"]).from_pretrained(job["dir"]).eval()
+    auto_class = getattr(transformers, job["auto_class"])
+    if job.get("expect_error"):
+        try:
+            auto_class.from_pretrained(job["dir"])
+        except Exception as e:  # what a user without smoe_ds sees
+            open(job["out"], "w").write(f"{type(e).__name__}: {e}")
+            print(job["dir"], "refused")
+            continue
+        raise SystemExit(f"{job['dir']} loaded without smoe_ds")
+    model = auto_class.from_pretrained(job["dir"]).eval()
     with torch.no_grad():
         out = model(**torch.load(job["inputs"]))
     torch.save(out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state, job["out"])

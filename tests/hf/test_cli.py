@@ -58,6 +58,7 @@ def test_convert_then_densify_minilm(minilm_dir, minilm, minilm_inputs, tmp_path
     "case, message",
     [
         ("missing", "no such model directory"),
+        ("smoe_src", "is an SMoE-Dropout directory already"),
         ("indivisible", "hidden size 256 of this gpt2 model is not divisible into 3 experts"),
         ("t5", "model type 't5' is not supported"),
         ("softmax_densify", "cannot densify a 'softmax'"),
@@ -72,10 +73,13 @@ def test_bad_input_is_one_line_and_exit_code_2(case, message, tmp_path, capsys):
     elif case == "t5":
         config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=64)
         transformers.T5Model(config).save_pretrained(src)
+    elif case == "smoe_src":
+        save_smoe(convert_model(tiny_model("gpt2"), num_experts=4), src)
     elif case == "softmax_densify":
         save_smoe(convert_model(tiny_model("gpt2"), num_experts=4, weighting="softmax"), src)
     options = {
         "missing": ["--experts", "4"],
+        "smoe_src": ["--experts", "4"],
         "indivisible": ["--experts", "3"],
         "t5": ["--experts", "2"],
         "softmax_densify": ["--densify"],
