@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 OUR_SECTIONS = ("model", "moe", "data", "run")
-MOE_MODES = ("smoe_dropout", "dense", "learned")
+MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed")
 SCHEDULE_KINDS = ("linear", "cosine", "exponential", "multistep")
 
 
@@ -72,14 +72,14 @@ class KScheduleConfig:
 
 @dataclass
 class MoEConfig:
-    mode: str = "smoe_dropout"  # "smoe_dropout", "dense" or "learned"
+    mode: str = "smoe_dropout"  # "smoe_dropout", "dense", "learned" or "random_fixed"
     num_experts: int = 16  # N
     d_expert: int = 64  # hidden width of one expert; the dense baseline uses d_ff = N * d_expert
     ep_size: int = 1  # expert-parallel ranks per group; N and the world size must divide by it
     router_seed: int = 1234  # the frozen router of layer L is drawn from (router_seed, L)
     capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * k * S / N)
     k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
-    k: int = 2  # fixed k of the "learned" baseline
+    k: int = 2  # fixed k of the "learned" baseline and the "random_fixed" ablation
     aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
 
 
@@ -146,7 +146,7 @@ class TrainConfig:
         if ks.end_step is None:
             ks.end_step = self.run.max_steps
         if self.run.eval_ks is None:
-            self.run.eval_ks = self.default_eval_ks() if self.moe.mode == "smoe_dropout" else [self._fixed_k()]
+            self.run.eval_ks = self.default_eval_ks() if self.frozen_router else [self.fixed_k()]
         sched = self.deepspeed.get("scheduler", {}).get("params", {})
         if sched.get("total_num_steps") == "auto":
             sched["total_num_steps"] = self.run.max_steps
@@ -158,8 +158,14 @@ class TrainConfig:
         self.validate()
         return self
 
-    def _fixed_k(self) -> int:
-        return self.moe.k if self.moe.mode == "learned" else self.moe.num_experts
+    @property
+    def frozen_router(self) -> bool:
+        """Modes behind the frozen random router; their one checkpoint runs at any k."""
+        return self.moe.mode in ("smoe_dropout", "random_fixed")
+
+    def fixed_k(self) -> int:
+        """k of the modes without a schedule: moe.k for learned and random_fixed, N for dense."""
+        return self.moe.k if self.moe.mode in ("learned", "random_fixed") else self.moe.num_experts
 
     # -- checks -----------------------------------------------------------------------
 

@@ -38,10 +38,10 @@ from smoe_ds.runtime import Runtime, build_runtime, run_main
 
 
 def active_k(cfg: TrainConfig, step: int) -> int:
-    """k for this step: the schedule for SMoE-Dropout, fixed for the learned baseline."""
+    """k for this step: the schedule for SMoE-Dropout, fixed (moe.k, or N for dense) otherwise."""
     if cfg.moe.mode == "smoe_dropout":
         return k_at_step(cfg.moe.k_schedule, step)
-    return cfg.moe.k if cfg.moe.mode == "learned" else cfg.moe.num_experts
+    return cfg.fixed_k()
 
 
 def expert_load_events(model: torch.nn.Module, step: int) -> list[tuple]:
@@ -91,7 +91,7 @@ def train_step(rt: Runtime, batches, step: int, guard: BadLossGuard, ckpt_dir: P
 def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
     """Validation loss at the current k and at k = N; logged, shown, and k restored afterwards."""
     cfg, engine = rt.cfg, rt.engine
-    ks = sorted({k, cfg.moe.num_experts}) if cfg.moe.mode == "smoe_dropout" else [k]
+    ks = sorted({k, cfg.moe.num_experts}) if cfg.frozen_router else [k]
     losses = {f"k={kk}": validation_loss(engine, val, kk) for kk in ks}
     set_active_experts(engine.module, k)
     engine.monitor.write_events([(f"Eval/loss_{name}", v, step) for name, v in losses.items()])
@@ -116,6 +116,8 @@ def describe(rt: Runtime) -> str:
     if cfg.moe.mode == "smoe_dropout":
         ks = cfg.moe.k_schedule
         lines.append(f"  k schedule: {ks.kind} {ks.k_min} -> {ks.k_max} over steps {ks.start_step}..{ks.end_step}")
+    elif cfg.uses_moe:
+        lines.append(f"  fixed k = {cfg.fixed_k()}")
     return "\n".join(lines)
 
 

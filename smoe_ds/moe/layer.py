@@ -134,7 +134,7 @@ def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int, for_deepspeed: boo
     ``for_deepspeed=False`` builds the same modules without DeepSpeed (single-device inference);
     only the ``learned`` baseline, which is DeepSpeed's own layer, always needs it.
     """
-    if cfg.mode == "smoe_dropout":
+    if cfg.mode in ("smoe_dropout", "random_fixed"):  # the same layer; only how k is chosen differs
         return (deepspeed_moe_class() if for_deepspeed else SMoEDropoutFFN)(d_model, cfg, layer_index)
     if cfg.mode == "learned":
         from deepspeed.moe.layer import MoE
