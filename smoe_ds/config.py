@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 OUR_SECTIONS = ("model", "moe", "data", "run")
-MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed")
+MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed", "thor")
 SCHEDULE_KINDS = ("linear", "cosine", "exponential", "multistep")
 
 
@@ -72,7 +72,7 @@ class KScheduleConfig:
 
 @dataclass
 class MoEConfig:
-    mode: str = "smoe_dropout"  # "smoe_dropout", "dense", "learned" or "random_fixed"
+    mode: str = "smoe_dropout"  # "smoe_dropout", "dense", "learned", "random_fixed" or "thor"
     num_experts: int = 16  # N
     d_expert: int = 64  # hidden width of one expert; the dense baseline uses d_ff = N * d_expert
     ep_size: int = 1  # expert-parallel ranks per group; N and the world size must divide by it
@@ -81,6 +81,7 @@ class MoEConfig:
     k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
     k: int = 2  # fixed k of the "learned" baseline and the "random_fixed" ablation
     aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
+    thor_alpha: float = 1.0  # "thor": weight of the symmetric-KL consistency loss between its two passes
 
 
 @dataclass
@@ -146,7 +147,7 @@ class TrainConfig:
         if ks.end_step is None:
             ks.end_step = self.run.max_steps
         if self.run.eval_ks is None:
-            self.run.eval_ks = self.default_eval_ks() if self.frozen_router else [self.fixed_k()]
+            self.run.eval_ks = self.default_eval_ks() if self.slimmable else [self.fixed_k()]
         sched = self.deepspeed.get("scheduler", {}).get("params", {})
         if sched.get("total_num_steps") == "auto":
             sched["total_num_steps"] = self.run.max_steps
@@ -159,12 +160,14 @@ class TrainConfig:
         return self
 
     @property
-    def frozen_router(self) -> bool:
-        """Modes behind the frozen random router; their one checkpoint runs at any k."""
-        return self.moe.mode in ("smoe_dropout", "random_fixed")
+    def slimmable(self) -> bool:
+        """Modes whose router needs no training, so one checkpoint can be evaluated at any k."""
+        return self.moe.mode in ("smoe_dropout", "random_fixed", "thor")
 
     def fixed_k(self) -> int:
-        """k of the modes without a schedule: moe.k for learned and random_fixed, N for dense."""
+        """k of the modes without a schedule: moe.k for learned and random_fixed, 1 for thor, N for dense."""
+        if self.moe.mode == "thor":
+            return 1  # THOR sends each token to one random expert
         return self.moe.k if self.moe.mode in ("learned", "random_fixed") else self.moe.num_experts
 
     # -- checks -----------------------------------------------------------------------

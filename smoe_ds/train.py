@@ -33,6 +33,7 @@ from smoe_ds.evaluate import LN2, report, validation_loss
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.layer import moe_layers, set_active_experts
 from smoe_ds.moe.schedule import k_at_step
+from smoe_ds.moe.thor import thor_loss
 from smoe_ds.numerics import BadLossGuard
 from smoe_ds.runtime import Runtime, build_runtime, run_main
 
@@ -74,8 +75,13 @@ def train_step(rt: Runtime, batches, step: int, guard: BadLossGuard, ckpt_dir: P
     engine, total, good = rt.engine, torch.zeros(()), 0
     while good < engine.gradient_accumulation_steps():
         x, y = next(batches)
-        out = engine(x.to(engine.device), y.to(engine.device))
-        loss = out.loss * float("nan") if faults.poisoned("train", rt.rank, step) else out.loss
+        x, y = x.to(engine.device), y.to(engine.device)
+        out = engine(x, y)
+        loss = out.loss
+        if rt.cfg.moe.mode == "thor":  # a second pass with fresh random routes, and their consistency
+            loss = thor_loss(out, engine(x, y), rt.cfg.moe.thor_alpha)
+        if faults.poisoned("train", rt.rank, step):
+            loss = loss * float("nan")
         bad = guard.bad_ranks(loss)
         if bad:
             guard.record_bad(step, bad, checkpoint.latest_path(ckpt_dir))
@@ -91,7 +97,7 @@ def train_step(rt: Runtime, batches, step: int, guard: BadLossGuard, ckpt_dir: P
 def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
     """Validation loss at the current k and at k = N; logged, shown, and k restored afterwards."""
     cfg, engine = rt.cfg, rt.engine
-    ks = sorted({k, cfg.moe.num_experts}) if cfg.frozen_router else [k]
+    ks = sorted({k, cfg.moe.num_experts}) if cfg.slimmable else [k]
     losses = {f"k={kk}": validation_loss(engine, val, kk) for kk in ks}
     set_active_experts(engine.module, k)
     engine.monitor.write_events([(f"Eval/loss_{name}", v, step) for name, v in losses.items()])

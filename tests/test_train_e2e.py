@@ -102,7 +102,7 @@ def test_mpirun_4_ranks_with_mpi_discovery_and_the_logged_expert_layout(tmp_path
     assert "all-to-all groups: [[0, 1], [2, 3]]" in proc.stdout
 
 
-@pytest.mark.parametrize("mode, zero", [("dense", 0), ("learned", 1), ("random_fixed", 2)])
+@pytest.mark.parametrize("mode, zero", [("dense", 0), ("learned", 1), ("random_fixed", 2), ("thor", 2)])
 def test_baseline_modes_train_under_torchrun(tmp_path, mode, zero):
     train(
         "torchrun",
@@ -114,7 +114,7 @@ def test_baseline_modes_train_under_torchrun(tmp_path, mode, zero):
     )
     val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
     # dense runs every unit; learned keeps its fixed k (moe.k = 2); random_fixed trains at k = 2 behind the
-    # frozen router and, like SMoE-Dropout, is also validated at k = N
-    keys = {"dense": ["k=4"], "learned": ["k=2"], "random_fixed": ["k=2", "k=4"]}[mode]
+    # frozen router and, like SMoE-Dropout, is also validated at k = N; thor trains at k = 1 (random routes)
+    keys = {"dense": ["k=4"], "learned": ["k=2"], "random_fixed": ["k=2", "k=4"], "thor": ["k=1", "k=4"]}[mode]
     assert list(val[0]) == ["step", *keys]
     assert val[-1][keys[0]] < val[0][keys[0]] - 0.5

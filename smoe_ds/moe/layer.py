@@ -79,6 +79,7 @@ class SMoEDropoutFFN(nn.Module):
             router_seed=cfg.router_seed,
             layer_index=layer_index,
             capacity_factor=cfg.capacity_factor,
+            **(dict(weighting="uniform", routing="random") if cfg.mode == "thor" else {}),
         )
         experts = GroupedExperts(cfg.num_experts // cfg.ep_size, d_model, cfg.d_expert, expert_group_name(cfg.ep_size))
         self._init_parts(gate, experts, cfg.ep_size)
@@ -134,7 +135,7 @@ def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int, for_deepspeed: boo
     ``for_deepspeed=False`` builds the same modules without DeepSpeed (single-device inference);
     only the ``learned`` baseline, which is DeepSpeed's own layer, always needs it.
     """
-    if cfg.mode in ("smoe_dropout", "random_fixed"):  # the same layer; only how k is chosen differs
+    if cfg.mode in ("smoe_dropout", "random_fixed", "thor"):  # one layer; k and routing are what differ
         return (deepspeed_moe_class() if for_deepspeed else SMoEDropoutFFN)(d_model, cfg, layer_index)
     if cfg.mode == "learned":
         from deepspeed.moe.layer import MoE

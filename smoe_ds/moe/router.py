@@ -64,7 +64,8 @@ def capacity_for(num_tokens: int, k: int, num_experts: int, capacity_factor: flo
     return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
 
 
-WEIGHTINGS = ("softmax", "rescale")
+WEIGHTINGS = ("softmax", "rescale", "uniform")
+ROUTINGS = ("frozen", "random")
 
 
 class FrozenRandomGate(nn.Module):
@@ -73,6 +74,9 @@ class FrozenRandomGate(nn.Module):
     ``weighting`` "softmax" (the paper's): a softmax over the k selected logits. "rescale"
     (dropout-style, for FFNs split from a pretrained dense one): N / k for every selected
     expert, so that at k = N every gate is exactly 1 and the experts sum to the dense FFN.
+    "uniform" (THOR's): 1 / k for every selected expert. ``routing`` "random" (THOR) ignores
+    the router and draws k distinct experts per token, afresh on every forward, from torch's
+    global RNG (so checkpointed RNG states make it reproducible).
     ``k`` may change between any two forwards. With ``capacity_factor`` set, each expert
     takes at most C = ceil(cf * k * S / N) of this rank's routes, first choices first; a
     dropped route's gate is zero and the token's other weights are not renormalised.
@@ -87,11 +91,14 @@ class FrozenRandomGate(nn.Module):
         layer_index: int,
         capacity_factor: float | None = None,
         weighting: str = "softmax",
+        routing: str = "frozen",
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.weighting = weighting
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        self.weighting, self.routing = weighting, routing
         self.wg = nn.Linear(d_model, num_experts, bias=False)
         with torch.no_grad():
             self.wg.weight.copy_(frozen_router_weight(d_model, num_experts, router_seed, layer_index))
@@ -108,15 +115,20 @@ class FrozenRandomGate(nn.Module):
     def forward(self, x_SD: torch.Tensor) -> torch.Tensor:
         k, n = self.k, self.num_experts
         # fp32 logits whatever the activation dtype, so bf16/fp16 training routes like fp32.
-        logits_SN = F.linear(x_SD.float(), self.wg.weight.float())
+        if self.routing == "random":  # top-k of i.i.d. uniform scores: k distinct experts, uniformly
+            logits_SN = torch.rand(x_SD.shape[0], n, device=x_SD.device)
+        else:
+            logits_SN = F.linear(x_SD.float(), self.wg.weight.float())
         self.last_total_routes = x_SD.shape[0] * k
         if k == n and self.capacity_factor is None:  # full capacity: every expert, no selection to make
             self.last_counts_N = torch.full((n,), x_SD.shape[0], device=x_SD.device)
             self.last_dropped_routes = None
-            return torch.softmax(logits_SN, dim=-1) if self.weighting == "softmax" else torch.ones_like(logits_SN)
+            if self.weighting == "softmax":
+                return torch.softmax(logits_SN, dim=-1)
+            return torch.full_like(logits_SN, 1.0 if self.weighting == "rescale" else 1.0 / n)
         expert_ids_SK, weights_SK = topk_routes(logits_SN, k)
-        if self.weighting == "rescale":  # set, not derived from the softmax, which can underflow to 0
-            weights_SK = torch.full_like(weights_SK, n / k)
+        if self.weighting != "softmax":  # set, not derived from the softmax, which can underflow to 0
+            weights_SK = torch.full_like(weights_SK, n / k if self.weighting == "rescale" else 1.0 / k)
         if self.capacity_factor is not None:
             positions_KS, counts_N = slot_positions(expert_ids_SK, n)
             kept_SK = (positions_KS < capacity_for(x_SD.shape[0], k, n, self.capacity_factor)).t()

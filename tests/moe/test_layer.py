@@ -151,3 +151,33 @@ def test_learned_mode_is_deepspeeds_stock_gate_with_balance_loss():
     assert isinstance(gate, TopKGate) and gate.wg.weight.requires_grad and gate.k == 2
     _, l_aux, _ = layer(torch.randn(1, 32, 16))
     assert float(l_aux.detach()) > 0
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_thor_routes_each_token_to_k_random_experts_weighted_equally_redrawn_every_forward(k):
+    layer = make_layer(mode="thor")
+    set_active_experts(layer, k)
+    gate = layer.deepspeed_moe.gate
+    x_SD = torch.randn(64, 24)
+    first, second = gate(x_SD), gate(x_SD)
+    for gates in (first, second):
+        assert torch.equal((gates > 0).sum(1), torch.full((64,), k))  # k distinct experts per token
+        assert torch.allclose(gates[gates > 0], torch.tensor(1.0 / k))  # THOR's mean over the chosen
+    if k < 8:  # fresh routes on every forward, whatever the input
+        assert not torch.equal(first > 0, second > 0)
+    # Outputs are the mean of the chosen experts: at k = N, the mean of all (the naive loop's k = N
+    # softmax weights replaced by 1/N).
+    if k == 8:
+        experts = layer.deepspeed_moe.experts
+        every = torch.stack([torch.nn.functional.gelu(x_SD @ w.t()) @ v for w, v in zip(experts.w_in, experts.w_out)])
+        y, _, _ = layer(x_SD.view(1, 64, 24))
+        assert (y.view(64, 24) - every.mean(0)).abs().max() <= 1e-5
+
+
+def test_thor_consistency_loss_is_zero_for_equal_passes_and_symmetric():
+    from smoe_ds.moe.thor import symmetric_kl
+
+    a, b = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    assert float(symmetric_kl(a, a)) == pytest.approx(0.0, abs=1e-7)
+    assert float(symmetric_kl(a, b)) == pytest.approx(float(symmetric_kl(b, a)), rel=1e-6)
+    assert float(symmetric_kl(a, b)) > 0
