@@ -24,9 +24,11 @@ from smoe_ds.config import ConfigError
 from smoe_ds.hf.families import Family, family_for
 from smoe_ds.hf.ffn import ConvertedFFN
 from smoe_ds.moe.layer import moe_layers
-from smoe_ds.moe.router import WEIGHTINGS
 
 DEFAULT_ROUTER_SEED = 1234  # moe.router_seed's default in the trainer's config
+
+# The router's weightings that make sense for a pretrained FFN ("uniform" is THOR's, for training).
+HF_WEIGHTINGS = ("softmax", "rescale")
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,8 @@ def convert_model(
     if getattr(model, "smoe_dropout", None) is not None:
         raise ConfigError("the model is already converted to SMoE-Dropout")
     family = family_for(model.config.model_type)
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if weighting not in HF_WEIGHTINGS:
+        raise ConfigError(f"weighting must be one of {', '.join(HF_WEIGHTINGS)}, got {weighting!r}")
     blocks = family.blocks_of(model)
     denses = [family.read(block) for block in blocks]  # read all first: a refusal leaves the model intact
     width = denses[0]["w_in"].shape[0]

@@ -1,0 +1,1 @@
+"""Experiments built on the trainer: each trains several configurations and compares them."""
