@@ -76,14 +76,16 @@ class Nodes:
 def test_two_nodes_train_save_and_resume_with_an_expert_group_spanning_both(tmp_path):
     out = tmp_path / "run"
     first = Nodes(train_args(out, "run.max_steps=6", "run.save_interval=3"))
-    first.wait(0, 300), first.wait(1, 60)
+    first.wait(0, 300)
+    first.wait(1, 60)
     assert first.returncodes == [0, 0], first.output
     assert "ep_size 2" in first.output[0] and (out / "checkpoints" / "latest").read_text().strip() == "step6"
     layout = json.loads((out / "layout.json").read_text())
     assert layout["expert_parallel_groups"] == [[0, 1]] and layout["experts_of_rank"] == [[0, 1], [2, 3]]
 
     second = Nodes(train_args(out, "run.max_steps=9", "run.save_interval=3"))
-    second.wait(0, 300), second.wait(1, 60)
+    second.wait(0, 300)
+    second.wait(1, 60)
     assert second.returncodes == [0, 0], second.output
     assert f"resumed from {out / 'checkpoints' / 'step6'}" in second.output[0]
     summary = json.loads((out / "train_summary.json").read_text())
