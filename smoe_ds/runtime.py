@@ -106,14 +106,10 @@ def run_main(job: Callable[[], None]) -> int:
     try:
         job()
         D.barrier()  # peers finish together, so no watchdog mistakes a finished peer for a dead one
-    except ConfigError as e:
+    except (ConfigError, NumericalFault) as e:  # every rank raises it together; one of them says so
         if _launcher_rank() == 0:
             print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except NumericalFault as e:  # every rank raises it together; one of them says so
-        if _launcher_rank() == 0:
-            print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         return 130
     except Exception as e:

@@ -68,10 +68,7 @@ class PeerWatchdog:
             except Exception as e:  # noqa: BLE001 - any store failure means the same thing
                 misses += 1
                 if misses >= _STORE_MISSES_BEFORE_GIVING_UP:
-                    self._fail(
-                        f"lost the job's rendezvous store ({type(e).__name__}): the process hosting it "
-                        f"(rank 0 on {self.hosts[0]}, or the launcher on the first node) has died"
-                    )
+                    self._fail(self.store_lost(f" ({type(e).__name__})"))
                 continue
             dead = self._silent_peers(values, time.monotonic())
             if dead:
@@ -86,6 +83,12 @@ class PeerWatchdog:
             elif r != self.rank and now - seen[1] > self.timeout_s:
                 dead.append(r)
         return dead
+
+    def store_lost(self, detail: str = "") -> str:
+        return (
+            f"lost the job's rendezvous store{detail}: the process hosting it (rank 0 on {self.hosts[0]}, "
+            "or the launcher on the first node) has died"
+        )
 
     def describe(self, dead: list[int], why: str) -> str:
         names = ", ".join(f"rank {r} (on {self.hosts[r]})" for r in dead)
@@ -151,12 +154,5 @@ def explain_collective_failure() -> str | None:
         return None
     silent = _active.silent_now()
     if silent is None:
-        return (
-            f"lost the job's rendezvous store: the process hosting it (rank 0 on {_active.hosts[0]}, "
-            "or the launcher on the first node) has died"
-        )
+        return _active.store_lost()
     return _active.describe(silent, "stopped sending heartbeats") if silent else None
-
-
-def hosts() -> list[str] | None:
-    return None if _active is None else list(_active.hosts)

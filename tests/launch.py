@@ -63,6 +63,12 @@ def kill_tree(pid: int) -> None:
             proc.kill()
 
 
+def rank_env(extra: dict | None = None) -> dict:
+    """The environment tests start ranks with: one thread each, offline, unbuffered, plus ``extra``."""
+    quiet = {"OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **quiet, **(extra or {})}
+
+
 def failure(cmd: list[str], what: str, stdout: str, stderr: str) -> str:
     return f"{' '.join(cmd)} {what}\n--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-6000:]}"
 
@@ -80,15 +86,7 @@ def run_ranks(
 ) -> subprocess.CompletedProcess:
     """Run and wait; with ``check`` a non-zero exit fails the test and prints the output tail."""
     port = free_port()
-    full_env = {
-        **os.environ,
-        "MASTER_PORT": str(port),
-        "OMP_NUM_THREADS": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        **(env or {}),
-    }
+    full_env = rank_env({"MASTER_PORT": str(port), **(env or {})})
     cmd = launcher_command(launcher, nprocs, target, port, module)
     # A session of its own, so a timeout kills the launcher *and* its ranks, not the launcher only.
     with subprocess.Popen(
@@ -115,7 +113,7 @@ def start_torchrun_node(
 ) -> subprocess.Popen:
     """One simulated node: a torchrun agent with ``node_rank``, all nodes sharing 127.0.0.1:``port``.
 
-    Started in a session of its own (kill the group to stop it); output goes to pipes.
+    Started in a session of its own; stop it with ``kill_tree``. stdout and stderr go to one pipe.
     """
     cmd = [
         str(BIN / "torchrun"),
@@ -132,11 +130,10 @@ def start_torchrun_node(
         "-m",
         *target,
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         cmd,
         cwd=REPO,
-        env={**full_env, **(env or {})},
+        env=rank_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
