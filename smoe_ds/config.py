@@ -14,15 +14,17 @@ Semantic checks that need the world size (ep_size against ranks, batch sizes) li
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 OUR_SECTIONS = ("model", "moe", "data", "run")
 MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed", "thor")
@@ -119,6 +121,8 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
+    SECTIONS: ClassVar[tuple[str, ...]] = OUR_SECTIONS  # the top-level keys that are ours, not DeepSpeed's
+
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -311,7 +315,7 @@ class TrainConfig:
         return 1
 
     def to_dict(self) -> dict:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in OUR_SECTIONS}
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
         out.update(self.deepspeed)
         return out
 
@@ -324,8 +328,8 @@ def _require(cond: bool, message: str) -> None:
 # -- loading ------------------------------------------------------------------------------
 
 
-def load_config(path: str | None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
-    """Read ``path`` (JSON), apply ``KEY=VALUE`` overrides, build and resolve the config."""
+def load_config(path: str | None, overrides: tuple[str, ...] | list[str] = (), cls: type = TrainConfig) -> TrainConfig:
+    """Read ``path`` (JSON), apply ``KEY=VALUE`` overrides, build and resolve a ``cls`` config."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -340,7 +344,27 @@ def load_config(path: str | None, overrides: tuple[str, ...] | list[str] = ()) -
     raw = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item)
-    return config_from_dict(raw).resolve()
+    return config_from_dict(raw, cls).resolve()
+
+
+def config_cli(
+    argv: list[str] | None, prog: str, description: str, cls: type = TrainConfig
+) -> Callable[[], TrainConfig]:
+    """Parse a CLI's ``--config FILE [--set KEY=VALUE ...]``; returns the loader of the ``cls`` config,
+    to be called inside ``run_main`` so that a ConfigError becomes its one-line message."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    sections = "/".join(cls.SECTIONS)
+    p.add_argument("--config", required=True, help=f"JSON file: a DeepSpeed config plus {sections} sections")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by its dotted path, e.g. run.max_steps=100 (repeatable)",
+    )
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    args = p.parse_args(argv)
+    return lambda: load_config(args.config, args.set, cls=cls)
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -362,10 +386,11 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def config_from_dict(raw: dict) -> TrainConfig:
+def config_from_dict(raw: dict, cls: type = TrainConfig) -> TrainConfig:
+    """``cls`` (TrainConfig or a subclass with other ``SECTIONS``) from a parsed JSON config."""
     raw = dict(raw)
-    sections = {name: raw.pop(name, {}) for name in OUR_SECTIONS}
-    cfg = TrainConfig(deepspeed=raw)
+    sections = {name: raw.pop(name, {}) for name in cls.SECTIONS}
+    cfg = cls(deepspeed=raw)
     for name, values in sections.items():
         setattr(cfg, name, _build(type(getattr(cfg, name)), values, name))
     return cfg

@@ -106,7 +106,7 @@ def load_text_splits(cfg: DataConfig):
             raise ConfigError(f"data.path {path} is empty")
         if path.suffix.lower() in TABLE_BUILDERS:
             return _split_documents(_load_table(path, cfg.text_column), path, "rows", cfg)
-        ds = _load_local("text", [str(path)], split="train", sample_by="paragraph")
+        ds = load_local_files("text", [str(path)], split="train", sample_by="paragraph")
         return _split_documents(ds, path, "paragraphs", cfg)
     if looks_like_local_path(cfg.path):
         raise ConfigError(f"data.path not found: {cfg.path}")
@@ -125,14 +125,14 @@ def _split_documents(ds, path: Path, what: str, cfg: DataConfig):
 
 
 def _load_local_documents(files: dict):
-    return _load_local("text", files, sample_by="document")
+    return load_local_files("text", files, sample_by="document")
 
 
 def _load_table(path: Path, column: str):
     """One ``.json``/``.jsonl``/``.csv``/``.parquet`` file; its ``column`` becomes the ``text`` column."""
     import datasets
 
-    ds = _load_local(TABLE_BUILDERS[path.suffix.lower()], [str(path)], split="train")
+    ds = load_local_files(TABLE_BUILDERS[path.suffix.lower()], [str(path)], split="train")
     if column not in ds.column_names:
         raise ConfigError(
             f"data.path {path} has no column {column!r} (its columns: {', '.join(ds.column_names)}); "
@@ -148,7 +148,7 @@ def _load_table(path: Path, column: str):
     return ds if column == "text" else ds.rename_column(column, "text")
 
 
-def _load_local(builder: str, files, **kwargs):
+def load_local_files(builder: str, files, **kwargs):
     """``datasets.load_dataset`` on local files; a file it cannot read is one line naming the file."""
     import datasets
 
@@ -194,19 +194,27 @@ def first_non_utf8(paths: list[str], chunk: int = 1 << 20) -> str | None:
     return None
 
 
-def _load_hub(cfg: DataConfig):
+def load_hub_dataset(name: str, config: str | None, key: str):
+    """``datasets.load_dataset(name, config)`` with a 'train' split; ConfigError naming ``key`` otherwise."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(cfg.path, cfg.hub_config)
+        ds = datasets.load_dataset(name, config)
     except Exception as e:  # offline, unknown name, gated: all end the same way for the user
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"data.path {cfg.path!r} is not a local file or folder, and loading it from the Hugging Face hub "
+            f"{key} {name!r} is not a local file or folder, and loading it from the Hugging Face hub "
             f"failed (offline? set HF_DATASETS_OFFLINE=1 to fail fast): {first_line}"
         ) from None
     if "train" not in ds:
-        raise ConfigError(f"hub dataset {cfg.path!r} has no 'train' split (it has: {', '.join(ds)})")
+        raise ConfigError(f"hub dataset {name!r} has no 'train' split (it has: {', '.join(ds)})")
+    return ds
+
+
+def _load_hub(cfg: DataConfig):
+    import datasets
+
+    ds = load_hub_dataset(cfg.path, cfg.hub_config, "data.path")
     if cfg.text_column not in ds["train"].column_names:
         raise ConfigError(
             f"hub dataset {cfg.path!r} has no column {cfg.text_column!r} (set data.text_column; "
@@ -309,37 +317,44 @@ def load_corpus(cfg: DataConfig, block_size: int) -> Corpus:
 # -- per-rank iteration -------------------------------------------------------------------
 
 
-def train_batches(
-    blocks: torch.Tensor,
+def train_batches(blocks: torch.Tensor, *order_args, **order_kwargs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x [B, T], y [B, T]) micro-batches of ``blocks`` [n, T + 1] for this rank, in the
+    order of ``train_order(len(blocks), *order_args, **order_kwargs)``."""
+    for idx in train_order(len(blocks), *order_args, **order_kwargs):
+        b = blocks[idx]
+        yield b[:, :-1], b[:, 1:]
+
+
+def train_order(
+    n_items: int,
     micro_batch: int,
     rank: int,
     world_size: int,
     seed: int,
     grad_accum: int = 1,
     start_step: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x [B, T], y [B, T]) micro-batches for this rank, from optimizer step ``start_step`` on.
+) -> Iterator[torch.Tensor]:
+    """Endless micro-batches of item indices [B] for this rank, from optimizer step ``start_step`` on.
 
-    The data order is global: epoch e is a permutation of the blocks drawn from (seed, e), and
+    The data order is global: epoch e is a permutation of the items drawn from (seed, e), and
     each optimizer step consumes the next G = micro_batch x world_size x grad_accum of it;
     micro-batch m of a step goes to rank r as items [(m x world_size + r) x micro_batch, ...).
-    Ranks therefore read disjoint blocks, the order depends only on the seed, and a run
+    Ranks therefore read disjoint items, the order depends only on the seed, and a run
     resumed at step s -- even with another world size, as long as G is the same -- reads
     exactly what an uninterrupted run would. The tail of an epoch that does not fill a whole
     step is skipped, so every rank runs every step and no collective is left waiting.
     """
     per_step = micro_batch * world_size * grad_accum
-    steps_per_epoch = train_steps_per_epoch(len(blocks), micro_batch, world_size, grad_accum)
+    steps_per_epoch = train_steps_per_epoch(n_items, micro_batch, world_size, grad_accum)
     step = start_step
     while True:
         epoch, within = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for s in range(within, steps_per_epoch):
             chunk = order[s * per_step : (s + 1) * per_step]
             for m in range(grad_accum):
                 start = (m * world_size + rank) * micro_batch
-                b = blocks[chunk[start : start + micro_batch]]
-                yield b[:, :-1], b[:, 1:]
+                yield chunk[start : start + micro_batch]
         step += steps_per_epoch - within
 
 

