@@ -1,7 +1,8 @@
 """Labelled data for sequence classification, through the ``datasets`` library.
 
 Sources: a local ``.csv``, ``.tsv``, ``.json``/``.jsonl`` or ``.parquet`` file (train, and
-optionally a validation file), or a hub dataset (e.g. ``glue`` with config ``sst2``). Labels
+optionally a validation file), or a hub dataset (e.g. ``glue`` with config ``sst2``) or a local
+folder laid out like one. Labels
 may be integers or strings; they are mapped to ids 0..C-1 (a ClassLabel column keeps its own
 names), and the validation labels must be among the training ones.
 
@@ -112,10 +113,11 @@ def load_labelled(d: TaskDataConfig) -> LabelledSplits:
     """The configured training and validation examples, labels as ids."""
     import datasets
 
-    if looks_like_local_path(d.train) or Path(d.train).expanduser().exists():
+    path = Path(d.train).expanduser()
+    if path.is_file() or (looks_like_local_path(d.train) and not path.is_dir()):
         train, where = _read_table(d.train, "train"), d.train
         val = _read_table(d.validation, "validation") if d.validation else None
-    else:
+    else:  # a hub name, or a local folder laid out like a hub dataset (train-*.parquet, validation-*.parquet, ...)
         if d.validation:
             raise ConfigError("data.validation must be a local file; a hub dataset brings its own validation split")
         (train, val), where = _read_hub(d), f"hub dataset {d.train}" + (f" ({d.hub_config})" if d.hub_config else "")

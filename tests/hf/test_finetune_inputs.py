@@ -55,6 +55,32 @@ def test_without_a_validation_file_a_seeded_share_is_held_out(tmp_path):
     assert a.validation["text"] == b.validation["text"]
 
 
+def test_a_hub_style_dataset_folder_keeps_its_class_names_and_skips_the_unlabelled_test_split(tmp_path):
+    """GLUE's layout, offline: parquet splits with a ClassLabel column, test labels all -1."""
+    import datasets
+
+    features = datasets.Features(
+        {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=["negative", "positive"])}
+    )
+    rows = {"sentence": [t for t, _ in REVIEWS], "label": [int(y == "pos") for _, y in REVIEWS]}
+    for split, labels in (("train", rows["label"]), ("validation", rows["label"]), ("test", [-1] * len(REVIEWS))):
+        ds = datasets.Dataset.from_dict({**rows, "label": labels}, features=features)
+        ds.to_parquet(str(tmp_path / f"{split}-00000-of-00001.parquet"))
+    splits = load_labelled(TaskDataConfig(train=str(tmp_path)))
+    assert splits.label_names == ["negative", "positive"]
+    assert len(splits.validation) == len(REVIEWS) and splits.validation["labels"][:3] == [1, 0, 1]
+
+
+def test_an_unreachable_hub_dataset_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        ConfigError,
+        match="data.train 'glue' is not a local file or folder, and loading it from the Hugging Face hub failed",
+    ):
+        load_labelled(TaskDataConfig(train="glue", hub_config="sst2"))
+
+
 @pytest.mark.parametrize(
     "change,message",
     [
