@@ -163,6 +163,10 @@ class TrainConfig:
         self.validate()
         return self
 
+    def precision_enabled(self, kind: str) -> bool:
+        """Whether the DeepSpeed section turns on ``kind`` ("fp16" or "bf16")."""
+        return bool(self.deepspeed.get(kind, {}).get("enabled", False))
+
     @property
     def slimmable(self) -> bool:
         """Modes whose router needs no training, so one checkpoint can be evaluated at any k."""
@@ -245,7 +249,7 @@ class TrainConfig:
             lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.params.lr must be >= 0, got {lr}"
         )
         _require(
-            not (ds.get("fp16", {}).get("enabled") and ds.get("bf16", {}).get("enabled")),
+            not (self.precision_enabled("fp16") and self.precision_enabled("bf16")),
             "fp16.enabled and bf16.enabled are both true; choose one",
         )
         zero = ds.get("zero_optimization", {})

@@ -34,6 +34,7 @@ from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.finetune_tasks import TASK_CLASSES
 from smoe_ds.hf_convert import dense_config
 from smoe_ds.moe.layer import set_active_experts
+from smoe_ds.numerics import BadLossGuard
 from smoe_ds.runtime import optimizer_param_groups, run_main
 from smoe_ds.train import active_k
 
@@ -143,22 +144,34 @@ def finetune(cfg: FinetuneConfig) -> dict:
         mininterval=0.5 if sys.stdout.isatty() else 10.0,
     )
     history, val_history, window, t0 = [], [], torch.zeros(()), time.perf_counter()
+    guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
     for step in range(run.max_steps):
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)
         faults.maybe_die("train", rank, step)
-        for _ in range(gas):
+        good = 0
+        while good < gas:  # a NaN/inf micro-batch is skipped on every rank and replaced (smoe_ds.numerics)
             batch = {key: t.to(engine.device) for key, t in next(batches).items()}
             loss = engine(**batch).loss
+            if faults.poisoned("train", rank, step):
+                loss = loss * float("nan")
+            bad = guard.bad_ranks(loss)
+            if bad:
+                guard.record_bad(step, bad, None)
+                continue
             engine.backward(loss)
             engine.step()
             window += loss.detach().float().cpu()
+            good += 1
+        guard.record_good()
         done = step + 1
         bar.update(1)
         if done % run.log_interval == 0 or done == run.max_steps:
             steps_in_window = done - (history[-1]["step"] if history else 0)
             mean = float(D.all_reduce_sum(window) / (steps_in_window * gas * world))
-            history.append({"step": done, "loss": mean, "k": k, "lr": engine.get_lr()[0]})
+            history.append(
+                {"step": done, "loss": mean, "k": k, "lr": engine.get_lr()[0], "skipped_steps": guard.skipped}
+            )
             bar.set_postfix({"loss": f"{mean:.4f}", "k": k})
             window = torch.zeros(())
         if run.eval_interval and done % run.eval_interval == 0 and done < run.max_steps:

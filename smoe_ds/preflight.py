@@ -51,7 +51,7 @@ def check_precision(cfg: TrainConfig) -> None:
 
     acc = get_accelerator()
     for kind, supported in (("fp16", acc.is_fp16_supported()), ("bf16", acc.is_bf16_supported())):
-        if cfg.deepspeed.get(kind, {}).get("enabled") and not supported:
+        if cfg.precision_enabled(kind) and not supported:
             raise ConfigError(
                 f"{kind}.enabled is true, but DeepSpeed's {acc.device_name()} accelerator has no {kind}; "
                 f"set {kind}.enabled=false ({'bf16 or ' if kind == 'fp16' else ''}fp32 instead)"

@@ -164,7 +164,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     history, t0, window_loss, window_steps = [], time.perf_counter(), torch.zeros(()), 0
 
-    guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.deepspeed.get("fp16", {}).get("enabled", False))
+    guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
     for step in range(start_step, run.max_steps):
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)

@@ -38,10 +38,10 @@ def small_tsv(src: Path, dst: Path, rows: int) -> Path:
     return dst
 
 
-def finetune(launcher: str, out: Path, *settings: str) -> str:
+def finetune(launcher: str, out: Path, *settings: str, env: dict | None = None) -> str:
     """Run smoe_ds.finetune on 2 ranks with the MiniLM config and ``settings``; returns stdout."""
     sets = [a for s in (f"run.out_dir={out}", *settings) for a in ("--set", s)]
-    proc = run_ranks(launcher, 2, ["smoe_ds.finetune", "--config", CONFIG, *sets], module=True, timeout=420)
+    proc = run_ranks(launcher, 2, ["smoe_ds.finetune", "--config", CONFIG, *sets], module=True, timeout=420, env=env)
     return proc.stdout
 
 
@@ -177,7 +177,7 @@ def tiny_llama_dir(tmp_path_factory, minilm_dir) -> Path:
     return d
 
 
-def test_causal_lm_continued_training_and_export(tiny_llama_dir, tmp_path):
+def test_causal_lm_continued_training_skips_a_nan_and_exports(tiny_llama_dir, tmp_path):
     text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
     corpus = tmp_path / "text.txt"
     corpus.write_text(text[:30_000], encoding="utf-8")
@@ -198,11 +198,13 @@ def test_causal_lm_continued_training_and_export(tiny_llama_dir, tmp_path):
         "run.max_steps=6",
         "run.final_eval_batches=3",
         "run.log_interval=2",
+        env={"SMOE_DS_INJECT_FAULT": "nan:1:train:2:1"},  # rank 1's loss is NaN once, at step 2
     )
     rows = json.loads((out / "self_slimming.json").read_text())["results"]
     assert [r["k"] for r in rows] == [1, 2, 4]
     history = json.loads((out / "train_summary.json").read_text())["history"]
     assert history[-1]["loss"] < history[0]["loss"]  # 6 steps at lr 1e-3 move a random model's loss
+    assert [h["skipped_steps"] for h in history] == [0, 1, 1]  # the NaN micro-batch was skipped, not applied
     # The export computes the loss the 2 ranks reported, over the same validation blocks.
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
     assert type(model).__name__ == "LlamaForCausalLM"
