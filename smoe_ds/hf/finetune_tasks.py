@@ -41,12 +41,24 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-class ClassificationTask:
-    metric, metric_label = "accuracy", "validation accuracy"
+class Task:
+    """What both tasks share: the config, the tokenizer, and the trainer's global order over ``self.train``."""
 
     def __init__(self, cfg: FinetuneConfig, world_size: int, micro_batch: int) -> None:
         self.cfg, self.world_size, self.micro_batch = cfg, world_size, micro_batch
         self.tokenizer = load_tokenizer(cfg.hf.model)
+
+    def train_order(self, rank: int, grad_accum: int, start_step: int) -> Iterator[torch.Tensor]:
+        """This rank's micro-batches of training item indices [B] (``smoe_ds.data.train_order``)."""
+        seed = self.cfg.data.seed
+        return train_order(len(self.train), self.micro_batch, rank, self.world_size, seed, grad_accum, start_step)
+
+
+class ClassificationTask(Task):
+    metric, metric_label = "accuracy", "validation accuracy"
+
+    def __init__(self, cfg: FinetuneConfig, world_size: int, micro_batch: int) -> None:
+        super().__init__(cfg, world_size, micro_batch)
 
         def load():
             splits = load_labelled(cfg.data)
@@ -74,10 +86,7 @@ class ClassificationTask:
         }
 
     def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
-        order = train_order(
-            len(self.train), self.micro_batch, rank, self.world_size, self.cfg.data.seed, grad_accum, start_step
-        )
-        for idx in order:
+        for idx in self.train_order(rank, grad_accum, start_step):
             yield collate(self.train, idx, self.tokenizer)
 
     @torch.no_grad()
@@ -107,12 +116,11 @@ class ClassificationTask:
         }
 
 
-class CausalLMTask:
+class CausalLMTask(Task):
     metric, metric_label = "loss", "validation loss (nats/token)"
 
     def __init__(self, cfg: FinetuneConfig, world_size: int, micro_batch: int) -> None:
-        self.cfg, self.world_size, self.micro_batch = cfg, world_size, micro_batch
-        self.tokenizer = load_tokenizer(cfg.hf.model)
+        super().__init__(cfg, world_size, micro_batch)
         corpus = preflight.on_every_rank(lambda: load_corpus(cfg.corpus_config(), cfg.hf.max_length))
         self.train, self.validation = corpus.train_blocks, corpus.val_blocks
         self.description = corpus.description
@@ -130,10 +138,7 @@ class CausalLMTask:
         return {}
 
     def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
-        order = train_order(
-            len(self.train), self.micro_batch, rank, self.world_size, self.cfg.data.seed, grad_accum, start_step
-        )
-        for idx in order:
+        for idx in self.train_order(rank, grad_accum, start_step):
             block = self.train[idx]  # [B, T + 1]: the model shifts the labels itself
             yield {"input_ids": block, "labels": block}
 

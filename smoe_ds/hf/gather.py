@@ -46,11 +46,10 @@ def single_device_copy(model: PreTrainedModel, ep_size: int, k: int) -> PreTrain
         return None
     copy = type(model)(model.config)  # random weights, all replaced below
     convert_model(copy, spec.num_experts, spec.weighting, spec.router_seed)
-    sharded = [prefix for prefix, _ in converted_ffns(model)]
     others = {
         name: t
         for name, t in model.state_dict().items()
-        if not any(name.startswith(p) and ".experts." in name for p in sharded)
+        if not any(name.startswith(p) and ".experts." in name for p in experts)
     }
     missing, unexpected = copy.load_state_dict(others, strict=False)
     leftover = [name for name in missing if ".experts." not in name]

@@ -174,7 +174,7 @@ def eval_shards(
     mine = torch.arange(rank, n_examples, world_size)
     counts = torch.ones(n_batches * micro_batch)
     counts[len(mine) :] = 0
-    padded = torch.cat([mine, mine[:1].repeat(n_batches * micro_batch - len(mine))]) if len(mine) else None
-    if padded is None:  # fewer examples than ranks: this rank scores nothing, but still runs
-        padded = torch.zeros(n_batches * micro_batch, dtype=torch.long)
+    # fewer examples than ranks: this rank has none of its own, and runs example 0 unscored
+    filler = mine[:1] if len(mine) else torch.zeros(1, dtype=torch.long)
+    padded = torch.cat([mine, filler.repeat(n_batches * micro_batch - len(mine))])
     return list(zip(padded.split(micro_batch), counts.split(micro_batch)))
