@@ -35,7 +35,7 @@ from smoe_ds.hf.finetune_tasks import TASK_CLASSES
 from smoe_ds.hf_convert import dense_config
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.numerics import BadLossGuard
-from smoe_ds.runtime import optimizer_param_groups, run_main
+from smoe_ds.runtime import initialize_engine, run_main
 from smoe_ds.train import active_k
 
 
@@ -98,7 +98,6 @@ def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    import deepspeed
 
     D.init_distributed(cfg.run.master_port, cfg.run.collective_timeout_s)
     rank, world = D.rank(), D.world_size()
@@ -115,10 +114,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
     model = load_model(cfg, task, ep_rank=rank % cfg.moe.ep_size)
-    weight_decay = cfg.deepspeed.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=optimizer_param_groups(model, weight_decay), config=cfg.deepspeed
-    )
+    engine = initialize_engine(model, cfg)
     out_dir, run = Path(cfg.run.out_dir), cfg.run
     if D.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,17 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
     return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
 
 
+def initialize_engine(model: torch.nn.Module, cfg: TrainConfig) -> "deepspeed.DeepSpeedEngine":  # noqa: F821
+    """The DeepSpeed engine of ``model`` with the config's DeepSpeed section and our param groups."""
+    import deepspeed
+
+    weight_decay = cfg.deepspeed.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=optimizer_param_groups(model, weight_decay), config=cfg.deepspeed
+    )
+    return engine
+
+
 def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     """Join the process group, load the data, build the model and the DeepSpeed engine.
 
@@ -62,7 +73,6 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     ``training`` adds the checks that the training split fills a step and that a checkpoint
     to resume from was written by this model.
     """
-    import deepspeed
     from deepspeed.utils import groups
 
     D.init_distributed(cfg.run.master_port, cfg.run.collective_timeout_s)
@@ -83,10 +93,7 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     # DeepSpeed's expert-parallel groups are runs of consecutive ranks (checked below).
     ep_rank = rank % cfg.moe.ep_size if cfg.uses_moe else 0
     model = build_model(cfg.model, cfg.moe, ep_rank=ep_rank)
-    weight_decay = cfg.deepspeed.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=optimizer_param_groups(model, weight_decay), config=cfg.deepspeed
-    )
+    engine = initialize_engine(model, cfg)
     if cfg.uses_moe:
         actual = groups._get_expert_parallel_rank(f"ep_size_{cfg.moe.ep_size}")
         if actual != ep_rank:
