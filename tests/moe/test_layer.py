@@ -63,6 +63,29 @@ def test_output_and_grads_match_naive_loop_for_every_k_and_path(k, path):
     assert all(v <= TOL for v in diffs.values()), diffs
 
 
+@pytest.mark.parametrize("k", [2, 5])
+def test_sparse_path_in_several_expert_groups_matches_naive_loop(k, monkeypatch):
+    from smoe_ds.moe import experts as experts_mod
+
+    # Route rows are 24 floats, so a 1 KiB limit allows 10 routes per group: 58 x k routes make
+    # several groups, most of them a single expert.
+    monkeypatch.setattr(experts_mod, "CPU_ROUTE_BUFFER_BYTES", 1024)
+    layer = make_layer()
+    diffs = check_against_naive(layer, k, "sparse")
+    assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def test_expert_groups_keep_order_and_stay_under_the_limit():
+    from smoe_ds.moe.experts import expert_groups
+
+    counts = [5, 3, 0, 9, 2, 2, 7, 1]
+    groups = expert_groups(counts, 8)
+    assert [c for g in groups for c in g] == counts
+    assert all(sum(g) <= 8 or len(g) == 1 for g in groups)
+    assert groups == [[5, 3, 0], [9], [2, 2], [7, 1]]
+    assert expert_groups(counts, 10**9) == [counts]
+
+
 def test_path_choice_follows_the_documented_density_rule(monkeypatch):
     from smoe_ds.moe import experts as experts_mod
 
