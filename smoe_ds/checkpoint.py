@@ -6,8 +6,10 @@ A checkpoint folder is what ``engine.save_checkpoint`` writes under a tag (``ste
 - ``layer_{L}_expert_{E}_mp_rank_00_model_states.pt``: expert E of MoE layer L, keys in the
   per-expert layout with the global expert id;
 - the ZeRO optimizer shards, and one ``rng_state_rank{r}.pt`` per rank;
-- ``smoe_ds_meta.json``: step, world size, ep_size and config, written once all ranks are done.
-The folder's ``latest`` file names the newest complete tag; it is replaced atomically.
+- ``smoe_ds_meta.json``: step, world size, ep_size, config and the training loop's own state,
+  written once all ranks are done.
+A tag folder is written as ``step{N}.partial`` and renamed when complete. The folder's
+``latest`` file names the newest complete tag; it is replaced atomically.
 The reader needs no process group, so one process can gather any world size and ep_size.
 """
 
@@ -29,6 +31,7 @@ from smoe_ds.config import ConfigError, TrainConfig, config_from_dict
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "smoe_ds_meta.json"  # written last of a tag's files, by rank 0: marks it complete
+PARTIAL_SUFFIX = ".partial"  # a tag folder being written; renamed to the tag once complete
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 
 
@@ -36,31 +39,44 @@ class CheckpointError(ConfigError):
     """A checkpoint that is missing, partial, corrupt or from another model; one line."""
 
 
-def save(engine, cfg: TrainConfig, save_dir: str | Path, step: int, keep_last: int = 0) -> Path:
+def save(
+    engine, cfg: TrainConfig, save_dir: str | Path, step: int, keep_last: int = 0, trainer_state: dict | None = None
+) -> Path:
     """Save step ``step`` crash-safely; returns the tag folder.
 
     Every rank writes its files (DeepSpeed's model, expert and optimizer shards, plus its own
-    RNG state) into a fresh tag folder; only when all ranks are done does rank 0 move the
+    RNG state) into a staging folder ``step{N}.partial``; only when all ranks are done does rank
+    0 write the meta file (with ``trainer_state``: what the training loop needs to continue
+    exactly, such as its logging window), rename the folder to ``step{N}`` and move the
     ``latest`` pointer, atomically (write a temporary file, fsync, rename). A kill at any
-    moment therefore leaves ``latest`` naming a complete checkpoint. Then the oldest
-    checkpoints beyond ``keep_last`` (0 keeps all) are removed.
+    moment therefore leaves ``latest`` naming a complete checkpoint, even when the save
+    replaces a folder of the same step (a run restarted with ``run.resume=false``). Then the
+    oldest checkpoints beyond ``keep_last`` (0 keeps all) are removed.
     """
     save_dir, tag = Path(save_dir), f"step{step}"
-    tag_dir = save_dir / tag
+    staging, tag_dir = save_dir / f"{tag}{PARTIAL_SUFFIX}", save_dir / tag
     if D.is_main():
         save_dir.mkdir(parents=True, exist_ok=True)
-        if tag_dir.exists():  # left by a save that was killed before its pointer moved
-            shutil.rmtree(tag_dir)
+        current = latest_tag(save_dir)
+        for left in save_dir.glob(f"*{PARTIAL_SUFFIX}"):  # from saves that were killed
+            if left.name != current:
+                shutil.rmtree(left)
     D.barrier()
     meta = {"step": step, "world_size": D.world_size(), "ep_size": cfg.moe.ep_size}
     engine.save_checkpoint(
-        str(save_dir), tag=tag, client_state={"smoe_ds_config": cfg.to_dict(), **meta}, save_latest=False
+        str(save_dir), tag=staging.name, client_state={"smoe_ds_config": cfg.to_dict(), **meta}, save_latest=False
     )
-    torch.save(rng_states(), tag_dir / f"rng_state_rank{D.rank()}.pt")
+    torch.save(rng_states(), staging / f"rng_state_rank{D.rank()}.pt")
     faults.maybe_die("save", D.rank(), step)
     D.barrier()
     if D.is_main():
-        (tag_dir / META_FILE).write_text(json.dumps({**meta, "config": cfg.to_dict()}, indent=2) + "\n")
+        meta = {**meta, "trainer_state": trainer_state or {}, "config": cfg.to_dict()}
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if tag_dir.exists():  # the same step saved before: point away from it while it is replaced
+            if latest_tag(save_dir) == tag:
+                _write_atomically(save_dir / "latest", staging.name)
+            shutil.rmtree(tag_dir)
+        os.replace(staging, tag_dir)
         _write_atomically(save_dir / "latest", tag)
         prune(save_dir, keep_last)
     D.barrier()
@@ -98,12 +114,19 @@ def prune(save_dir: Path, keep_last: int) -> None:
 
 
 def latest_tag(save_dir: str | Path) -> str | None:
-    """The tag ``latest`` names, if it names a complete checkpoint."""
-    pointer = Path(save_dir) / "latest"
+    """The tag ``latest`` names, if it names a complete checkpoint.
+
+    While a save replaces a folder of the same step, ``latest`` briefly names the staging
+    folder ``step{N}.partial``; once that is renamed to ``step{N}``, the pointer follows it.
+    """
+    save_dir = Path(save_dir)
+    pointer = save_dir / "latest"
     if not pointer.is_file():
         return None
     tag = pointer.read_text().strip()
-    return tag if (Path(save_dir) / tag / META_FILE).is_file() else None
+    if tag.endswith(PARTIAL_SUFFIX) and not (save_dir / tag).exists():
+        tag = tag.removesuffix(PARTIAL_SUFFIX)
+    return tag if (save_dir / tag / META_FILE).is_file() else None
 
 
 def latest_path(save_dir: str | Path) -> str | None:
@@ -135,16 +158,21 @@ def set_rng_states(states: dict) -> None:
 
 
 def resolve_tag_dir(path: str | Path) -> Path:
-    """``path`` itself if it holds a checkpoint, else the tag its ``latest`` file names."""
+    """``path`` itself if it holds a complete checkpoint, else the tag its ``latest`` file names."""
     path = Path(path)
     if (path / MODEL_FILE).is_file():
+        if not (path / META_FILE).is_file():
+            raise CheckpointError(
+                f"{path} is an incomplete save (no {META_FILE}: not every rank finished writing it); "
+                f"use a complete one, such as the tag {path.parent / 'latest'} names"
+            )
         return path
     latest = path / "latest"
     if latest.is_file():
-        tag_dir = path / latest.read_text().strip()
-        if not (tag_dir / MODEL_FILE).is_file():
-            raise CheckpointError(f"{latest} names {tag_dir.name}, which holds no {MODEL_FILE}")
-        return tag_dir
+        tag = latest_tag(path)
+        if tag is None:
+            raise CheckpointError(f"{latest} names {latest.read_text().strip()!r}, which is not a complete checkpoint")
+        return path / tag
     if not path.exists():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     raise CheckpointError(f"{path} is not a DeepSpeed checkpoint: no {MODEL_FILE} and no 'latest' file")
@@ -224,8 +252,9 @@ def check_resumable(cfg: TrainConfig, tag_dir: Path, meta: dict) -> list[Path]:
     return check_files(tag_dir, saved, saved_world)
 
 
-def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
-    """Resume from the newest complete checkpoint in ``save_dir``; returns its step (0 if none).
+def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> tuple[int, dict]:
+    """Resume from the newest complete checkpoint in ``save_dir``; returns its step and the
+    ``trainer_state`` saved with it (0 and {} if there is none).
 
     Same world size and ep_size: everything comes back (weights, optimizer, LR scheduler, loss
     scaler, RNG). Otherwise the weights and the LR schedule come back exactly and the optimizer
@@ -233,13 +262,13 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> int:
     """
     tag = latest_tag(save_dir)
     if tag is None:
-        return 0
+        return 0, {}
     tag_dir = Path(save_dir) / tag
     meta = read_meta(tag_dir)
     needed = check_resumable(cfg, tag_dir, meta)
     world, ep = D.world_size(), cfg.moe.ep_size
     try:
-        return _load(engine, cfg, Path(save_dir), tag, meta, world, ep)
+        return _load(engine, cfg, Path(save_dir), tag, meta, world, ep), meta.get("trainer_state", {})
     except CheckpointError:
         raise
     except Exception as e:  # DeepSpeed's own errors on a damaged folder: one line naming the file
@@ -289,6 +318,9 @@ def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world:
             resharded = True
         else:
             resharded = zero_state is None and reshard_plain_optimizer(engine, cfg, saved_cfg, tag_dir)
+        fresh = "RNG states start fresh" + (
+            " and the fp16 loss scale restarts from its initial value" if cfg.precision_enabled("fp16") else ""
+        )
         if D.is_main():
             layout = (
                 f"resuming {tag} (saved on world size {meta['world_size']}, ep_size {meta['ep_size']}) "
@@ -297,14 +329,14 @@ def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world:
             if resharded:
                 print(
                     f"smoe-ds: {layout}: weights, fp32 master weights, Adam moments and the LR schedule "
-                    "resharded exactly; RNG states start fresh",
+                    f"resharded exactly; {fresh}",
                     flush=True,
                 )
             else:
                 print(
                     f"smoe-ds: warning: {layout}: model weights and the LR schedule are restored exactly; the "
                     "optimizer state (Adam moments and fp32 master weights) is RESET, because it can only be "
-                    "resharded between ZeRO-1/2 runs or between fp32 ZeRO-0 runs; RNG states start fresh",
+                    f"resharded between ZeRO-1/2 runs or between fp32 ZeRO-0 runs; {fresh}",
                     flush=True,
                 )
     if path is None:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smoe_ds.checkpoint import META_FILE, read_meta, read_model, read_zero_state, resolve_tag_dir
+from smoe_ds.checkpoint import read_meta, read_model, read_zero_state, resolve_tag_dir
 from smoe_ds.config import ConfigError
 
 
@@ -29,7 +29,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
 
     tag_dir = resolve_tag_dir(ckpt)
     cfg, state, step = read_model(tag_dir)
-    zero = read_zero_state(tag_dir, cfg, read_meta(tag_dir)["world_size"]) if (tag_dir / META_FILE).is_file() else None
+    zero = read_zero_state(tag_dir, cfg, read_meta(tag_dir)["world_size"])  # resolve_tag_dir: the meta exists
     masters = zero["fp32"] if zero else None
     if masters is not None:  # ZeRO-1/2: the exact fp32 weights, even when the module ran in bf16/fp16
         unknown = sorted(set(masters) - set(state))

@@ -24,6 +24,7 @@ tokens; a block gives the input ``x = block[:-1]`` and the target ``y = block[1:
 from __future__ import annotations
 
 import codecs
+import itertools
 import os
 import sysconfig
 import zlib
@@ -317,10 +318,22 @@ def load_corpus(cfg: DataConfig, block_size: int) -> Corpus:
 # -- per-rank iteration -------------------------------------------------------------------
 
 
-def train_batches(blocks: torch.Tensor, *order_args, **order_kwargs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(
+    blocks: torch.Tensor,
+    micro_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    grad_accum: int = 1,
+    start_step: int = 0,
+    extra_micro_batches: int = 0,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (x [B, T], y [B, T]) micro-batches of ``blocks`` [n, T + 1] for this rank, in the
-    order of ``train_order(len(blocks), *order_args, **order_kwargs)``."""
-    for idx in train_order(len(blocks), *order_args, **order_kwargs):
+    order of ``train_order``, from step ``start_step`` plus ``extra_micro_batches`` more (the
+    ones a run skipped for bad losses before it was saved)."""
+    steps, within = divmod(extra_micro_batches, grad_accum)
+    order = train_order(len(blocks), micro_batch, rank, world_size, seed, grad_accum, start_step + steps)
+    for idx in itertools.islice(order, within, None):
         b = blocks[idx]
         yield b[:, :-1], b[:, 1:]
 

@@ -93,6 +93,36 @@ def train_step(rt: Runtime, batches, step: int, guard: BadLossGuard, ckpt_dir: P
     return total
 
 
+class LossWindow:
+    """The training loss summed since the last log line, over every rank's micro-batches.
+
+    Each rank adds its own sums (float64, so the order of the additions does not show); a
+    log line all-reduces them. ``state()`` (collective) folds the window into one number for
+    the checkpoint, so a run resumed mid-window logs the same mean as an uninterrupted one,
+    whatever the world size it resumes at.
+    """
+
+    def __init__(self, carried: float = 0.0, count: int = 0) -> None:
+        self.local = torch.tensor(carried if D.is_main() else 0.0, dtype=torch.float64)
+        self.count = count  # micro-batch losses in the window, over all ranks
+
+    @classmethod
+    def resumed(cls, trainer_state: dict) -> LossWindow:
+        return cls(trainer_state.get("loss_window_sum", 0.0), trainer_state.get("loss_window_count", 0))
+
+    def add(self, summed_loss: torch.Tensor, micro_batches: int) -> None:
+        self.local += summed_loss.double()
+        self.count += micro_batches
+
+    def mean_and_reset(self) -> float:
+        mean = float(D.all_reduce_sum(self.local) / max(self.count, 1))
+        self.local, self.count = torch.zeros((), dtype=torch.float64), 0
+        return mean
+
+    def state(self) -> dict:
+        return {"loss_window_sum": float(D.all_reduce_sum(self.local)), "loss_window_count": self.count}
+
+
 def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
     """Validation loss at the current k and at k = N; logged, shown, and k restored afterwards."""
     cfg, engine = rt.cfg, rt.engine
@@ -139,12 +169,14 @@ def train(cfg: TrainConfig) -> dict:
             print(placement.describe(layout), flush=True)
             placement.write(layout, out_dir)
     ckpt_dir = out_dir / "checkpoints"
-    start_step = checkpoint.restore(engine, cfg, ckpt_dir) if run.resume else 0
+    start_step, saved = checkpoint.restore(engine, cfg, ckpt_dir) if run.resume else (0, {})
     if start_step and D.is_main():
         print(f"resumed from {ckpt_dir / f'step{start_step}'}", flush=True)
     gas = engine.gradient_accumulation_steps()
+    # Micro-batches skipped for NaN/inf losses were read too: the data resumes after them.
+    skipped_before = saved.get("skipped_micro_batches", 0)
     batches = train_batches(
-        rt.corpus.train_blocks, rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed, gas, start_step
+        rt.corpus.train_blocks, rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed, gas, start_step, skipped_before
     )
     val = rt.val_batches(run.eval_batches)
     n = cfg.moe.num_experts
@@ -162,20 +194,25 @@ def train(cfg: TrainConfig) -> dict:
     val_history = (
         [periodic_validation(rt, val, active_k(cfg, start_step), start_step, bar)] if run.eval_interval else []
     )
-    history, t0, window_loss, window_steps = [], time.perf_counter(), torch.zeros(()), 0
-
+    history, t0 = [], time.perf_counter()
+    window = LossWindow.resumed(saved)
     guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
+    guard.skipped = skipped_before
+
+    def save(step: int) -> None:
+        state = {"skipped_micro_batches": guard.skipped, **window.state()}  # collective: every rank calls it
+        checkpoint.save(engine, cfg, ckpt_dir, step, run.keep_last, trainer_state=state)
+
     for step in range(start_step, run.max_steps):
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)
         faults.maybe_die("train", rt.rank, step)
-        window_loss += train_step(rt, batches, step, guard, ckpt_dir)
-        window_steps += 1
+        window.add(train_step(rt, batches, step, guard, ckpt_dir), gas * rt.world_size)
         done = step + 1
         bar.update(1)
 
         if done % run.log_interval == 0 or done == run.max_steps:
-            loss = float(D.all_reduce_sum(window_loss) / (window_steps * gas * rt.world_size))
+            loss = window.mean_and_reset()
             tok_s = (done - start_step) * tokens_per_step / (time.perf_counter() - t0)
             lr = engine.get_lr()[0]
             events = [("Train/loss", loss, done), ("Train/k", k, done), ("Train/lr", lr, done)]
@@ -195,17 +232,16 @@ def train(cfg: TrainConfig) -> dict:
             history.append(
                 {"step": done, "loss": loss, "k": k, "lr": lr, "tokens_per_s": tok_s, "skipped_steps": skipped}
             )
-            window_loss, window_steps = torch.zeros(()), 0
 
         if run.eval_interval and (done % run.eval_interval == 0 or done == run.max_steps):
             val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar))
         if run.save_checkpoint and run.save_interval and done % run.save_interval == 0 and done < run.max_steps:
-            checkpoint.save(engine, cfg, ckpt_dir, done, run.keep_last)
+            save(done)
     bar.close()
     wall = time.perf_counter() - t0
 
     if run.save_checkpoint and start_step < run.max_steps:
-        checkpoint.save(engine, cfg, ckpt_dir, run.max_steps, run.keep_last)
+        save(run.max_steps)
     rows = report(
         engine,
         rt.val_batches(run.final_eval_batches),

@@ -47,8 +47,17 @@ def test_single_device_logits_equal_the_distributed_ones(exported, key, tmp_path
         assert (mine - logits).abs().max() <= TOL, (key, k)
 
 
-def test_export_holds_safetensors_and_the_training_config(exported, tmp_path):
-    convert(exported[(2, 2, 2)] / "checkpoints", tmp_path / "export")
+def test_convert_cli_writes_safetensors_and_the_training_config_and_summarises(exported, tmp_path):
+    ckpt = exported[(2, 2, 2)] / "checkpoints"
+    proc = run_ranks("python", 1, ["smoe_ds.convert", str(ckpt), str(tmp_path / "export")], module=True)
+    assert f"read {ckpt / 'step5'} (step 5, smoe_dropout, saved with ep_size 2; fp32 masters from 2 ZeRO shards)" in (
+        proc.stdout
+    )
+    assert f"wrote {tmp_path / 'export' / 'model.safetensors'}" in proc.stdout
+    size_mib = (tmp_path / "export" / "model.safetensors").stat().st_size / 2**20
+    summary = [line for line in proc.stdout.splitlines() if "parameters, N = 4 experts, router seed 1234" in line]
+    assert len(summary) == 1 and "MiB on disk" in summary[0], proc.stdout
+    assert abs(float(summary[0].split("MiB")[0].split()[-1]) - size_mib) <= 0.1
     files = {p.name for p in (tmp_path / "export").iterdir()}
     assert {"model.safetensors", "config.json"} <= files
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -115,6 +124,12 @@ def test_missing_truncated_and_mismatched_checkpoints_name_the_file(exported, tm
         convert(c, tmp_path / "o3")
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
         convert(tmp_path / "nothing", tmp_path / "o4")
+    d = corrupt_copy(src, tmp_path / "unfinished")  # a tag whose ranks never all finished saving
+    (d / tag / "smoe_ds_meta.json").unlink()
+    with pytest.raises(CheckpointError, match=f"{d / tag} is an incomplete save"):
+        convert(d / tag, tmp_path / "o5")
+    with pytest.raises(CheckpointError, match="names 'step5', which is not a complete checkpoint"):
+        convert(d, tmp_path / "o6")
 
 
 def test_convert_cli_reports_errors_in_one_line(tmp_path):
@@ -127,6 +142,8 @@ def test_convert_cli_reports_errors_in_one_line(tmp_path):
 
 def test_evaluate_cli_on_an_export_reports_loss_and_tokens_per_second_per_k(exported, tmp_path):
     convert(exported[(2, 2, 2)] / "checkpoints", tmp_path / "export")
+    text = tmp_path / "mine.txt"  # the user's own text (--data): the README, repeated to fill the batches
+    text.write_text((REPO / "README.md").read_text() * 4)
     proc = run_ranks(
         "python",
         1,
@@ -137,12 +154,14 @@ def test_evaluate_cli_on_an_export_reports_loss_and_tokens_per_second_per_k(expo
             "1,2,4",
             "--batches",
             "2",
+            "--data",
+            str(text),
             "--out",
             str(tmp_path / "eval"),
         ],
         module=True,
     )
-    assert "tokens/s" in proc.stdout
+    assert "tokens/s" in proc.stdout and str(text) in proc.stdout
     rows = json.loads((tmp_path / "eval" / "self_slimming.json").read_text())["results"]
     assert [r["k"] for r in rows] == [1, 2, 4]
     assert all(r["tokens_per_s"] > 0 and 0 < r["bpb"] < 9 for r in rows)

@@ -1,17 +1,19 @@
 """Killed runs resume exactly; saves are crash-safe; resuming at another world size is announced."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
 import time
 
 import pytest
+import torch
 
 from smoe_ds.checkpoint import latest_tag
 from smoe_ds.distributed import free_port
 
-from .launch import REPO, launcher_command, run_ranks
+from .launch import REPO, launcher_command, rank_env, run_ranks
 
 CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
 STEPS = 120
@@ -24,6 +26,11 @@ COMMON = [
     f"moe.k_schedule.end_step={STEPS}",  # fixed, so every run agrees whatever its max_steps
     f"scheduler.params.total_num_steps={STEPS}",
 ]
+# The kill tests make everything a resume must restore matter: dropout draws from the RNG,
+# log lines average 7 steps (so a window spans each save), and one micro-batch is skipped
+# as NaN at step 20 (so the data position is more than the step count).
+KILL_RUN = ["model.dropout=0.1", "run.log_interval=7"]
+NAN_AT_20 = {"SMOE_DS_INJECT_FAULT": "nan:1:train:20:1"}
 
 
 def args_for(out_dir, *extra):
@@ -40,17 +47,32 @@ def losses(out_dir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """The kill tests' reference: 120 steps with dropout, 7-step log windows and one NaN skip."""
     out = tmp_path_factory.mktemp("whole")
-    run_ranks("deepspeed", 2, args_for(out), module=True)
+    run_ranks("deepspeed", 2, args_for(out, *KILL_RUN), module=True, env=NAN_AT_20)
+    logged = losses(out)
+    assert sorted(logged) == [*range(7, STEPS, 7), STEPS]
+    return logged
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_40(tmp_path_factory):
+    """The resharding tests' reference: 40 steps, no dropout (a new layout starts fresh RNGs)."""
+    out = tmp_path_factory.mktemp("whole40")
+    run_ranks("deepspeed", 2, args_for(out, "run.max_steps=40"), module=True)
     return losses(out)
 
 
-def start_and_kill(out_dir, until) -> None:
-    """Launch 2 ranks with the deepspeed launcher and SIGKILL rank 1 once ``until(out_dir)`` holds."""
+def start_and_kill(out_dir, until=None, env=None) -> None:
+    """Launch 2 ranks with the deepspeed launcher (the kill tests' run, with one NaN at step 20)
+    and SIGKILL rank 1 once ``until(out_dir)`` holds, or wait for an injected fault to end it."""
     port = free_port()
-    cmd = launcher_command("deepspeed", 2, args_for(out_dir), port, module=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = launcher_command("deepspeed", 2, args_for(out_dir, *KILL_RUN), port, module=True)
+    env = rank_env({**NAN_AT_20, **(env or {})})
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if until is None:
+        assert proc.wait(timeout=300) != 0
+        return
     deadline = time.time() + 300
     while not until(out_dir):
         assert proc.poll() is None, "the run ended before the kill point"
@@ -74,33 +96,55 @@ def logged_past(step):
     return check
 
 
-def test_sigkill_mid_training_then_relaunch_gives_the_uninterrupted_losses(uninterrupted, tmp_path):
-    start_and_kill(tmp_path, logged_past(75))  # checkpoints at 30 and 60 exist; 61..75+ are lost
-    assert latest_tag(tmp_path / "checkpoints") == "step60"
-    proc = run_ranks("deepspeed", 2, args_for(tmp_path), module=True)
-    assert "resumed from" in proc.stdout and "step60" in proc.stdout
-    resumed = losses(tmp_path)
+def relaunch_and_compare(out_dir, expected_tag, uninterrupted) -> None:
+    """Relaunch the killed run (no faults now): it resumes from ``expected_tag`` and logs the
+    uninterrupted run's losses at every step, to 1e-6."""
+    proc = run_ranks("deepspeed", 2, args_for(out_dir, *KILL_RUN), module=True)
+    assert f"resumed from {out_dir / 'checkpoints' / expected_tag}" in proc.stdout
+    resumed = losses(out_dir)
     assert sorted(resumed) == sorted(uninterrupted)
     worst = max(abs(resumed[s] - uninterrupted[s]) for s in uninterrupted)
     assert worst <= 1e-6, worst
+
+
+def test_sigkill_mid_training_then_relaunch_gives_the_uninterrupted_losses(uninterrupted, tmp_path):
+    start_and_kill(tmp_path, logged_past(70))  # checkpoints at 30 and 60 exist; 61..70+ are lost
+    assert latest_tag(tmp_path / "checkpoints") == "step60"
+    relaunch_and_compare(tmp_path, "step60", uninterrupted)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step"))
     assert kept == ["step120", "step90"]  # keep_last=2
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(uninterrupted, tmp_path):
-    start_and_kill(tmp_path, lambda out: (out / "checkpoints" / "step60").exists())
-    tag = latest_tag(tmp_path / "checkpoints")
-    assert tag in ("step30", "step60")  # step60 only if its save finished before the kill landed
-    run_ranks("deepspeed", 2, args_for(tmp_path), module=True)
-    resumed = losses(tmp_path)
-    assert max(abs(resumed[s] - uninterrupted[s]) for s in uninterrupted) <= 1e-6
+    # Rank 1 dies inside the save of step 60, after writing its shards, before the pointer moves.
+    start_and_kill(tmp_path, env={"SMOE_DS_INJECT_FAULT": "nan:1:train:20:1,kill:1:save:60"})
+    ckpts = tmp_path / "checkpoints"
+    assert latest_tag(ckpts) == "step30" and (ckpts / "step60.partial").is_dir() and not (ckpts / "step60").exists()
+    relaunch_and_compare(tmp_path, "step30", uninterrupted)
+    assert not list(ckpts.glob("*.partial"))
+
+
+def test_a_save_that_replaces_the_same_step_keeps_a_complete_checkpoint(tmp_path):
+    """run.resume=false in a used folder: the new step-30 save replaces the old one, and a kill
+    in the middle still leaves a checkpoint to resume from."""
+    quick = ["run.max_steps=30", "moe.ep_size=1"]
+    run_ranks("python", 1, args_for(tmp_path, *quick), module=True)
+    ckpts = tmp_path / "checkpoints"
+    first = (ckpts / "step30" / "smoe_ds_meta.json").stat().st_mtime_ns
+    again = args_for(tmp_path, *quick, "run.resume=false")
+    killed = run_ranks("python", 1, again, module=True, check=False, env={"SMOE_DS_INJECT_FAULT": "kill:0:save:30"})
+    assert killed.returncode != 0
+    assert latest_tag(ckpts) == "step30" and (ckpts / "step30" / "smoe_ds_meta.json").stat().st_mtime_ns == first
+    run_ranks("python", 1, again, module=True)
+    assert latest_tag(ckpts) == "step30" and (ckpts / "step30" / "smoe_ds_meta.json").stat().st_mtime_ns != first
+    assert not list(ckpts.glob("*.partial"))
 
 
 @pytest.mark.parametrize(
     "launcher, world, ep, micro", [("python", 1, 1, 16), ("deepspeed", 4, 2, 4), ("deepspeed", 4, 4, 4)]
 )
 def test_resume_at_another_world_size_reshards_weights_and_optimizer_exactly(
-    uninterrupted, tmp_path, launcher, world, ep, micro
+    uninterrupted_40, tmp_path, launcher, world, ep, micro
 ):
     run_ranks("deepspeed", 2, args_for(tmp_path, "run.max_steps=30"), module=True)
     proc = run_ranks(
@@ -113,8 +157,39 @@ def test_resume_at_another_world_size_reshards_weights_and_optimizer_exactly(
     # The data order does not depend on the world size when the global batch is the same, so the
     # resumed steps see the same tokens; only the order of floating-point sums differs.
     resumed = losses(tmp_path)
-    worst = max(abs(resumed[s] - uninterrupted[s]) for s in range(31, 41))
+    worst = max(abs(resumed[s] - uninterrupted_40[s]) for s in range(31, 41))
     assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("zero, world, ep", [(2, 4, 2), (1, 4, 4), (1, 1, 1)])
+def test_resharded_weights_and_optimizer_state_are_bit_identical(tmp_path, zero, world, ep):
+    """Save on 2 ranks with ep_size 2, resume at another layout, save again untrained: the
+    weights (every expert by global id) and the fp32 masters and Adam moments are the same bits."""
+    from safetensors.torch import load_file
+
+    from smoe_ds.checkpoint import read_zero_state, resolve_tag_dir
+    from smoe_ds.config import config_from_dict
+    from smoe_ds.convert import convert
+
+    run = args_for(tmp_path, "run.max_steps=6", f"zero_optimization.stage={zero}")
+    run_ranks("deepspeed", 2, run, module=True)
+    moved = [*run[1:], "--set", f"moe.ep_size={ep}", "--set", f"train_micro_batch_size_per_gpu={16 // world}"]
+    proc = run_ranks("deepspeed", world, ["tests.workers.resave", str(tmp_path / "again"), *moved], module=True)
+    assert "resharded exactly" in proc.stdout
+    before, after = resolve_tag_dir(tmp_path / "checkpoints"), resolve_tag_dir(tmp_path / "again")
+    convert(before, tmp_path / "a")
+    convert(after, tmp_path / "b")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    za, zb = (
+        read_zero_state(
+            tag, config_from_dict(json.loads((tag / "smoe_ds_meta.json").read_text())["config"]).resolve(), w
+        )
+        for tag, w in ((before, 2), (after, world))
+    )
+    for field in ("fp32", "exp_avg", "exp_avg_sq"):
+        assert za[field].keys() == zb[field].keys() and len(za[field]) > 0
+        assert all(torch.equal(za[field][key], zb[field][key]) for key in za[field]), field
 
 
 def test_zero0_resume_at_another_world_size_reshards_exactly_and_a_stage_change_is_announced(tmp_path):
