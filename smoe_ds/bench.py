@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "shapes": []}
+    # glibc's allocator settings change CPU timings a lot (see README, Performance): record them.
+    results["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     for label, s in shapes.items():
         r = bench_shape(label, s["d_model"], s["experts"], s["d_expert"], s["tokens"], dtype, device, args.repeats)
         results["shapes"].append(r)

@@ -87,13 +87,27 @@ def test_evaluate_cli_reloads_the_checkpoint_under_torchrun(deepspeed_run, tmp_p
     assert "bits/byte" in proc.stdout
 
 
-def test_mpirun_4_ranks_with_mpi_discovery_and_the_logged_expert_layout(tmp_path):
+def test_mpirun_runs_the_same_job_and_lowers_validation_loss(tmp_path):
+    """The deepspeed-launcher run above (2 ranks, ep_size 2, ZeRO-2, 50 steps), under mpirun."""
+    proc = train("mpirun", tmp_path)
+    val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
+    assert [v["step"] for v in val] == [0, 25, 50]
+    assert val[-1]["k=4"] < val[0]["k=4"] - 1.0, val
+    assert "self-slimming" in proc.stdout
+
+
+def test_mpirun_4_ranks_with_mpi_discovery_the_logged_expert_layout_and_dropped_tokens(tmp_path):
     data = SHARED_DATA / "tinyshakespeare" / "input.txt"
     corpus = [f"data.path={data}"] if data.exists() else []  # a local text file when ../shared is there
     sets = ("zero_optimization.stage=1", "run.max_steps=30", "run.eval_interval=30", "data.val_fraction=0.2")
-    proc = train("mpirun", tmp_path, *corpus, *sets, nprocs=4)
+    # A tight capacity (cf 0.5: each expert takes half of its even share) must drop routes.
+    proc = train("mpirun", tmp_path, *corpus, *sets, "moe.capacity_factor=0.5", nprocs=4)
     val = json.loads((tmp_path / "train_summary.json").read_text())["val_history"]
     assert val[-1]["k=4"] < val[0]["k=4"] - 0.5
+    dropped = list(csv.reader(open(next((tmp_path / "monitor").rglob("Train_dropped_fraction.csv")))))[1:]
+    assert [int(float(r[0])) for r in dropped] == [10, 20, 30]
+    # k grows 2 -> 4 and every rank has 8 x 64 tokens: at least half of the routes beyond C are dropped
+    assert all(0.4 <= float(r[1]) < 1.0 for r in dropped), dropped
     # ep_size 2 on 4 ranks: two all-to-all groups of consecutive ranks, experts averaged across them
     layout = json.loads((tmp_path / "layout.json").read_text())
     assert layout["world_size"] == 4 and layout["expert_parallel_groups"] == [[0, 1], [2, 3]]
@@ -118,3 +132,23 @@ def test_baseline_modes_train_under_torchrun(tmp_path, mode, zero):
     keys = {"dense": ["k=4"], "learned": ["k=2"], "random_fixed": ["k=2", "k=4"], "thor": ["k=1", "k=4"]}[mode]
     assert list(val[0]) == ["step", *keys]
     assert val[-1][keys[0]] < val[0][keys[0]] - 0.5
+
+
+def test_local_launcher_fits_ep_size_to_an_odd_rank_count(tmp_path):
+    """launch/local.sh on 3 CPU ranks with a config for ep_size 2 falls back to ep_size 1, says so, and trains."""
+    import subprocess
+    import sys
+
+    from smoe_ds.distributed import free_port
+
+    from .launch import BIN, rank_env
+
+    env = rank_env({"NPROC": "3", "PYTHON": sys.executable, "MASTER_PORT": str(free_port())})
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    sets = [f"run.out_dir={tmp_path}", "run.max_steps=3", "run.eval_interval=0", "run.final_eval_batches=1"]
+    cmd = ["bash", str(REPO / "launch" / "local.sh"), CONFIG, *sum([["--set", s] for s in sets], [])]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "3 rank(s): using moe.ep_size=1 (the config's 2 does not divide them)" in proc.stdout
+    layout = json.loads((tmp_path / "layout.json").read_text())
+    assert layout["world_size"] == 3 and layout["experts_of_rank"] == [[0, 1, 2, 3]] * 3
