@@ -318,22 +318,10 @@ def load_corpus(cfg: DataConfig, block_size: int) -> Corpus:
 # -- per-rank iteration -------------------------------------------------------------------
 
 
-def train_batches(
-    blocks: torch.Tensor,
-    micro_batch: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    grad_accum: int = 1,
-    start_step: int = 0,
-    extra_micro_batches: int = 0,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(blocks: torch.Tensor, *order_args, **order_kwargs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (x [B, T], y [B, T]) micro-batches of ``blocks`` [n, T + 1] for this rank, in the
-    order of ``train_order``, from step ``start_step`` plus ``extra_micro_batches`` more (the
-    ones a run skipped for bad losses before it was saved)."""
-    steps, within = divmod(extra_micro_batches, grad_accum)
-    order = train_order(len(blocks), micro_batch, rank, world_size, seed, grad_accum, start_step + steps)
-    for idx in itertools.islice(order, within, None):
+    order of ``train_order(len(blocks), *order_args, **order_kwargs)``."""
+    for idx in train_order(len(blocks), *order_args, **order_kwargs):
         b = blocks[idx]
         yield b[:, :-1], b[:, 1:]
 
@@ -346,8 +334,10 @@ def train_order(
     seed: int,
     grad_accum: int = 1,
     start_step: int = 0,
+    extra_micro_batches: int = 0,
 ) -> Iterator[torch.Tensor]:
-    """Endless micro-batches of item indices [B] for this rank, from optimizer step ``start_step`` on.
+    """Endless micro-batches of item indices [B] for this rank, from optimizer step ``start_step``
+    on, after ``extra_micro_batches`` more (those a run skipped for bad losses before it was saved).
 
     The data order is global: epoch e is a permutation of the items drawn from (seed, e), and
     each optimizer step consumes the next G = micro_batch x world_size x grad_accum of it;
@@ -357,6 +347,14 @@ def train_order(
     exactly what an uninterrupted run would. The tail of an epoch that does not fill a whole
     step is skipped, so every rank runs every step and no collective is left waiting.
     """
+    steps, within = divmod(extra_micro_batches, grad_accum)
+    order = _train_order(n_items, micro_batch, rank, world_size, seed, grad_accum, start_step + steps)
+    return itertools.islice(order, within, None)
+
+
+def _train_order(
+    n_items: int, micro_batch: int, rank: int, world_size: int, seed: int, grad_accum: int, start_step: int
+) -> Iterator[torch.Tensor]:
     per_step = micro_batch * world_size * grad_accum
     steps_per_epoch = train_steps_per_epoch(n_items, micro_batch, world_size, grad_accum)
     step = start_step

@@ -142,6 +142,16 @@ def test_resuming_at_a_step_continues_the_same_order_even_at_another_world_size(
         assert got == per_step[s]
 
 
+def test_resuming_after_skipped_micro_batches_continues_where_the_run_read_to():
+    blocks = torch.arange(200 * 3).view(200, 3)
+    whole = first_column(train_batches(blocks, 8, 0, 1, seed=1, grad_accum=2), 2 * 20)
+    # saved after step 7 having skipped 3 micro-batches: 7 x 2 + 3 read so far
+    resumed = first_column(
+        train_batches(blocks, 8, 0, 1, seed=1, grad_accum=2, start_step=7, extra_micro_batches=3), 10
+    )
+    assert torch.equal(resumed, whole[(7 * 2 + 3) * 8 : (7 * 2 + 3) * 8 + 80])
+
+
 def test_eval_batches_are_equal_in_number_on_every_rank():
     blocks = torch.arange(50 * 9).view(50, 9)
     counts = [len(eval_batches(blocks, 4, r, 3, None)) for r in range(3)]
