@@ -57,3 +57,18 @@ def test_capacity_factor_drops_without_hanging_and_full_capacity_is_exact(ep_res
 def test_ep2_model_matches_single_process_with_all_experts(ep_result, k):
     row = ep_result["model"][k]
     assert row["loss"] <= TOL and row["grad"] <= TOL, row
+
+
+def test_expert_gradients_are_averaged_over_the_expert_data_parallel_group(tmp_path):
+    """4 ranks, ep_size 2, ZeRO-2, a different batch on each rank for 3 steps: the two copies of
+    each expert (ranks r and r + 2) stay bit-identical, as do the non-expert weights everywhere,
+    while the experts move and the two expert-parallel ranks hold different experts. (That the
+    reduction is over that group and not all ranks, which would mix different experts, is what
+    test_ep2_model_matches_single_process_with_all_experts shows.)"""
+    out = tmp_path / "replicas.json"
+    run_ranks("deepspeed", 4, ["tests.workers.expert_replicas", str(out)], module=True)
+    result = json.loads(out.read_text())
+    assert result["expert_moved"] > 1e-4
+    assert result["expert_replica_diff"] == [0.0] * 4
+    assert result["dense_diff"] == [0.0] * 4
+    assert all(d > 1e-3 for d in result["expert_other_rank_diff"])

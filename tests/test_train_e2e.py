@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def train(launcher, out_dir, *sets, nprocs=2):
 @pytest.fixture(scope="module")
 def deepspeed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds_run")
-    proc = train("deepspeed", out)
+    proc = train("deepspeed", out, "tensorboard.enabled=true")
     return out, proc
 
 
@@ -39,6 +40,8 @@ def test_deepspeed_launcher_ep2_zero2_lowers_validation_loss(deepspeed_run):
     start, end = val[0]["k=4"], val[-1]["k=4"]
     assert end < start - 1.0, f"validation loss at k=N went {start:.3f} -> {end:.3f}"
     assert "self-slimming" in proc.stdout and "bits/byte" in proc.stdout
+    # rank 0's progress bar: steps done of 50, elapsed<ETA, and the loss, k and tokens/s
+    assert re.search(r"\| 50/50 \[[\d:]+<[\d:]+, +[\d.]+it/s, loss=[\d.]+, k=4, tok/s=[\d,]+\]", proc.stdout)
 
 
 def test_outputs_table_json_plot_monitor_and_per_expert_checkpoint(deepspeed_run):
@@ -50,6 +53,7 @@ def test_outputs_table_json_plot_monitor_and_per_expert_checkpoint(deepspeed_run
     monitor = {p.name for p in (out / "monitor").rglob("*.csv")}
     for name in ("Train_loss.csv", "Train_k.csv", "Train_lr.csv", "Train_expert_load_layer0_expert3.csv"):
         assert name in monitor, sorted(monitor)
+    assert list((out / "monitor").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     k_rows = list(csv.reader(open(next((out / "monitor").rglob("Train_k.csv")))))
     # linear 2 -> 4 over 50 steps; the row logged after step s shows the k that step s (0-based s - 1) ran at
     assert [int(float(r[1])) for r in k_rows[1:]] == [round(2 * (s - 1) / 50) + 2 for s in (10, 20, 30, 40, 50)]
