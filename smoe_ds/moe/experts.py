@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe_ds.moe.gated_gelu import gated_gelu
+
 
 class FeedForward(nn.Module):
     """x [..., D] -> GELU(x W_in^T) W_out^T [..., D], hidden width H, no biases.
@@ -145,8 +147,14 @@ class GroupedExperts(nn.Module):
         gates_TE = gates_TE.to(x_TD.dtype)
         w, b = self._stacked(), self.b_in
         if H <= self.d_model:
-            h_TEH = self._hidden(lambda m: x_TD @ m.view(E * H, -1).t(), w, None if b is None else b.view(E * H))
-            return (h_TEH.view(T, E, H) * gates_TE.unsqueeze(-1)).view(T, E * H) @ self.w_out.view(E * H, -1)
+            project = lambda m: x_TD @ m.view(E * H, -1).t()  # noqa: E731
+            if self.activation is F.gelu and self.w_gate is None:  # the built-in LM's experts: fused
+                pre_TEH = project(self.w_in) if b is None else project(self.w_in) + b.view(E * H)
+                h_TEH = gated_gelu(pre_TEH.view(T, E, H), gates_TE.unsqueeze(-1))
+            else:
+                h_TEH = self._hidden(project, w, None if b is None else b.view(E * H)).view(T, E, H)
+                h_TEH = h_TEH * gates_TE.unsqueeze(-1)
+            return h_TEH.view(T, E * H) @ self.w_out.view(E * H, -1)
         y_TD = torch.zeros_like(x_TD)
         for e in range(E):
             h_TH = self._hidden(lambda m: x_TD @ m[e].t(), w, None if b is None else b[e])  # noqa: B023 (used at once)
@@ -190,9 +198,11 @@ class GroupedExperts(nn.Module):
 # On the CPU, glibc serves every block over 32 MiB with a fresh mmap, and the page faults of
 # filling it cost more than the GEMMs that use it: measured on 2 threads, shape B of the
 # benchmark (4096 tokens, 16 experts x 64, k = 8, 32 MiB route buffers) took 1.2-1.25 x a
-# dense FFN in one group and 0.66-0.83 x in groups of under 8 MiB. GPU caching allocators
-# have no such cliff, and there one group keeps the grouped GEMM a single kernel.
-CPU_ROUTE_BUFFER_BYTES = 8 << 20
+# dense FFN in one group and 0.66-0.83 x in groups of at most 16 MiB. Smaller groups cost more
+# per-group overhead than they save (k = 4, same process: 0.40 x at 16 MiB, 0.41 at 8, 0.46 at
+# 2, 0.48 at 1). GPU caching allocators have no such cliff, and there one group keeps the
+# grouped GEMM a single kernel.
+CPU_ROUTE_BUFFER_BYTES = 16 << 20
 
 
 def route_buffer_limit(device: torch.device) -> int:
