@@ -198,11 +198,12 @@ class GroupedExperts(nn.Module):
 # On the CPU, glibc serves every block over 32 MiB with a fresh mmap, and the page faults of
 # filling it cost more than the GEMMs that use it: measured on 2 threads, shape B of the
 # benchmark (4096 tokens, 16 experts x 64, k = 8, 32 MiB route buffers) took 1.2-1.25 x a
-# dense FFN in one group and 0.66-0.83 x in groups of at most 16 MiB. Smaller groups cost more
-# per-group overhead than they save (k = 4, same process: 0.40 x at 16 MiB, 0.41 at 8, 0.46 at
-# 2, 0.48 at 1). GPU caching allocators have no such cliff, and there one group keeps the
-# grouped GEMM a single kernel.
-CPU_ROUTE_BUFFER_BYTES = 16 << 20
+# dense FFN in one group and 0.66-0.83 x in groups of at most 8 MiB. Blocks under 32 MiB can
+# still be fresh maps after glibc trims its heap, the more often the bigger they are: at k = 4,
+# three processes each, 8 MiB groups gave 0.38-0.41 x dense and 16 MiB groups 0.41-0.49.
+# Smaller groups cost more per-group overhead than they save (0.46 at 2 MiB, 0.48 at 1). GPU
+# caching allocators have no such cliff, and there one group keeps the grouped GEMM one kernel.
+CPU_ROUTE_BUFFER_BYTES = 8 << 20
 
 
 def route_buffer_limit(device: torch.device) -> int:
