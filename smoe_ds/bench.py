@@ -138,15 +138,19 @@ def bench_shape(label: str, d: int, n: int, h: int, tokens: int, dtype, device, 
 
 
 def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
-    from smoe_ds.distributed import shutdown
+    from smoe_ds.distributed import init_distributed, shutdown
     from smoe_ds.moe.dispatch import bytes_sent
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    init_distributed(port)  # as the trainer joins: gloo on CPU, DeepSpeed's shm allreduce kept off
     d, n, h, tokens = spec["d_model"], spec["experts"], spec["d_expert"], spec["tokens"] // world
     dtype = getattr(torch, spec["dtype"])
     layers = build_layers(d, n, h, world, torch.device("cpu"), dtype, ep_rank=rank)

@@ -8,24 +8,24 @@ compares with the original (weights and optimizer state must be bit-identical).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from smoe_ds import checkpoint
-from smoe_ds import distributed as D
 from smoe_ds.config import config_cli
-from smoe_ds.runtime import build_runtime
+from smoe_ds.runtime import build_runtime, run_main
 from tests.workers.common import worker_args
 
 
-def main() -> None:
-    dest, *argv = worker_args()
+def resave(dest: str, argv: list[str]) -> None:
     cfg = config_cli(argv, "resave", "resave")()
     rt = build_runtime(cfg, training=True)
     step, _ = checkpoint.restore(rt.engine, cfg, Path(cfg.run.out_dir) / "checkpoints")
     assert step > 0, "nothing to resume"
     checkpoint.save(rt.engine, cfg, dest, step)
-    D.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    dest, *argv = worker_args()
+    # run_main, as the trainer: the peers finish together, then the watchdog and the group stop
+    sys.exit(run_main(lambda: resave(dest, argv)))
