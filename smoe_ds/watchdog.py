@@ -47,7 +47,14 @@ class PeerWatchdog:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop beating. The thread is joined briefly, so that at a normal exit no store call of
+        it is still running while the process group and the interpreter are torn down (seen to
+        end a rank with 'terminate called without an active exception'); a thread stuck on a
+        dead store is left behind after a second rather than delaying the exit."""
         self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
 
     # -- the thread ---------------------------------------------------------------------------
 
