@@ -125,12 +125,16 @@ class GroupedExperts(nn.Module):
         """The hidden units, given ``project(weight)``: the inputs times the matching rows of a
         stacked [E, H, D] weight; ``w`` holds ``w_in`` (and ``w_gate`` when gated) and ``b_in``
         is the matching bias rows (None without biases)."""
-        pre = project(w["w_in"])
-        if b_in is not None:
-            pre = pre + b_in
+        pre = self._pre_activation(project, w, b_in)
         if w.get("w_gate") is None:
             return self.activation(pre)
         return self.activation(project(w["w_gate"])) * pre
+
+    @staticmethod
+    def _pre_activation(project: Callable[[torch.Tensor], torch.Tensor], w: dict, b_in: torch.Tensor | None):
+        """``project(w_in)`` plus the bias rows ``b_in`` when there are any."""
+        pre = project(w["w_in"])
+        return pre if b_in is None else pre + b_in
 
     def _stacked(self) -> dict[str, torch.Tensor]:
         """The stacked parameters this module has, by name."""
@@ -148,12 +152,11 @@ class GroupedExperts(nn.Module):
         w, b = self._stacked(), self.b_in
         if H <= self.d_model:
             project = lambda m: x_TD @ m.view(E * H, -1).t()  # noqa: E731
+            b_in = None if b is None else b.view(E * H)
             if self.activation is F.gelu and self.w_gate is None:  # the built-in LM's experts: fused
-                pre_TEH = project(self.w_in) if b is None else project(self.w_in) + b.view(E * H)
-                h_TEH = gated_gelu(pre_TEH.view(T, E, H), gates_TE.unsqueeze(-1))
+                h_TEH = gated_gelu(self._pre_activation(project, w, b_in).view(T, E, H), gates_TE.unsqueeze(-1))
             else:
-                h_TEH = self._hidden(project, w, None if b is None else b.view(E * H)).view(T, E, H)
-                h_TEH = h_TEH * gates_TE.unsqueeze(-1)
+                h_TEH = self._hidden(project, w, b_in).view(T, E, H) * gates_TE.unsqueeze(-1)
             return h_TEH.view(T, E * H) @ self.w_out.view(E * H, -1)
         y_TD = torch.zeros_like(x_TD)
         for e in range(E):
@@ -175,12 +178,12 @@ class GroupedExperts(nn.Module):
         sizes = [len(g) for g in groups]
         routes = [sum(g) for g in groups]
         weight_parts = {name: p.split(sizes) for name, p in self._stacked().items()}
-        y_TD = torch.zeros_like(x_TD)
+        y_TD, first_expert = torch.zeros_like(x_TD), 0
         for i, (token_G, gate_G, expert_G) in enumerate(zip(*(t.split(routes) for t in (token_R, gate_R, expert_R)))):
-            first_expert = sum(sizes[:i])
             w = {name: parts[i] for name, parts in weight_parts.items()}
             y_GD = self._routed_rows(x_TD.index_select(0, token_G), gate_G, expert_G - first_expert, w, groups[i])
             y_TD = y_TD.index_add(0, token_G, y_GD)
+            first_expert += sizes[i]
         return y_TD
 
     def _routed_rows(self, x_RD, gate_R, expert_R, w: dict, counts: list[int]) -> torch.Tensor:
