@@ -12,6 +12,9 @@ into torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, default
 * When the deepspeed launcher sets ``LOCAL_SIZE`` the op allocates a 69 MB buffer per rank in
   ``/dev/shm`` and never unlinks it, so every run leaks RAM until the machine is rebooted.
   :func:`without_shm_allreduce` keeps it off.
+
+smoe_ds's own CPU op, the sparse path of the built-in experts (``smoe_ds.moe.cpu_sparse``), is
+JIT-built into the same folder on first use, and :func:`prebuild` builds it up front too.
 """
 
 from __future__ import annotations
@@ -45,12 +48,16 @@ def build_lock(op_name: str = "deepspeed_shm_comm") -> Path:
 
 
 def prebuild() -> bool:
-    """Compile DeepSpeed's shm op in this process, if this accelerator has one.
+    """Compile, in this process, DeepSpeed's shm op where this accelerator has one, and smoe_ds's
+    CPU sparse-experts op (``smoe_ds.moe.cpu_sparse``; without a compiler it warns and is skipped).
 
-    Returns True when the op was built (or already was), False when it does not apply.
+    Returns True when DeepSpeed's op was built (or already was), False when it does not apply.
     """
     from deepspeed.accelerator import get_accelerator
 
+    from smoe_ds.moe.cpu_sparse import load_op
+
+    load_op()
     builder = get_accelerator().create_op_builder(SHM_COMM_OP)
     if builder is None or not builder.is_compatible():
         return False
@@ -76,7 +83,7 @@ class lock_watchdog:  # noqa: N801 - used as a context manager, reads like a sta
                 age = time.time() - lock.stat().st_mtime
                 print(
                     f"smoe_ds: start-up has waited {self.after_s:.0f}s on {lock} (created {age:.0f}s ago). "
-                    "If no DeepSpeed op build is running on this machine, that lock is stale "
+                    "If no op build (DeepSpeed's or smoe_ds's) is running on this machine, that lock is stale "
                     "(left by a process killed mid-build): delete it and start again.",
                     file=sys.stderr,
                     flush=True,
@@ -115,10 +122,13 @@ def shm_buffers(master_port: int | str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
-        prog="python -m smoe_ds.deepspeed_ops", description="Compile DeepSpeed's CPU shm op once, now."
+        prog="python -m smoe_ds.deepspeed_ops",
+        description="Compile DeepSpeed's CPU shm op and smoe_ds's CPU sparse-experts op once, now.",
     ).parse_args(argv)
     start = time.time()
-    print(f"smoe_ds: building DeepSpeed's CPU ops into {extensions_dir()} (about a minute the first time)")
+    print(
+        f"smoe_ds: building DeepSpeed's and smoe_ds's CPU ops into {extensions_dir()} (about a minute the first time)"
+    )
     built = prebuild()
     took = time.time() - start
     print(f"smoe_ds: DeepSpeed ops ready ({took:.0f}s)" if built else "smoe_ds: no DeepSpeed ops to build here")

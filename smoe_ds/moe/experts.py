@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe_ds.moe.cpu_sparse import load_op, sparse_gelu_experts
 from smoe_ds.moe.gated_gelu import gated_gelu
 
 
@@ -165,6 +166,21 @@ class GroupedExperts(nn.Module):
         return y_TD
 
     def forward_sparse(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
+        """Only the routed (token, expert) pairs: the compiled CPU op for the built-in experts
+        (GELU, no biases, not gated) where it is built, else grouped GEMMs."""
+        if self._compiled_op_applies(x_TD):
+            expert_R, token_R = gates_TE.t().nonzero(as_tuple=True)  # row-major over [E, T]: sorted by expert
+            counts = torch.bincount(expert_R, minlength=self.num_local_experts)
+            gate_R = gates_TE[token_R, expert_R].to(x_TD.dtype)
+            return sparse_gelu_experts(x_TD, self.w_in, self.w_out, gate_R, token_R, counts)
+        return self.forward_grouped(x_TD, gates_TE)
+
+    def _compiled_op_applies(self, x_TD: torch.Tensor) -> bool:
+        built_in = self.activation is F.gelu and self.b_in is None and self.w_gate is None
+        same_dtype = x_TD.dtype == self.w_in.dtype
+        return x_TD.device.type == "cpu" and built_in and same_dtype and load_op() is not None
+
+    def forward_grouped(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
         """Sort the routes by expert, run grouped GEMMs, add the weighted rows back per token.
 
         The experts run in consecutive groups whose route buffers stay under
@@ -182,7 +198,7 @@ class GroupedExperts(nn.Module):
         for i, (token_G, gate_G, expert_G) in enumerate(zip(*(t.split(routes) for t in (token_R, gate_R, expert_R)))):
             w = {name: parts[i] for name, parts in weight_parts.items()}
             y_GD = self._routed_rows(x_TD.index_select(0, token_G), gate_G, expert_G - first_expert, w, groups[i])
-            y_TD = y_TD.index_add(0, token_G, y_GD)
+            y_TD.index_add_(0, token_G, y_GD)  # in place: no copy of y_TD per group
             first_expert += sizes[i]
         return y_TD
 

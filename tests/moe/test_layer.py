@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from smoe_ds.config import MoEConfig
 from smoe_ds.moe.layer import SMoEDropoutMoE, build_ffn, set_active_experts
@@ -56,11 +57,94 @@ def check_against_naive(layer, k, path=None):
     }
 
 
-@pytest.mark.parametrize("path", [None, "sparse", "dense"])
+# "sparse" is the compiled CPU op here (asserted below), "grouped" the Python path it falls back to.
+@pytest.mark.parametrize("path", [None, "sparse", "grouped", "dense"])
 @pytest.mark.parametrize("k", range(1, 9))
 def test_output_and_grads_match_naive_loop_for_every_k_and_path(k, path):
     diffs = check_against_naive(make_layer(), k, path)
     assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def test_the_compiled_sparse_op_is_built_and_used_on_the_cpu():
+    # Without this the "sparse" cases above could silently test the fallback twice.
+    experts = make_layer().deepspeed_moe.experts
+    assert experts._compiled_op_applies(torch.randn(3, 24))
+    assert not experts._compiled_op_applies(torch.randn(3, 24, dtype=torch.float64))  # dtype differs from weights
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_compiled_sparse_op_on_several_threads_matches_naive_loop(k):
+    # The test session runs one thread (conftest); the op splits experts over threads by routes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        diffs = check_against_naive(make_layer(), k, "sparse")
+    finally:
+        torch.set_num_threads(threads)
+    assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def test_compiled_sparse_op_handles_experts_without_routes():
+    from smoe_ds.moe.cpu_sparse import sparse_gelu_experts
+
+    gen = torch.Generator().manual_seed(0)
+    T, D, E, H = 6, 8, 4, 5
+    x = torch.randn(T, D, generator=gen, requires_grad=True)
+    w_in = torch.randn(E, H, D, generator=gen, requires_grad=True)
+    w_out = torch.randn(E, H, D, generator=gen, requires_grad=True)
+    expert_R = torch.tensor([1, 1, 1, 3, 3])  # experts 0 and 2 get nothing
+    token_R = torch.tensor([0, 2, 5, 1, 2])
+    gate_R = torch.rand(5, generator=gen, requires_grad=True)
+    y = sparse_gelu_experts(x, w_in, w_out, gate_R, token_R, torch.bincount(expert_R, minlength=E))
+    ref = torch.zeros(T, D).index_add(
+        0,
+        token_R,
+        gate_R[:, None] * torch.stack([F.gelu(x[t] @ w_in[e].t()) @ w_out[e] for e, t in zip(expert_R, token_R)]),
+    )
+    cot = torch.randn(T, D, generator=gen)
+    grads = torch.autograd.grad((y * cot).sum(), (x, w_in, w_out, gate_R))
+    ref_grads = torch.autograd.grad((ref * cot).sum(), (x, w_in, w_out, gate_R))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert grads[1][[0, 2]].abs().max() == 0 and grads[2][[0, 2]].abs().max() == 0
+
+
+def test_compiled_sparse_op_in_bfloat16_agrees_with_the_grouped_path():
+    layer = make_layer().to(torch.bfloat16)
+    experts = layer.deepspeed_moe.experts
+    set_active_experts(layer, 3)
+    x = torch.randn(58, 24, dtype=torch.bfloat16)
+    gates = layer.deepspeed_moe.gate(x).to(torch.bfloat16)
+    results = []
+    for path in (experts.forward_sparse, experts.forward_grouped):
+        xi = x.clone().requires_grad_(True)
+        y = path(xi, gates)
+        y.float().square().sum().backward()
+        results.append((y.float(), xi.grad.float()))
+        experts.zero_grad()
+    # Both round every GEMM to bf16 (8 bits of mantissa); they differ only in summation order.
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_a_failed_op_build_warns_once_and_falls_back_to_the_grouped_path(tmp_path, monkeypatch):
+    from smoe_ds.moe import cpu_sparse
+
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setattr(cpu_sparse, "SOURCE", broken)
+    monkeypatch.setattr(cpu_sparse, "OP_NAME", "smoe_ds_broken_op_test")
+    cpu_sparse.load_op.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not build the CPU sparse-experts op"):
+            layer = make_layer()
+            assert not layer.deepspeed_moe.experts._compiled_op_applies(torch.randn(3, 24))
+        diffs = check_against_naive(layer, 3, "sparse")  # no second warning: the failure is cached
+        assert all(v <= TOL for v in diffs.values()), diffs
+    finally:
+        cpu_sparse.load_op.cache_clear()
 
 
 @pytest.mark.parametrize("k", [2, 5])
@@ -71,7 +155,7 @@ def test_sparse_path_in_several_expert_groups_matches_naive_loop(k, monkeypatch)
     # several groups, most of them a single expert.
     monkeypatch.setattr(experts_mod, "CPU_ROUTE_BUFFER_BYTES", 1024)
     layer = make_layer()
-    diffs = check_against_naive(layer, k, "sparse")
+    diffs = check_against_naive(layer, k, "grouped")
     assert all(v <= TOL for v in diffs.values()), diffs
 
 

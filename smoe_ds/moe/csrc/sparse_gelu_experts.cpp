@@ -1,0 +1,178 @@
+// The sparse path of the built-in experts (GELU, no biases) on the CPU: forward and backward.
+//
+// Shape legend: T tokens, D d_model, E local experts, H expert width, R routes (token, expert
+// pairs), sorted by expert: rows offsets[e] .. offsets[e+1] of token_R and gate_R are expert e's.
+// Expert e computes y[t] += gate * (gelu(x[t] w_in[e]^T) w_out[e]) for each of its routes.
+//
+// Why a compiled op: on a few CPU threads, the grouped GEMMs of the Python path run at about
+// 80 % of a dense GEMM's speed once their [R, D] buffers no longer fit in the caches, and the
+// gathers and scatter-adds around them cost as much again. Here each thread takes a share of
+// the experts (about R / threads routes) and runs them one at a time, so one expert's rows
+// (C x D) stay in that thread's cache from the gather through both GEMMs to the scatter-add,
+// and its GEMMs run single-threaded inside the parallel region at full single-core speed.
+// Buffers are allocated once per thread, not per expert. Each thread adds into its own [T, D]
+// output, summed at the end, so no two threads write the same row.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+// Rows idx[0..n) of src [*, D] -> dst [n, D].
+template <typename scalar_t>
+void gather_rows(scalar_t* dst, const scalar_t* src, const int64_t* idx, int64_t n, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * D, src + idx[i] * D, D * sizeof(scalar_t));
+}
+
+// dst[idx[i]] += src[i] for the n rows of src [n, D].
+template <typename scalar_t>
+void add_rows(scalar_t* dst, const scalar_t* src, const int64_t* idx, int64_t n, int64_t D) {
+  for (int64_t i = 0; i < n; ++i) {
+    scalar_t* d = dst + idx[i] * D;
+    const scalar_t* s = src + i * D;
+    for (int64_t j = 0; j < D; ++j) d[j] += s[j];
+  }
+}
+
+void gather(Tensor& dst, const Tensor& src, const int64_t* idx, int64_t n) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "gather_rows", [&] {
+    gather_rows(dst.data_ptr<scalar_t>(), src.data_ptr<scalar_t>(), idx, n, src.size(1));
+  });
+}
+
+void scatter_add(Tensor& dst, const Tensor& src, const int64_t* idx, int64_t n) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "add_rows", [&] {
+    add_rows(dst.data_ptr<scalar_t>(), src.data_ptr<scalar_t>(), idx, n, src.size(1));
+  });
+}
+
+// First expert of each of `parts` shares, so that every share has about R / parts routes.
+std::vector<int64_t> share_starts(const int64_t* off, int64_t E, int64_t parts) {
+  std::vector<int64_t> first(parts + 1, E);
+  first[0] = 0;
+  int64_t e = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = off[E] * p / parts;
+    while (e < E && off[e + 1] <= target) ++e;
+    if (e < E && target - off[e] > off[e + 1] - target) ++e;  // the straddling expert: the nearer side
+    first[p] = std::max(e, first[p - 1]);
+  }
+  return first;
+}
+
+// Runs body(share, first expert, end expert, accumulator [T, D]) on every thread and returns the
+// sum of the accumulators.
+template <typename Body>
+Tensor over_expert_shares(const Tensor& offsets, int64_t E, const Tensor& like_TD, const Body& body) {
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
+  const std::vector<int64_t> first = share_starts(off, E, parts);
+  std::vector<Tensor> sums(parts);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    for (int64_t p = begin; p < end; ++p) {
+      sums[p] = at::zeros_like(like_TD);
+      body(first[p], first[p + 1], sums[p]);
+    }
+  });
+  for (int64_t p = 1; p < parts; ++p) sums[0].add_(sums[p]);
+  return sums[0];
+}
+
+int64_t most_routes(const int64_t* off, int64_t E) {
+  int64_t most = 0;
+  for (int64_t e = 0; e < E; ++e) most = std::max(most, off[e + 1] - off[e]);
+  return most;
+}
+
+void check_inputs(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gate_R,
+                  const Tensor& token_R, const Tensor& offsets) {
+  for (const Tensor* t : {&x, &w_in, &w_out, &gate_R, &token_R, &offsets}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "sparse_gelu_experts: CPU, contiguous tensors only");
+  }
+  TORCH_CHECK(w_in.scalar_type() == x.scalar_type() && w_out.scalar_type() == x.scalar_type() &&
+                  gate_R.scalar_type() == x.scalar_type(),
+              "sparse_gelu_experts: x, weights and gates must share one dtype");
+  TORCH_CHECK(token_R.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "int64 routes");
+  TORCH_CHECK(offsets.numel() == w_in.size(0) + 1, "offsets must have E + 1 entries");
+}
+
+}  // namespace
+
+// -> (y [T, D], pre [R, H], the pre-activations kept for backward)
+std::vector<Tensor> forward(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gate_R,
+                            const Tensor& token_R, const Tensor& offsets) {
+  check_inputs(x, w_in, w_out, gate_R, token_R, offsets);
+  const int64_t E = w_in.size(0), H = w_in.size(1), D = x.size(1);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* tok = token_R.data_ptr<int64_t>();
+  const int64_t C = most_routes(off, E);
+  Tensor pre = at::empty({token_R.size(0), H}, x.options());
+  Tensor y = over_expert_shares(offsets, E, x, [&](int64_t e0, int64_t e1, Tensor& y_part) {
+    Tensor rows_buf = at::empty({C, D}, x.options()), hidden_buf = at::empty({C, H}, x.options());
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t r0 = off[e], c = off[e + 1] - r0;
+      if (c == 0) continue;
+      Tensor rows = rows_buf.narrow(0, 0, c), hidden = hidden_buf.narrow(0, 0, c), pre_e = pre.narrow(0, r0, c);
+      gather(rows, x, tok + r0, c);
+      at::mm_out(pre_e, rows, w_in[e].t());
+      at::gelu_out(hidden, pre_e);
+      hidden.mul_(gate_R.narrow(0, r0, c).unsqueeze(1));
+      at::mm_out(rows, hidden, w_out[e]);  // the gathered inputs are spent: reuse their buffer
+      scatter_add(y_part, rows, tok + r0, c);
+    }
+  });
+  return {y, pre};
+}
+
+// -> (grad x [T, D], grad w_in [E, H, D], grad w_out [E, H, D], grad gate_R [R])
+std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor& w_in, const Tensor& w_out,
+                             const Tensor& gate_R, const Tensor& token_R, const Tensor& offsets, const Tensor& pre) {
+  check_inputs(x, w_in, w_out, gate_R, token_R, offsets);
+  TORCH_CHECK(grad_y.is_contiguous() && grad_y.sizes() == x.sizes(), "grad_y must be a contiguous [T, D]");
+  const int64_t E = w_in.size(0), H = w_in.size(1), D = x.size(1);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* tok = token_R.data_ptr<int64_t>();
+  const int64_t C = most_routes(off, E);
+  Tensor grad_w_in = at::empty_like(w_in), grad_w_out = at::empty_like(w_out), grad_gate = at::empty_like(gate_R);
+  Tensor grad_x = over_expert_shares(offsets, E, x, [&](int64_t e0, int64_t e1, Tensor& grad_x_part) {
+    Tensor rows_buf = at::empty({C, D}, x.options());
+    Tensor act_buf = at::empty({C, H}, x.options()), grad_h_buf = at::empty({C, H}, x.options());
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t r0 = off[e], c = off[e + 1] - r0;
+      Tensor grad_w_in_e = grad_w_in[e], grad_w_out_e = grad_w_out[e];
+      if (c == 0) {
+        grad_w_in_e.zero_();
+        grad_w_out_e.zero_();
+        continue;
+      }
+      Tensor rows = rows_buf.narrow(0, 0, c), act = act_buf.narrow(0, 0, c), grad_h = grad_h_buf.narrow(0, 0, c);
+      Tensor pre_e = pre.narrow(0, r0, c), gate = gate_R.narrow(0, r0, c).unsqueeze(1);
+      Tensor grad_gate_e = grad_gate.narrow(0, r0, c);
+      gather(rows, grad_y, tok + r0, c);                // rows: grad of this expert's outputs [c, D]
+      at::gelu_out(act, pre_e);                         // recomputed: cheaper than keeping it
+      at::mm_out(grad_h, rows, w_out[e].t());           // grad of gate * act [c, H]
+      at::sum_out(grad_gate_e, grad_h * act, {1});
+      act.mul_(gate);                                   // act: the gated hidden units
+      at::mm_out(grad_w_out_e, act.t(), rows);
+      grad_h.mul_(gate);                                // grad_h: grad of act
+      at::gelu_backward_out(act, grad_h, pre_e);        // act: grad of the pre-activations
+      gather(rows, x, tok + r0, c);                     // rows: this expert's inputs again
+      at::mm_out(grad_w_in_e, act.t(), rows);
+      at::mm_out(rows, act, w_in[e]);                   // rows: grad of the inputs
+      scatter_add(grad_x_part, rows, tok + r0, c);
+    }
+  });
+  return {grad_x, grad_w_in, grad_w_out, grad_gate};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "sparse GELU experts, forward");
+  m.def("backward", &backward, "sparse GELU experts, backward");
+}
