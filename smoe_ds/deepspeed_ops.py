@@ -13,8 +13,8 @@ into torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, default
   ``/dev/shm`` and never unlinks it, so every run leaks RAM until the machine is rebooted.
   :func:`without_shm_allreduce` keeps it off.
 
-smoe_ds's own CPU op, the sparse path of the built-in experts (``smoe_ds.moe.cpu_sparse``), is
-JIT-built into the same folder on first use, and :func:`prebuild` builds it up front too.
+smoe_ds's own CPU ops, the built-in experts' compute paths (``smoe_ds.moe.cpu_experts``), are
+JIT-built into the same folder on first use, and :func:`prebuild` builds them up front too.
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ def build_lock(op_name: str = "deepspeed_shm_comm") -> Path:
 
 def prebuild() -> bool:
     """Compile, in this process, DeepSpeed's shm op where this accelerator has one, and smoe_ds's
-    CPU sparse-experts op (``smoe_ds.moe.cpu_sparse``; without a compiler it warns and is skipped).
+    CPU experts ops (``smoe_ds.moe.cpu_experts``; without a compiler it warns and is skipped).
 
     Returns True when DeepSpeed's op was built (or already was), False when it does not apply.
     """
     from deepspeed.accelerator import get_accelerator
 
-    from smoe_ds.moe.cpu_sparse import load_op
+    from smoe_ds.moe.cpu_experts import load_op
 
     load_op()
     builder = get_accelerator().create_op_builder(SHM_COMM_OP)
@@ -123,7 +123,7 @@ def shm_buffers(master_port: int | str) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(
         prog="python -m smoe_ds.deepspeed_ops",
-        description="Compile DeepSpeed's CPU shm op and smoe_ds's CPU sparse-experts op once, now.",
+        description="Compile DeepSpeed's CPU shm op and smoe_ds's CPU experts ops once, now.",
     ).parse_args(argv)
     start = time.time()
     print(

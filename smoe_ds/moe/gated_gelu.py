@@ -1,5 +1,8 @@
 """GELU of each expert's hidden units times that expert's gate, with fewer full-size buffers.
 
+The dense-masked path's Python form, used on GPUs and where the compiled CPU ops
+(``smoe_ds.moe.cpu_experts``) are not built.
+
 The dense-masked path computes ``gelu(pre) * gate`` over every token and every expert's hidden
 units ([T, E, H], as big as a dense FFN's hidden layer). Left to autograd, that costs the GELU
 output, the product, and in backward three more buffers of that size, and the GELU output

@@ -1,6 +1,7 @@
 """The SMoE-Dropout layer in one process (ep_size 1) against the naive per-expert loop."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -57,24 +58,29 @@ def check_against_naive(layer, k, path=None):
     }
 
 
-# "sparse" is the compiled CPU op here (asserted below), "grouped" the Python path it falls back to.
-@pytest.mark.parametrize("path", [None, "sparse", "grouped", "dense"])
+# compiled: the CPU ops (asserted to be built, below), else the Python paths they stand in for,
+# which GPUs and other kinds of experts use.
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("path", [None, "sparse", "dense"])
 @pytest.mark.parametrize("k", range(1, 9))
-def test_output_and_grads_match_naive_loop_for_every_k_and_path(k, path):
-    diffs = check_against_naive(make_layer(), k, path)
+def test_output_and_grads_match_naive_loop_for_every_k_and_path(k, path, compiled):
+    layer = make_layer()
+    if not compiled:
+        layer.deepspeed_moe.experts._compiled_op_applies = lambda x: False
+    diffs = check_against_naive(layer, k, path)
     assert all(v <= TOL for v in diffs.values()), diffs
 
 
-def test_the_compiled_sparse_op_is_built_and_used_on_the_cpu():
-    # Without this the "sparse" cases above could silently test the fallback twice.
+def test_the_compiled_ops_are_built_and_used_on_the_cpu():
+    # Without this the compiled cases above could silently test the fallback twice.
     experts = make_layer().deepspeed_moe.experts
     assert experts._compiled_op_applies(torch.randn(3, 24))
     assert not experts._compiled_op_applies(torch.randn(3, 24, dtype=torch.float64))  # dtype differs from weights
 
 
-@pytest.mark.parametrize("k", [1, 3, 6])
-def test_compiled_sparse_op_on_several_threads_matches_naive_loop(k):
-    # The test session runs one thread (conftest); the op splits experts over threads by routes.
+@pytest.mark.parametrize("k", [1, 3, 6, 8])  # 8: the dense-masked op
+def test_compiled_ops_on_several_threads_match_naive_loop(k):
+    # The test session runs one thread (conftest); the ops split experts or token blocks over threads.
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -85,7 +91,7 @@ def test_compiled_sparse_op_on_several_threads_matches_naive_loop(k):
 
 
 def test_compiled_sparse_op_handles_experts_without_routes():
-    from smoe_ds.moe.cpu_sparse import sparse_gelu_experts
+    from smoe_ds.moe.cpu_experts import sparse_gelu_experts
 
     gen = torch.Generator().manual_seed(0)
     T, D, E, H = 6, 8, 4, 5
@@ -110,41 +116,45 @@ def test_compiled_sparse_op_handles_experts_without_routes():
     assert grads[1][[0, 2]].abs().max() == 0 and grads[2][[0, 2]].abs().max() == 0
 
 
-def test_compiled_sparse_op_in_bfloat16_agrees_with_the_grouped_path():
+@pytest.mark.parametrize("k", [3, 8])  # the sparse op, the dense-masked op
+def test_compiled_ops_in_bfloat16_agree_with_the_python_paths(k):
     layer = make_layer().to(torch.bfloat16)
     experts = layer.deepspeed_moe.experts
-    set_active_experts(layer, 3)
+    set_active_experts(layer, k)
     x = torch.randn(58, 24, dtype=torch.bfloat16)
     gates = layer.deepspeed_moe.gate(x).to(torch.bfloat16)
     results = []
-    for path in (experts.forward_sparse, experts.forward_grouped):
+    for compiled in (True, False):
+        experts._compiled_op_applies = lambda x, _c=compiled: _c
         xi = x.clone().requires_grad_(True)
-        y = path(xi, gates)
+        y = experts(xi, gates)
         y.float().square().sum().backward()
-        results.append((y.float(), xi.grad.float()))
+        results.append((y.float(), xi.grad.float(), experts.w_in.grad.float()))
         experts.zero_grad()
     # Both round every GEMM to bf16 (8 bits of mantissa); they differ only in summation order.
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
 
 
-def test_a_failed_op_build_warns_once_and_falls_back_to_the_grouped_path(tmp_path, monkeypatch):
-    from smoe_ds.moe import cpu_sparse
+def test_a_failed_op_build_warns_once_and_falls_back_to_the_python_paths(tmp_path, monkeypatch):
+    from smoe_ds.moe import cpu_experts
 
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.setattr(cpu_sparse, "SOURCE", broken)
-    monkeypatch.setattr(cpu_sparse, "OP_NAME", "smoe_ds_broken_op_test")
-    cpu_sparse.load_op.cache_clear()
+    monkeypatch.setattr(cpu_experts, "SOURCE", broken)
+    monkeypatch.setattr(cpu_experts, "OP_NAME", "smoe_ds_broken_op_test")
+    cpu_experts.load_op.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="could not build the CPU sparse-experts op"):
-            layer = make_layer()
-            assert not layer.deepspeed_moe.experts._compiled_op_applies(torch.randn(3, 24))
-        diffs = check_against_naive(layer, 3, "sparse")  # no second warning: the failure is cached
-        assert all(v <= TOL for v in diffs.values()), diffs
+        with pytest.warns(UserWarning, match="could not build the CPU experts ops"):
+            assert not make_layer().deepspeed_moe.experts._compiled_op_applies(torch.randn(3, 24))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning: the failure is cached
+            for k, path in ((3, "sparse"), (8, "dense")):
+                diffs = check_against_naive(make_layer(), k, path)
+                assert all(v <= TOL for v in diffs.values()), diffs
     finally:
-        cpu_sparse.load_op.cache_clear()
+        cpu_experts.load_op.cache_clear()
 
 
 @pytest.mark.parametrize("k", [2, 5])

@@ -1,17 +1,16 @@
-// The sparse path of the built-in experts (GELU, no biases) on the CPU: forward and backward.
+// The built-in experts (GELU, no biases) on the CPU: the sparse and the dense-masked path,
+// forward and backward.
 //
 // Shape legend: T tokens, D d_model, E local experts, H expert width, R routes (token, expert
-// pairs), sorted by expert: rows offsets[e] .. offsets[e+1] of token_R and gate_R are expert e's.
-// Expert e computes y[t] += gate * (gelu(x[t] w_in[e]^T) w_out[e]) for each of its routes.
+// pairs). Expert e computes gate * (gelu(x w_in[e]^T) w_out[e]); w_in and w_out are [E, H, D].
 //
-// Why a compiled op: on a few CPU threads, the grouped GEMMs of the Python path run at about
-// 80 % of a dense GEMM's speed once their [R, D] buffers no longer fit in the caches, and the
-// gathers and scatter-adds around them cost as much again. Here each thread takes a share of
-// the experts (about R / threads routes) and runs them one at a time, so one expert's rows
-// (C x D) stay in that thread's cache from the gather through both GEMMs to the scatter-add,
-// and its GEMMs run single-threaded inside the parallel region at full single-core speed.
-// Buffers are allocated once per thread, not per expert. Each thread adds into its own [T, D]
-// output, summed at the end, so no two threads write the same row.
+// Why compiled ops: on a few CPU threads the Python paths stream every intermediate through
+// main memory. Their [R, D] or [T, E * H] buffers outgrow the caches, so their GEMMs with a
+// 64-wide side ran at about 75 % of a dense GEMM's FLOP rate (shape B of smoe_ds.bench), and
+// the gathers, scatter-adds and elementwise passes around them cost as much again. Here each
+// thread takes a share of the work and carries one piece of it (an expert's routes, or a
+// block of tokens) from its inputs to its outputs while it is in that thread's cache, with
+// single-threaded GEMMs inside the parallel region. Buffers are allocated once per thread.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -91,7 +90,7 @@ int64_t most_routes(const int64_t* off, int64_t E) {
   return most;
 }
 
-void check_inputs(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gate_R,
+void check_sparse(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gate_R,
                   const Tensor& token_R, const Tensor& offsets) {
   for (const Tensor* t : {&x, &w_in, &w_out, &gate_R, &token_R, &offsets}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "sparse_gelu_experts: CPU, contiguous tensors only");
@@ -105,10 +104,15 @@ void check_inputs(const Tensor& x, const Tensor& w_in, const Tensor& w_out, cons
 
 }  // namespace
 
+// ---- sparse path: routes sorted by expert; rows offsets[e] .. offsets[e+1] of token_R and
+// gate_R are expert e's. Each thread takes a share of the experts with about R / threads
+// routes and adds into its own [T, D] output, summed at the end, so no two threads write
+// the same row.
+
 // -> (y [T, D], pre [R, H], the pre-activations kept for backward)
-std::vector<Tensor> forward(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gate_R,
+std::vector<Tensor> sparse_forward(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gate_R,
                             const Tensor& token_R, const Tensor& offsets) {
-  check_inputs(x, w_in, w_out, gate_R, token_R, offsets);
+  check_sparse(x, w_in, w_out, gate_R, token_R, offsets);
   const int64_t E = w_in.size(0), H = w_in.size(1), D = x.size(1);
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* tok = token_R.data_ptr<int64_t>();
@@ -132,9 +136,9 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& w_in, const Tensor& w
 }
 
 // -> (grad x [T, D], grad w_in [E, H, D], grad w_out [E, H, D], grad gate_R [R])
-std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor& w_in, const Tensor& w_out,
+std::vector<Tensor> sparse_backward(const Tensor& grad_y, const Tensor& x, const Tensor& w_in, const Tensor& w_out,
                              const Tensor& gate_R, const Tensor& token_R, const Tensor& offsets, const Tensor& pre) {
-  check_inputs(x, w_in, w_out, gate_R, token_R, offsets);
+  check_sparse(x, w_in, w_out, gate_R, token_R, offsets);
   TORCH_CHECK(grad_y.is_contiguous() && grad_y.sizes() == x.sizes(), "grad_y must be a contiguous [T, D]");
   const int64_t E = w_in.size(0), H = w_in.size(1), D = x.size(1);
   const int64_t* off = offsets.data_ptr<int64_t>();
@@ -172,7 +176,96 @@ std::vector<Tensor> backward(const Tensor& grad_y, const Tensor& x, const Tensor
   return {grad_x, grad_w_in, grad_w_out, grad_gate};
 }
 
+// ---- dense-masked path: every expert on every token, each expert's H hidden units scaled by
+// its gate, as two GEMMs over the concatenated experts ([E * H, D] views of w_in and w_out).
+// Each thread takes a run of `block`-token blocks; forward writes its blocks' rows of y, and
+// backward sums its own weight gradients, added up at the end.
+
+namespace {
+
+void check_dense(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gates) {
+  for (const Tensor* t : {&x, &w_in, &w_out, &gates}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "dense_gelu_experts: CPU, contiguous tensors only");
+    TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dense_gelu_experts: one dtype for x, weights and gates");
+  }
+  TORCH_CHECK(gates.size(0) == x.size(0) && gates.size(1) == w_in.size(0), "gates must be [T, E]");
+}
+
+// Runs body(first block, end block, part) over `parts` runs of blocks, one per thread.
+template <typename Body>
+void over_token_blocks(int64_t nblocks, int64_t parts, const Body& body) {
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
+    for (int64_t p = begin; p < end; ++p) body(nblocks * p / parts, nblocks * (p + 1) / parts, p);
+  });
+}
+
+}  // namespace
+
+// -> (y [T, D], pre [T, E * H], the pre-activations kept for backward)
+std::vector<Tensor> dense_forward(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gates,
+                                  int64_t block) {
+  check_dense(x, w_in, w_out, gates);
+  const int64_t T = x.size(0), E = w_in.size(0), H = w_in.size(1), D = x.size(1);
+  const Tensor w_in_cat = w_in.view({E * H, D}), w_out_cat = w_out.view({E * H, D});
+  Tensor pre = at::empty({T, E * H}, x.options()), y = at::empty({T, D}, x.options());
+  const int64_t nblocks = (T + block - 1) / block;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  over_token_blocks(nblocks, parts, [&](int64_t b0, int64_t b1, int64_t) {
+    Tensor hidden_buf = at::empty({block, E * H}, x.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * block, n = std::min(block, T - t0);
+      Tensor pre_b = pre.narrow(0, t0, n), hidden = hidden_buf.narrow(0, 0, n), y_b = y.narrow(0, t0, n);
+      at::mm_out(pre_b, x.narrow(0, t0, n), w_in_cat.t());
+      at::gelu_out(hidden, pre_b);
+      hidden.view({n, E, H}).mul_(gates.narrow(0, t0, n).unsqueeze(2));
+      at::mm_out(y_b, hidden, w_out_cat);
+    }
+  });
+  return {y, pre};
+}
+
+// -> (grad x [T, D], grad w_in [E, H, D], grad w_out [E, H, D], grad gates [T, E])
+std::vector<Tensor> dense_backward(const Tensor& grad_y, const Tensor& x, const Tensor& w_in, const Tensor& w_out,
+                                   const Tensor& gates, const Tensor& pre, int64_t block) {
+  check_dense(x, w_in, w_out, gates);
+  TORCH_CHECK(grad_y.is_contiguous() && grad_y.sizes() == x.sizes(), "grad_y must be a contiguous [T, D]");
+  const int64_t T = x.size(0), E = w_in.size(0), H = w_in.size(1), D = x.size(1);
+  const Tensor w_in_cat = w_in.view({E * H, D}), w_out_cat = w_out.view({E * H, D});
+  Tensor grad_x = at::empty_like(x), grad_gates = at::empty_like(gates);
+  const int64_t nblocks = (T + block - 1) / block;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  std::vector<Tensor> grad_w_in(parts), grad_w_out(parts);
+  over_token_blocks(nblocks, parts, [&](int64_t b0, int64_t b1, int64_t p) {
+    Tensor act_buf = at::empty({block, E * H}, x.options()), grad_h_buf = at::empty({block, E * H}, x.options());
+    grad_w_in[p] = at::zeros({E * H, D}, x.options());
+    grad_w_out[p] = at::zeros({E * H, D}, x.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t0 = b * block, n = std::min(block, T - t0);
+      Tensor pre_b = pre.narrow(0, t0, n), act = act_buf.narrow(0, 0, n), grad_h = grad_h_buf.narrow(0, 0, n);
+      Tensor grad_y_b = grad_y.narrow(0, t0, n), x_b = x.narrow(0, t0, n), grad_x_b = grad_x.narrow(0, t0, n);
+      Tensor gate = gates.narrow(0, t0, n).unsqueeze(2), grad_gates_b = grad_gates.narrow(0, t0, n);
+      at::gelu_out(act, pre_b);                              // recomputed: cheaper than keeping it
+      at::mm_out(grad_h, grad_y_b, w_out_cat.t());           // grad of gate * act [n, E * H]
+      at::sum_out(grad_gates_b, (grad_h * act).view({n, E, H}), {2});
+      act.view({n, E, H}).mul_(gate);                        // act: the gated hidden units
+      grad_w_out[p].addmm_(act.t(), grad_y_b);
+      grad_h.view({n, E, H}).mul_(gate);                     // grad_h: grad of act
+      at::gelu_backward_out(act, grad_h, pre_b);             // act: grad of the pre-activations
+      grad_w_in[p].addmm_(act.t(), x_b);
+      at::mm_out(grad_x_b, act, w_in_cat);
+    }
+  });
+  for (int64_t p = 1; p < parts; ++p) {
+    grad_w_in[0].add_(grad_w_in[p]);
+    grad_w_out[0].add_(grad_w_out[p]);
+  }
+  return {grad_x, grad_w_in[0].view({E, H, D}), grad_w_out[0].view({E, H, D}), grad_gates};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "sparse GELU experts, forward");
-  m.def("backward", &backward, "sparse GELU experts, backward");
+  m.def("sparse_forward", &sparse_forward, "GELU experts on their routes, forward");
+  m.def("sparse_backward", &sparse_backward, "GELU experts on their routes, backward");
+  m.def("dense_forward", &dense_forward, "GELU experts on every token, gate-scaled, forward");
+  m.def("dense_backward", &dense_backward, "GELU experts on every token, gate-scaled, backward");
 }
