@@ -37,13 +37,19 @@ class FeedForward(nn.Module):
         return self.w_out(F.gelu(self.w_in(x)))
 
 
-# The compute path is a documented rule, not a flag. The dense-masked path runs every expert
-# on every token and scales each expert's H hidden units by its gate; the grouped path runs
-# only the routed (token, expert) pairs and scales whichever side of the second GEMM is
-# narrower. Measured on 2 CPU threads (python -m smoe_ds.bench): the grouped path costs about
-# 1.0-1.4 x (k/N) of a dense FFN plus the sort and gather, so it loses to the dense-masked one
-# above k/N of about 3/4.
-DENSE_PATH_MIN_DENSITY = 0.75
+# The compute path is a documented rule, not a flag: the dense-masked path (every expert on
+# every token, zero gates included) once the share of non-zero gates reaches a threshold, the
+# sparse path (only the routed pairs) below it. Measured with the compiled CPU ops, 2 threads,
+# fwd+bwd as a multiple of the dense FFN, sparse / dense-masked, with k of N = 16 experts (the
+# bench's shapes):
+#   narrow experts (shape B, H = D / 4), k = 8, 10, 12, 13, 14:
+#     0.57/0.88, 0.72/0.93, 0.80/0.86, 0.87/0.83, 0.85/0.80
+#   wide experts (shape A, H = 2 D), k = 8, 10, 12, 14, 15:
+#     0.41/0.87, 0.49/0.85, 0.63/0.87, 0.74/0.86, 0.79/0.85
+# so the paths cross near k/N = 0.8 for narrow experts, and above 15/16 for wide ones, whose
+# dense-masked path runs a GEMM pair per expert (see ``forward_dense``).
+DENSE_PATH_MIN_DENSITY_NARROW = 0.8
+DENSE_PATH_MIN_DENSITY_WIDE = 0.95
 
 
 _GROUPED_MM_FAILED: set = set()  # (device type, dtype) pairs whose backend refused torch._grouped_mm
@@ -116,9 +122,14 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
         """sum_e gates_TE[t, e] * expert_e(x_TD[t]) -> [T, D]; zero gates cost nothing on the sparse path."""
         density = float((gates_TE != 0).sum()) / max(gates_TE.numel(), 1)
-        if density >= DENSE_PATH_MIN_DENSITY:
+        if density >= self.dense_path_min_density():
             return self.forward_dense(x_TD, gates_TE)
         return self.forward_sparse(x_TD, gates_TE)
+
+    def dense_path_min_density(self) -> float:
+        """The share of non-zero gates from which ``forward`` takes the dense-masked path."""
+        narrow = self.d_hidden <= self.d_model
+        return DENSE_PATH_MIN_DENSITY_NARROW if narrow else DENSE_PATH_MIN_DENSITY_WIDE
 
     def _hidden(
         self, project: Callable[[torch.Tensor], torch.Tensor], w: dict, b_in: torch.Tensor | None

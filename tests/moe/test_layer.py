@@ -180,20 +180,24 @@ def test_expert_groups_keep_order_and_stay_under_the_limit():
     assert expert_groups(counts, 10**9) == [counts]
 
 
-def test_path_choice_follows_the_documented_density_rule(monkeypatch):
+@pytest.mark.parametrize("h", [16, 32])  # narrow experts (H <= D = 24), wide ones
+def test_path_choice_follows_the_documented_density_rule(h, monkeypatch):
     from smoe_ds.moe import experts as experts_mod
 
-    layer = make_layer()
+    layer = make_layer(h=h)
     chosen = []
     ex = layer.deepspeed_moe.experts
     for name in ("sparse", "dense"):
         real = getattr(ex, f"forward_{name}")
         monkeypatch.setattr(ex, f"forward_{name}", lambda *a, _n=name, _f=real: chosen.append(_n) or _f(*a))
-    for k in (1, 4, 5, 6, 8):
+    ks = range(1, 9)
+    for k in ks:
         set_active_experts(layer, k)
         layer(torch.randn(1, 16, 24))
-    threshold = experts_mod.DENSE_PATH_MIN_DENSITY * 8
-    assert chosen == ["sparse" if k < threshold else "dense" for k in (1, 4, 5, 6, 8)]
+    rule = experts_mod.DENSE_PATH_MIN_DENSITY_NARROW if h <= 24 else experts_mod.DENSE_PATH_MIN_DENSITY_WIDE
+    assert ex.dense_path_min_density() == rule
+    assert chosen == ["sparse" if k / 8 < rule else "dense" for k in ks]
+    assert chosen[-2:] == (["dense", "dense"] if h <= 24 else ["sparse", "dense"])  # 7 of 8: 0.875
 
 
 def test_router_weights_sum_to_one_over_the_k_selected():
