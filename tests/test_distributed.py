@@ -34,7 +34,8 @@ def ep_result(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("path", ["None", "sparse", "dense"])
+# sparse and dense: the compiled CPU ops; *_python: the paths GPUs use
+@pytest.mark.parametrize("path", ["None", "sparse", "dense", "sparse_python", "dense_python"])
 @pytest.mark.parametrize("k", ["1", "2", "3", "4"])
 def test_ep2_layer_matches_naive_loop_with_uneven_tokens(ep_result, k, path):
     row = ep_result["layer"][path][k]

@@ -79,8 +79,12 @@ def test_the_compiled_ops_are_built_and_used_on_the_cpu():
 
 
 @pytest.mark.parametrize("k", [1, 3, 6, 8])  # 8: the dense-masked op
-def test_compiled_ops_on_several_threads_match_naive_loop(k):
-    # The test session runs one thread (conftest); the ops split experts or token blocks over threads.
+def test_compiled_ops_on_several_threads_match_naive_loop(k, monkeypatch):
+    # The test session runs one thread (conftest); the ops split experts or token blocks over
+    # threads. Blocks of the smallest size (16 tokens) give the dense-masked op 4 blocks of 58.
+    from smoe_ds.moe import cpu_experts
+
+    monkeypatch.setattr(cpu_experts, "DENSE_BLOCK_BYTES", 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -88,6 +92,43 @@ def test_compiled_ops_on_several_threads_match_naive_loop(k):
     finally:
         torch.set_num_threads(threads)
     assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def test_compiled_ops_take_a_rank_that_received_no_tokens():
+    # Under expert parallelism a rank can be sent no tokens at all.
+    from smoe_ds.moe.cpu_experts import dense_gelu_experts, sparse_gelu_experts
+
+    w_in = torch.randn(4, 5, 8, requires_grad=True)
+    w_out = torch.randn(4, 5, 8, requires_grad=True)
+    x = torch.zeros(0, 8, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.long)
+    outputs = [
+        sparse_gelu_experts(x, w_in, w_out, torch.zeros(0), none, torch.zeros(4, dtype=torch.long)),
+        dense_gelu_experts(x, w_in, w_out, torch.zeros(0, 4)),
+    ]
+    for y in outputs:
+        assert y.shape == (0, 8)
+        grads = torch.autograd.grad(y.sum(), (x, w_in, w_out))
+        assert grads[0].shape == (0, 8) and all(g.abs().max() == 0 for g in grads[1:])
+
+
+def test_compiled_dense_op_in_bfloat16_over_many_blocks_stays_near_float32(monkeypatch):
+    # 16-token blocks: each thread's weight gradient is a sum of 16 block products, kept in fp32.
+    from smoe_ds.moe import cpu_experts
+
+    monkeypatch.setattr(cpu_experts, "DENSE_BLOCK_BYTES", 1)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(256, 32, generator=gen), torch.randn(4, 8, 32, generator=gen) * 0.2]
+    inputs += [torch.randn(4, 8, 32, generator=gen) * 0.2, torch.rand(256, 4, generator=gen)]
+    inputs = [t.bfloat16() for t in inputs]  # both runs start from the same bf16 values
+    cot = torch.randn(256, 32, generator=gen)
+    grads = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        leaves = [t.to(dtype).requires_grad_(True) for t in inputs]
+        y = cpu_experts.dense_gelu_experts(*leaves)
+        grads[dtype] = torch.autograd.grad((y.float() * cot).sum(), leaves)
+    for got, want in zip(grads[torch.bfloat16], grads[torch.float32]):
+        assert float((got.float() - want).norm() / want.norm()) < 1e-2
 
 
 def test_compiled_sparse_op_handles_experts_without_routes():

@@ -238,8 +238,14 @@ std::vector<Tensor> dense_backward(const Tensor& grad_y, const Tensor& x, const 
   std::vector<Tensor> grad_w_in(parts), grad_w_out(parts);
   over_token_blocks(nblocks, parts, [&](int64_t b0, int64_t b1, int64_t p) {
     Tensor act_buf = at::empty({block, E * H}, x.options()), grad_h_buf = at::empty({block, E * H}, x.options());
-    grad_w_in[p] = at::zeros({E * H, D}, x.options());
-    grad_w_out[p] = at::zeros({E * H, D}, x.options());
+    // Summed over blocks in fp32 whatever the dtype, so bf16 gradients round once per block's
+    // partial product rather than once per running sum.
+    grad_w_in[p] = at::zeros({E * H, D}, x.options().dtype(at::kFloat));
+    grad_w_out[p] = at::zeros({E * H, D}, x.options().dtype(at::kFloat));
+    const auto accumulate = [](Tensor& sum, const Tensor& a, const Tensor& b) {
+      if (a.scalar_type() == at::kFloat) sum.addmm_(a, b);
+      else sum.add_(at::mm(a, b));
+    };
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t t0 = b * block, n = std::min(block, T - t0);
       Tensor pre_b = pre.narrow(0, t0, n), act = act_buf.narrow(0, 0, n), grad_h = grad_h_buf.narrow(0, 0, n);
@@ -249,10 +255,10 @@ std::vector<Tensor> dense_backward(const Tensor& grad_y, const Tensor& x, const 
       at::mm_out(grad_h, grad_y_b, w_out_cat.t());           // grad of gate * act [n, E * H]
       at::sum_out(grad_gates_b, (grad_h * act).view({n, E, H}), {2});
       act.view({n, E, H}).mul_(gate);                        // act: the gated hidden units
-      grad_w_out[p].addmm_(act.t(), grad_y_b);
+      accumulate(grad_w_out[p], act.t(), grad_y_b);
       grad_h.view({n, E, H}).mul_(gate);                     // grad_h: grad of act
       at::gelu_backward_out(act, grad_h, pre_b);             // act: grad of the pre-activations
-      grad_w_in[p].addmm_(act.t(), x_b);
+      accumulate(grad_w_in[p], act.t(), x_b);
       at::mm_out(grad_x_b, act, w_in_cat);
     }
   });
@@ -260,7 +266,8 @@ std::vector<Tensor> dense_backward(const Tensor& grad_y, const Tensor& x, const 
     grad_w_in[0].add_(grad_w_in[p]);
     grad_w_out[0].add_(grad_w_out[p]);
   }
-  return {grad_x, grad_w_in[0].view({E, H, D}), grad_w_out[0].view({E, H, D}), grad_gates};
+  const auto as_weights = [&](const Tensor& g) { return g.view({E, H, D}).to(w_in.scalar_type()); };
+  return {grad_x, as_weights(grad_w_in[0]), as_weights(grad_w_out[0]), grad_gates};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
