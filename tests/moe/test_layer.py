@@ -131,6 +131,22 @@ def test_compiled_dense_op_in_bfloat16_over_many_blocks_stays_near_float32(monke
         assert float((got.float() - want).norm() / want.norm()) < 1e-2
 
 
+def test_compiled_ops_refuse_routes_outside_their_tensors():
+    # The kernels index raw memory with the routes, so bad ones must fail before they run.
+    from smoe_ds.moe.cpu_experts import dense_gelu_experts, sparse_gelu_experts
+
+    x, w = torch.randn(5, 8), torch.randn(2, 3, 8)
+    counts = torch.tensor([1, 1])
+    with pytest.raises(RuntimeError, match="token_R out of range"):
+        sparse_gelu_experts(x, w, w, torch.ones(2), torch.tensor([0, 5]), counts)
+    with pytest.raises(RuntimeError, match="offsets must run from 0 to the number of routes"):
+        sparse_gelu_experts(x, w, w, torch.ones(2), torch.tensor([0, 1]), torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match=r"expected x \[T, D\]"):
+        sparse_gelu_experts(x, torch.randn(2, 3, 7), w, torch.ones(2), torch.tensor([0, 1]), counts)
+    with pytest.raises(RuntimeError, match=r"gates must be \[T, E\]"):
+        dense_gelu_experts(x, w, w, torch.rand(5, 3))
+
+
 def test_compiled_sparse_op_handles_experts_without_routes():
     from smoe_ds.moe.cpu_experts import sparse_gelu_experts
 

@@ -6,7 +6,7 @@
 //
 // Why compiled ops: on a few CPU threads the Python paths stream every intermediate through
 // main memory. Their [R, D] or [T, E * H] buffers outgrow the caches, so their GEMMs with a
-// 64-wide side ran at about 75 % of a dense GEMM's FLOP rate (shape B of smoe_ds.bench), and
+// 64-wide side ran at 75-80 % of a dense GEMM's FLOP rate (shape B of smoe_ds.bench), and
 // the gathers, scatter-adds and elementwise passes around them cost as much again. Here each
 // thread takes a share of the work and carries one piece of it (an expert's routes, or a
 // block of tokens) from its inputs to its outputs while it is in that thread's cache, with
@@ -90,6 +90,11 @@ int64_t most_routes(const int64_t* off, int64_t E) {
   return most;
 }
 
+void check_weights(const Tensor& x, const Tensor& w_in, const Tensor& w_out) {
+  TORCH_CHECK(x.dim() == 2 && w_in.dim() == 3 && w_in.sizes() == w_out.sizes() && w_in.size(2) == x.size(1),
+              "expected x [T, D] and w_in, w_out [E, H, D]");
+}
+
 void check_sparse(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const Tensor& gate_R,
                   const Tensor& token_R, const Tensor& offsets) {
   for (const Tensor* t : {&x, &w_in, &w_out, &gate_R, &token_R, &offsets}) {
@@ -99,7 +104,17 @@ void check_sparse(const Tensor& x, const Tensor& w_in, const Tensor& w_out, cons
                   gate_R.scalar_type() == x.scalar_type(),
               "sparse_gelu_experts: x, weights and gates must share one dtype");
   TORCH_CHECK(token_R.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong, "int64 routes");
-  TORCH_CHECK(offsets.numel() == w_in.size(0) + 1, "offsets must have E + 1 entries");
+  check_weights(x, w_in, w_out);
+  const int64_t E = w_in.size(0), R = token_R.numel();
+  TORCH_CHECK(offsets.numel() == E + 1 && gate_R.numel() == R, "offsets must have E + 1 entries, gate_R R");
+  // The kernels index raw memory with these: out-of-range values must stop here, not corrupt it.
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[E] == R, "offsets must run from 0 to the number of routes");
+  for (int64_t e = 0; e < E; ++e) TORCH_CHECK(off[e + 1] >= off[e], "offsets must not decrease");
+  if (R > 0) {
+    const auto [low, high] = at::aminmax(token_R);
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < x.size(0), "token_R out of range");
+  }
 }
 
 }  // namespace
@@ -188,7 +203,8 @@ void check_dense(const Tensor& x, const Tensor& w_in, const Tensor& w_out, const
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "dense_gelu_experts: CPU, contiguous tensors only");
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "dense_gelu_experts: one dtype for x, weights and gates");
   }
-  TORCH_CHECK(gates.size(0) == x.size(0) && gates.size(1) == w_in.size(0), "gates must be [T, E]");
+  check_weights(x, w_in, w_out);
+  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == x.size(0) && gates.size(1) == w_in.size(0), "gates must be [T, E]");
 }
 
 // Runs body(first block, end block, part) over `parts` runs of blocks, one per thread.
