@@ -51,6 +51,11 @@ void scatter_add(Tensor& dst, const Tensor& src, const int64_t* idx, int64_t n) 
   });
 }
 
+// How many shares to split `pieces` pieces of work into: one per thread, at most one per piece.
+int64_t thread_shares(int64_t pieces) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), pieces));
+}
+
 // First expert of each of `parts` shares, so that every share has about R / parts routes.
 std::vector<int64_t> share_starts(const int64_t* off, int64_t E, int64_t parts) {
   std::vector<int64_t> first(parts + 1, E);
@@ -70,7 +75,7 @@ std::vector<int64_t> share_starts(const int64_t* off, int64_t E, int64_t parts) 
 template <typename Body>
 Tensor over_expert_shares(const Tensor& offsets, int64_t E, const Tensor& like_TD, const Body& body) {
   const int64_t* off = offsets.data_ptr<int64_t>();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
+  const int64_t parts = thread_shares(E);
   const std::vector<int64_t> first = share_starts(off, E, parts);
   std::vector<Tensor> sums(parts);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
@@ -226,7 +231,7 @@ std::vector<Tensor> dense_forward(const Tensor& x, const Tensor& w_in, const Ten
   const Tensor w_in_cat = w_in.view({E * H, D}), w_out_cat = w_out.view({E * H, D});
   Tensor pre = at::empty({T, E * H}, x.options()), y = at::empty({T, D}, x.options());
   const int64_t nblocks = (T + block - 1) / block;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  const int64_t parts = thread_shares(nblocks);
   over_token_blocks(nblocks, parts, [&](int64_t b0, int64_t b1, int64_t) {
     Tensor hidden_buf = at::empty({block, E * H}, x.options());
     for (int64_t b = b0; b < b1; ++b) {
@@ -250,7 +255,7 @@ std::vector<Tensor> dense_backward(const Tensor& grad_y, const Tensor& x, const 
   const Tensor w_in_cat = w_in.view({E * H, D}), w_out_cat = w_out.view({E * H, D});
   Tensor grad_x = at::empty_like(x), grad_gates = at::empty_like(gates);
   const int64_t nblocks = (T + block - 1) / block;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  const int64_t parts = thread_shares(nblocks);
   std::vector<Tensor> grad_w_in(parts), grad_w_out(parts);
   over_token_blocks(nblocks, parts, [&](int64_t b0, int64_t b1, int64_t p) {
     Tensor act_buf = at::empty({block, E * H}, x.options()), grad_h_buf = at::empty({block, E * H}, x.options());
