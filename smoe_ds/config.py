@@ -135,6 +135,11 @@ class TrainConfig:
     def uses_moe(self) -> bool:
         return self.moe.mode != "dense"
 
+    @property
+    def expert_parallel_size(self) -> int:
+        """moe.ep_size where there are experts to shard; 1 for the dense model (nothing is sharded)."""
+        return self.moe.ep_size if self.uses_moe else 1
+
     def default_eval_ks(self) -> list[int]:
         n = self.moe.num_experts
         ks = [1 << i for i in range(n.bit_length()) if (1 << i) < n]

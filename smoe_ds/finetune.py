@@ -34,6 +34,7 @@ from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.finetune_tasks import TASK_CLASSES
 from smoe_ds.hf_convert import dense_config
 from smoe_ds.moe.layer import set_active_experts
+from smoe_ds.moe.parallel import ep_rank_of
 from smoe_ds.numerics import BadLossGuard
 from smoe_ds.runtime import initialize_engine, run_main
 from smoe_ds.train import active_k
@@ -113,7 +114,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     train_steps_per_epoch(len(task.train), micro, world, gas)  # one step's worth of data, or a ConfigError now
 
     watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
-    model = load_model(cfg, task, ep_rank=rank % cfg.moe.ep_size)
+    model = load_model(cfg, task, ep_rank=ep_rank_of(rank, cfg.moe.ep_size))
     engine = initialize_engine(model, cfg)
     out_dir, run = Path(cfg.run.out_dir), cfg.run
     if D.is_main():

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from smoe_ds import distributed as D
+from smoe_ds.moe.parallel import expert_data_parallel_group, expert_parallel_group
 
 
 def gather_layout(ep_size: int, num_experts: int) -> dict:
@@ -25,13 +26,10 @@ def gather_layout(ep_size: int, num_experts: int) -> dict:
     Keys: hosts [world], experts_of_rank [world][N/ep_size], expert_parallel_groups and
     expert_data_parallel_groups (lists of rank lists), ep_size, world_size.
     """
-    from deepspeed.utils import groups
-
-    name = f"ep_size_{ep_size}"
     mine = {
         "host": os.uname().nodename,
-        "ep": dist.get_process_group_ranks(groups._get_expert_parallel_group(name)),
-        "edp": dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name)),
+        "ep": dist.get_process_group_ranks(expert_parallel_group(ep_size)),
+        "edp": dist.get_process_group_ranks(expert_data_parallel_group(ep_size)),
     }
     everyone: list[dict] = [{}] * D.world_size()
     dist.all_gather_object(everyone, mine)

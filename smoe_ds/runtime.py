@@ -19,6 +19,7 @@ from smoe_ds import preflight, watchdog
 from smoe_ds.config import ConfigError, TrainConfig
 from smoe_ds.data import Corpus, eval_batches
 from smoe_ds.models.lm import SMoELM, build_model
+from smoe_ds.moe.parallel import ep_rank_of, expert_parallel_rank
 from smoe_ds.numerics import NumericalFault
 
 
@@ -73,8 +74,6 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     ``training`` adds the checks that the training split fills a step and that a checkpoint
     to resume from was written by this model.
     """
-    from deepspeed.utils import groups
-
     D.init_distributed(cfg.run.master_port, cfg.run.collective_timeout_s)
     rank, world = D.rank(), D.world_size()
     cfg.validate_for_world(world)
@@ -91,11 +90,11 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
     torch.manual_seed(cfg.run.seed)
     # DeepSpeed's expert-parallel groups are runs of consecutive ranks (checked below).
-    ep_rank = rank % cfg.moe.ep_size if cfg.uses_moe else 0
+    ep_rank = ep_rank_of(rank, cfg.expert_parallel_size)
     model = build_model(cfg.model, cfg.moe, ep_rank=ep_rank)
     engine = initialize_engine(model, cfg)
     if cfg.uses_moe:
-        actual = groups._get_expert_parallel_rank(f"ep_size_{cfg.moe.ep_size}")
+        actual = expert_parallel_rank(cfg.moe.ep_size)
         if actual != ep_rank:
             raise RuntimeError(f"expert-parallel rank {actual} != assumed {ep_rank}: expert init would be wrong")
     return Runtime(cfg, engine, model, corpus, rank, world, micro)

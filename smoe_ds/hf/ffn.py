@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from smoe_ds.moe.experts import GroupedExperts
-from smoe_ds.moe.layer import SMoEDropoutFFN, deepspeed_moe_class, expert_group_name
+from smoe_ds.moe.layer import SMoEDropoutFFN, deepspeed_moe_class
+from smoe_ds.moe.parallel import expert_group_name
 from smoe_ds.moe.router import FrozenRandomGate
 
 

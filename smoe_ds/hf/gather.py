@@ -15,7 +15,8 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from smoe_ds.hf.convert import convert_model, converted_ffns, spec_of
-from smoe_ds.moe.layer import expert_group_name, set_active_experts
+from smoe_ds.moe.layer import set_active_experts
+from smoe_ds.moe.parallel import expert_parallel_group
 
 EXPERT_ROLES = ("w_in", "b_in", "w_gate", "w_out")
 
@@ -24,9 +25,7 @@ def _gather_experts(t: torch.Tensor, ep_size: int) -> torch.Tensor:
     """This rank's [E, ...] expert slice -> all N = E x ep_size experts [N, ...], in expert-id order."""
     if ep_size == 1:
         return t.detach().clone()
-    from deepspeed.utils import groups
-
-    group = groups._get_expert_parallel_group(expert_group_name(ep_size))
+    group = expert_parallel_group(ep_size)
     parts = [torch.empty_like(t) for _ in range(ep_size)]
     dist.all_gather(parts, t.detach().contiguous(), group=group)
     return torch.cat(parts)

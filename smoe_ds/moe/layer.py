@@ -22,12 +22,8 @@ from torch import nn
 from smoe_ds.config import MoEConfig
 from smoe_ds.moe.dispatch import combine, dispatch
 from smoe_ds.moe.experts import FeedForward, GroupedExperts
+from smoe_ds.moe.parallel import expert_group_name
 from smoe_ds.moe.router import FrozenRandomGate
-
-
-def expert_group_name(ep_size: int) -> str:
-    """The name DeepSpeed gives the expert-parallel process groups of this ep_size."""
-    return f"ep_size_{ep_size}"
 
 
 class SMoEDropoutDispatcher(nn.Module):
