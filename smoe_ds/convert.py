@@ -78,7 +78,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smoe_ds.runtime import run_main
+    from smoe_ds.cli import run_main
 
     p = argparse.ArgumentParser(prog="smoe-convert", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint folder (with 'latest') or one tag folder in it")

@@ -8,13 +8,14 @@ into torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, default
   has. A process killed during the build leaves the folder's ``lock`` file behind, and torch
   then waits on it forever in every later start. So ``python -m smoe_ds.deepspeed_ops``
   (run by ``make``'s install step) builds the op once in one process, and
-  :func:`lock_watchdog` names a lock that start-up has waited on for too long.
+  :func:`lock_watchdog` names its lock when start-up has waited on it for too long.
 * When the deepspeed launcher sets ``LOCAL_SIZE`` the op allocates a 69 MB buffer per rank in
   ``/dev/shm`` and never unlinks it, so every run leaks RAM until the machine is rebooted.
   :func:`without_shm_allreduce` keeps it off.
 
 smoe_ds's own CPU ops, the built-in experts' compute paths (``smoe_ds.moe.cpu_experts``), are
 JIT-built into the same folder on first use, and :func:`prebuild` builds them up front too.
+What both kinds of op share (the folder, the lock watch) is ``smoe_ds.jit_build``.
 """
 
 from __future__ import annotations
@@ -23,28 +24,19 @@ import argparse
 import contextlib
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
+from smoe_ds.jit_build import LockWatchdog, build_lock, extensions_dir
+
 SHM_COMM_OP = "ShareMemCommBuilder"
+SHM_COMM_OP_NAME = "deepspeed_shm_comm"  # its folder in the extensions folder
 SHM_DIR = Path("/dev/shm")
 
 
-def extensions_dir() -> Path:
-    """Where torch puts JIT-built extensions (the same rule as torch.utils.cpp_extension)."""
-    import torch
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root:
-        return Path(root)
-    version = f"py{sys.version_info.major}{sys.version_info.minor}"
-    flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    return Path.home() / ".cache" / "torch_extensions" / f"{version}_{flavour}"
-
-
-def build_lock(op_name: str = "deepspeed_shm_comm") -> Path:
-    return extensions_dir() / op_name / "lock"
+def lock_watchdog(after_s: float = 120.0) -> LockWatchdog:
+    """Watch the build lock of DeepSpeed's shm op, the one process-group start-up may wait on."""
+    return LockWatchdog(build_lock(SHM_COMM_OP_NAME), after_s)
 
 
 def prebuild() -> bool:
@@ -64,37 +56,6 @@ def prebuild() -> bool:
     with lock_watchdog(after_s=300):
         builder.load(verbose=False)
     return True
-
-
-class lock_watchdog:  # noqa: N801 - used as a context manager, reads like a statement
-    """Warn, naming the file, when the block is still running after ``after_s`` seconds while a
-    torch-extensions build lock exists. The block itself is left alone: a build by another
-    process may be legitimately slow."""
-
-    def __init__(self, after_s: float = 120.0, lock: Path | None = None):
-        self.after_s = after_s
-        self.lock = lock
-        self._done = threading.Event()
-
-    def _watch(self) -> None:
-        lock = self.lock or build_lock()
-        while not self._done.wait(self.after_s):
-            if lock.exists():
-                age = time.time() - lock.stat().st_mtime
-                print(
-                    f"smoe_ds: start-up has waited {self.after_s:.0f}s on {lock} (created {age:.0f}s ago). "
-                    "If no op build (DeepSpeed's or smoe_ds's) is running on this machine, that lock is stale "
-                    "(left by a process killed mid-build): delete it and start again.",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-    def __enter__(self):
-        threading.Thread(target=self._watch, daemon=True, name="smoe-ds-lock-watchdog").start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
 
 
 @contextlib.contextmanager

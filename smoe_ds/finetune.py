@@ -27,17 +27,18 @@ from tqdm import tqdm
 
 from smoe_ds import distributed as D
 from smoe_ds import faults, preflight, watchdog
+from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
-from smoe_ds.evaluate import write_results
+from smoe_ds.hf.convert import dense_config
 from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.finetune_tasks import TASK_CLASSES
-from smoe_ds.hf_convert import dense_config
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.parallel import ep_rank_of
+from smoe_ds.moe.schedule import active_k
 from smoe_ds.numerics import BadLossGuard
-from smoe_ds.runtime import initialize_engine, run_main
-from smoe_ds.train import active_k
+from smoe_ds.results import format_rows, write_results
+from smoe_ds.runtime import initialize_engine
 
 
 def quiet_libraries(rank: int) -> None:
@@ -70,15 +71,6 @@ def model_name(path: str) -> str:
     """A short name for titles: a hub name as it is, a local folder by its last two parts."""
     p = Path(path)
     return "/".join(p.parts[-2:]) if p.exists() else path
-
-
-def format_rows(rows: list[dict], title: str) -> str:
-    keys = [key for key in rows[0] if key != "k"]
-    lines = [title, "   k  " + "  ".join(f"{key:>14}" for key in keys)]
-    for row in rows:
-        cells = [f"{row[key]:>14,.1f}" if key.endswith("_per_s") else f"{row[key]:>14.4f}" for key in keys]
-        lines.append(f"{row['k']:>4}  " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:

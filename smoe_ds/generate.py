@@ -44,7 +44,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from smoe_ds.runtime import run_main
+    from smoe_ds.cli import run_main
 
     p = argparse.ArgumentParser(prog="smoe-generate", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="a directory written by smoe_ds.convert")

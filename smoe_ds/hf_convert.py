@@ -19,30 +19,11 @@ from pathlib import Path
 from smoe_ds.config import ConfigError
 
 
-def dense_config(src: str, convertible: bool = True):
-    """SRC's (a local directory or a hub name) ``transformers`` config; ConfigError when it cannot be
-    read, is an SMoE directory already, or (``convertible``) is of an architecture we cannot convert."""
-    import transformers
-
-    from smoe_ds.hf.auto import MODEL_TYPE
-    from smoe_ds.hf.families import family_for
-
-    if not Path(src).exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
-        raise ConfigError(f"{src}: no such model directory")
-    try:
-        config = transformers.AutoConfig.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{src}: cannot read a Hugging Face model config ({str(e).splitlines()[0]})") from e
-    if config.model_type == MODEL_TYPE:
-        raise ConfigError(f"{src} is an SMoE-Dropout directory already (--densify writes it as a dense model)")
-    if convertible:
-        family_for(config.model_type)  # refuse an unsupported architecture before loading any weights
-    return config
-
-
 def _load_dense(src: str):
     """SRC's model in the class its config names (e.g. GPT2LMHeadModel), so heads are kept."""
     import transformers
+
+    from smoe_ds.hf.convert import dense_config
 
     config = dense_config(src)
     archs = [a for a in config.architectures or [] if hasattr(transformers, a)]

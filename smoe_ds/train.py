@@ -26,22 +26,16 @@ from tqdm import tqdm
 
 from smoe_ds import checkpoint, faults, placement
 from smoe_ds import distributed as D
+from smoe_ds.cli import run_main
 from smoe_ds.config import TrainConfig, config_cli
 from smoe_ds.data import train_batches
-from smoe_ds.evaluate import LN2, report, validation_loss
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.layer import moe_layers, set_active_experts
-from smoe_ds.moe.schedule import k_at_step
+from smoe_ds.moe.schedule import active_k
 from smoe_ds.moe.thor import thor_loss
 from smoe_ds.numerics import BadLossGuard
-from smoe_ds.runtime import Runtime, build_runtime, run_main
-
-
-def active_k(cfg: TrainConfig, step: int) -> int:
-    """k for this step: the schedule for SMoE-Dropout, fixed (moe.k, or N for dense) otherwise."""
-    if cfg.moe.mode == "smoe_dropout":
-        return k_at_step(cfg.moe.k_schedule, step)
-    return cfg.fixed_k()
+from smoe_ds.results import LN2, report, validation_loss
+from smoe_ds.runtime import Runtime, build_runtime
 
 
 def expert_load_events(model: torch.nn.Module, step: int) -> list[tuple]:

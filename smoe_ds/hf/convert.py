@@ -17,7 +17,9 @@ untouched. ``weighting`` picks the expert weights:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import transformers
 from transformers import PreTrainedModel
 
 from smoe_ds.config import ConfigError
@@ -40,6 +42,24 @@ class SMoESpec:
     weighting: str
     router_seed: int
     num_layers: int
+
+
+def dense_config(src: str, convertible: bool = True):
+    """SRC's (a local directory or a hub name) ``transformers`` config; ConfigError when it cannot be
+    read, is an SMoE directory already, or (``convertible``) is of an architecture we cannot convert."""
+    from smoe_ds.hf.auto import MODEL_TYPE  # hf.auto imports this module
+
+    if not Path(src).exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
+        raise ConfigError(f"{src}: no such model directory")
+    try:
+        config = transformers.AutoConfig.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{src}: cannot read a Hugging Face model config ({str(e).splitlines()[0]})") from e
+    if config.model_type == MODEL_TYPE:
+        raise ConfigError(f"{src} is an SMoE-Dropout directory already (--densify writes it as a dense model)")
+    if convertible:
+        family_for(config.model_type)  # refuse an unsupported architecture before loading any weights
+    return config
 
 
 def convert_model(

@@ -4,9 +4,9 @@
 Shape legend: T tokens, D d_model, E local experts, H expert width, R routes sorted by expert.
 
 The ops are built on first use with torch's JIT extension builder (into ``$TORCH_EXTENSIONS_DIR``,
-like DeepSpeed's CPU ops; ``python -m smoe_ds.deepspeed_ops`` builds both ahead of time). Where
-they cannot be built (no C++ compiler), :func:`load_op` warns once and returns None, and the
-layer keeps to its Python paths, which compute the same things more slowly.
+like DeepSpeed's CPU ops: ``smoe_ds.jit_build``; ``python -m smoe_ds.deepspeed_ops`` builds both
+ahead of time). Where they cannot be built (no C++ compiler), :func:`load_op` warns once and
+returns None, and the layer keeps to its Python paths, which compute the same things more slowly.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from smoe_ds.jit_build import LockWatchdog, build_lock
 
 OP_NAME = "smoe_ds_gelu_experts"
 SOURCE = Path(__file__).with_name("csrc") / "gelu_experts.cpp"
@@ -33,11 +35,9 @@ def load_op():
     """The compiled ops (a module), or None where they cannot be built."""
     from torch.utils.cpp_extension import load
 
-    from smoe_ds.deepspeed_ops import extensions_dir, lock_watchdog
-
     try:
         # -fopenmp compiles at::parallel_for's parallel region; it links against torch's own OpenMP.
-        with lock_watchdog(after_s=120.0, lock=extensions_dir() / OP_NAME / "lock"):
+        with LockWatchdog(build_lock(OP_NAME), after_s=120.0):
             return load(OP_NAME, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
     except Exception as err:  # no compiler or ninja, a broken toolchain: fall back, loudly, once
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from smoe_ds.config import KScheduleConfig
+from smoe_ds.config import KScheduleConfig, TrainConfig
 
 
 def _progress(step: int, start: int, end: int) -> float:
@@ -59,3 +59,10 @@ def k_at_step(cfg: KScheduleConfig, step: int) -> int:
     else:
         k = round(_CURVES[cfg.kind](_progress(step, cfg.start_step, cfg.end_step), lo, hi))
     return int(min(max(k, lo), hi))
+
+
+def active_k(cfg: TrainConfig, step: int) -> int:
+    """k for this step: the schedule for SMoE-Dropout, fixed (moe.k, or N for dense) otherwise."""
+    if cfg.moe.mode == "smoe_dropout":
+        return k_at_step(cfg.moe.k_schedule, step)
+    return cfg.fixed_k()

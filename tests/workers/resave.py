@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from smoe_ds import checkpoint
+from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
-from smoe_ds.runtime import build_runtime, run_main
+from smoe_ds.runtime import build_runtime
 from tests.workers.common import worker_args
 
 
