@@ -37,12 +37,23 @@ def run_main(job: Callable[[], None]) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:
-        traceback.print_exc()
-        # A failed collective usually means a peer died: name it. Any other error is this rank's own.
-        cause = watchdog.explain_collective_failure() if watchdog.is_communication_error(e) else None
+        if not watchdog.is_communication_error(e):
+            traceback.print_exc()  # this rank's own error: the traceback is what to read
+            return 1
+        # A failed collective usually means a peer died. Say so at once, before naming it takes
+        # a few heartbeats: a launcher that saw the peer die (the deepspeed launcher does) may
+        # kill this rank any moment, and its last words should not be a raw gloo traceback.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"smoe-ds: a collective failed ({type(e).__name__}: {first[:200]}); checking which rank stopped",
+            file=sys.stderr,
+            flush=True,
+        )
+        cause = watchdog.explain_collective_failure()
         if cause:
             print(f"smoe-ds: error: {cause}", file=sys.stderr, flush=True)
             return watchdog.EXIT_PEER_LOST
+        traceback.print_exc()  # no peer was found silent: the failure is not explained, show it whole
         return 1
     finally:
         watchdog.stop()

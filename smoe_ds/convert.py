@@ -25,7 +25,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
     import torch
 
     from smoe_ds.models.hf import SMoEConfig, SMoEForCausalLM
-    from smoe_ds.moe.experts import _from_per_expert_state
+    from smoe_ds.moe.experts import stack_per_expert_state
 
     tag_dir = resolve_tag_dir(ckpt)
     cfg, state, step = read_model(tag_dir)
@@ -49,7 +49,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
     state = {f"lm.{key}": v for key, v in state.items()}
     for name, module in model.named_modules():  # DeepSpeed's per-expert layout -> stacked tensors
         if module in model.expert_modules():
-            _from_per_expert_state(module, state, f"{name}.")
+            stack_per_expert_state(module, state, f"{name}.")
     state.setdefault("lm.lm_head.weight", state["lm.tok_emb.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -254,7 +254,14 @@ class HFTokenizer:
 
         if not Path(path).exists():
             raise ConfigError(f"data.tokenizer not found: {path}")
-        self.tok = AutoTokenizer.from_pretrained(path)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a folder that is not one
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"data.tokenizer {path} is not a Hugging Face tokenizer folder (tokenizer.json or "
+                f"tokenizer_config.json with its vocabulary): {reason}"
+            ) from None
         self.vocab_size = len(self.tok)
         self.sep = [self.tok.eos_token_id if self.tok.eos_token_id is not None else self.tok.sep_token_id]
         self.sep = [i for i in self.sep if i is not None]

@@ -10,6 +10,7 @@ from smoe_ds.convert import convert
 from smoe_ds.inference import load_model
 
 from .launch import REPO, run_ranks
+from .malicious import RunsCode
 
 TOL = 1e-5
 # (launcher, world size, ep_size, ZeRO stage): every stage 0-2 with ep_size 1 and 2
@@ -130,6 +131,59 @@ def test_missing_truncated_and_mismatched_checkpoints_name_the_file(exported, tm
         convert(d / tag, tmp_path / "o5")
     with pytest.raises(CheckpointError, match="names 'step5', which is not a complete checkpoint"):
         convert(d, tmp_path / "o6")
+
+
+def poisoned_copy(exported, tmp_path, name: str):
+    """A copy of a real checkpoint whose file ``name`` also carries code: (folder, file, marker)."""
+    ckpt = corrupt_copy(exported[(2, 2, 2)] / "checkpoints", tmp_path / "ckpt")
+    path = ckpt / "step5" / name
+    state = torch.load(path, weights_only=False)  # our own file, written by the test's engine
+    marker = tmp_path / "the_code_ran"
+    torch.save({**state, "payload": RunsCode(marker)}, path)
+    return ckpt, path, marker
+
+
+UNSAFE = "it holds posix.system, which is not a type smoe-ds or DeepSpeed writes"
+
+
+@pytest.mark.parametrize(
+    "name", ["layer_1_expert_2_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+)
+def test_a_checkpoint_file_carrying_code_is_refused_and_the_code_never_runs(exported, tmp_path, name):
+    ckpt, path, marker = poisoned_copy(exported, tmp_path, name)
+    with pytest.raises(CheckpointError, match=f"refusing {path}: {UNSAFE}"):
+        convert(ckpt, tmp_path / "export")
+    assert not marker.exists() and not (tmp_path / "export").exists()
+
+
+def test_the_convert_cli_refuses_a_code_carrying_model_file_in_one_line(exported, tmp_path):
+    ckpt, path, marker = poisoned_copy(exported, tmp_path, "mp_rank_00_model_states.pt")
+    proc = run_ranks("python", 1, ["smoe_ds.convert", str(ckpt), str(tmp_path / "export")], module=True, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("smoe-ds: error:")]
+    assert proc.returncode == 2 and errors == [f"smoe-ds: error: refusing {path}: {UNSAFE} (loading it could run code)"]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not marker.exists() and not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"world_size": "two"}, ": 'world_size' must be int, got 'two'"),
+        ({"ep_size": 0}, ": 'ep_size' must be at least 1, got 0"),
+        ({"config": 5}, ": 'config' must be dict, got 5"),
+        ({"trainer_state": [1]}, ": 'trainer_state' must be an object, got [1]"),
+        ({"step": None}, ": 'step' must be int, got None"),
+        ({"config": "DELETE"}, " has no 'config'"),
+    ],
+)
+def test_a_malformed_meta_file_is_refused_naming_it(exported, tmp_path, edit, message):
+    ckpt = corrupt_copy(exported[(2, 2, 2)] / "checkpoints", tmp_path / "ckpt")
+    meta_path = ckpt / "step5" / "smoe_ds_meta.json"
+    meta = {**json.loads(meta_path.read_text()), **edit}
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if v != "DELETE"}))
+    with pytest.raises(CheckpointError) as refused:
+        convert(ckpt, tmp_path / "export")
+    assert str(refused.value) == f"{meta_path}{message}"
 
 
 def test_convert_cli_reports_errors_in_one_line(tmp_path):

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from .launch import REPO, run_ranks
+from .malicious import RunsCode
 
 CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
 ERROR = "smoe-ds: error:"
@@ -71,6 +72,10 @@ CASES = {  # --set overrides -> the message
         "zero_optimization.stage 3 is not supported with DeepSpeed's native MoE",
     ),
     "missing_data": (["data.path=/no/such/corpus.txt"], "data.path not found: /no/such/corpus.txt"),
+    "tokenizer_folder_that_is_not_one": (
+        [f"data.tokenizer={REPO / 'tests' / 'configs'}"],
+        f"data.tokenizer {REPO / 'tests' / 'configs'} is not a Hugging Face tokenizer folder",
+    ),
 }
 
 
@@ -166,14 +171,36 @@ def test_out_dir_that_cannot_be_created(tmp_path):
     assert parent.read_text() == "not a folder\n"
 
 
-def test_resume_folder_of_a_different_model(tmp_path):
-    out = tmp_path / "run"
-    short = sets(f"run.out_dir={out}", "moe.ep_size=1", "run.max_steps=2", "run.eval_interval=0")
-    first = train("--config", CONFIG, *short, *sets("run.final_eval_batches=1", "run.eval_ks=[4]"))
-    assert first.returncode == 0, first.stderr[-3000:]
-    before = tree(out)
+SHORT_RUN = ("moe.ep_size=1", "run.max_steps=2", "run.eval_interval=0")
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A finished 2-step run (one process) with its checkpoint in run/checkpoints/step2."""
+    out = tmp_path_factory.mktemp("two_steps") / "run"
+    proc = train(
+        "--config", CONFIG, *sets(f"run.out_dir={out}", *SHORT_RUN, "run.final_eval_batches=1", "run.eval_ks=[4]")
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "step2" / "smoe_ds_meta.json").is_file()
-    proc = train("--config", CONFIG, *short, *sets("model.d_model=32", "moe.d_expert=16"))
+    return out
+
+
+def copy_run(run, tmp_path):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def resume(out, *args: str):
+    """Train on from the run in ``out`` (one more step), with ``args``."""
+    return train("--config", CONFIG, *sets(f"run.out_dir={out}", *SHORT_RUN, "run.max_steps=3"), *args)
+
+
+def test_resume_folder_of_a_different_model(two_step_run, tmp_path):
+    out = copy_run(two_step_run, tmp_path)
+    before = tree(out)
+    proc = resume(out, *sets("model.d_model=32", "moe.d_expert=16"))
     assert_refused(
         proc,
         f"{out / 'checkpoints' / 'step2'} was written by a different model (model.d_model: 64 in the checkpoint "
@@ -181,6 +208,29 @@ def test_resume_folder_of_a_different_model(tmp_path):
         "run.resume=false to start over there",
     )
     assert tree(out) == before
+
+
+def test_resume_refuses_a_checkpoint_carrying_code_before_deepspeed_reads_it(two_step_run, tmp_path):
+    import torch
+
+    out = copy_run(two_step_run, tmp_path)
+    rng = out / "checkpoints" / "step2" / "rng_state_rank0.pt"
+    marker = tmp_path / "the_code_ran"
+    torch.save({"torch": torch.get_rng_state(), "payload": RunsCode(marker)}, rng)
+    before = tree(out)
+    proc = resume(out)
+    assert_refused(proc, f"refusing {rng}: it holds posix.system, which is not a type smoe-ds or DeepSpeed writes")
+    assert not marker.exists() and tree(out) == before
+
+
+def test_resume_with_a_malformed_meta_config_gives_one_line(two_step_run, tmp_path):
+    out = copy_run(two_step_run, tmp_path)
+    meta_path = out / "checkpoints" / "step2" / "smoe_ds_meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["moe"]["num_experts"] = "four"
+    meta_path.write_text(json.dumps(meta))
+    proc = resume(out)
+    assert_refused(proc, f"{meta_path} holds no usable config (moe.num_experts must be int, got str 'four')")
 
 
 # -- under launchers: every rank checks, one line is printed -----------------------------------------

@@ -1,6 +1,7 @@
 """The built-in decoder-only language model: pre-LayerNorm GPT with (S)MoE FFNs.
 
-Shapes: B batch, T time, D d_model, H heads, Dh = D / H head size, V vocab.
+Shapes (the legend of ``smoe_ds.moe``): B batch, L sequence length, D d_model, A attention heads,
+Dh = D / A head size, V vocab.
 
 Weights are initialised by ``init_weights`` as a pure function of (init_seed, the
 parameter's global name), so a model built with any world size or ep_size starts from the
@@ -9,8 +10,8 @@ same numbers: expert e of layer L gets the same weights whichever rank holds it.
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 import zlib
 from typing import NamedTuple
 
@@ -19,28 +20,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe_ds.config import ModelConfig, MoEConfig
-from smoe_ds.moe.experts import GroupedExperts
+from smoe_ds.moe.experts import GroupedExperts, global_expert_name, per_expert_key
 from smoe_ds.moe.layer import build_ffn, ffn_forward, moe_layers
-
-EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 
 
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor  # [B, L, V]
     loss: torch.Tensor | None  # what backward runs on: lm_loss + aux_loss_coef * aux_loss
     lm_loss: torch.Tensor | None  # mean next-token cross-entropy, nats
     aux_loss: torch.Tensor  # sum of the MoE balance losses (0 for SMoE-Dropout and dense)
 
 
 def rotary_tables(seq_len: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [T, Dh/2] for rotary position embeddings (base 10000)."""
+    """cos, sin tables [L, Dh/2] for rotary position embeddings (base 10000)."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs of x [B, H, T, Dh] by position-dependent angles."""
+    """Rotate channel pairs of x [B, A, L, Dh] by position-dependent angles."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
@@ -56,13 +55,13 @@ class CausalSelfAttention(nn.Module):
         self.rotary = cfg.positions == "rope"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, D = x.shape
+        B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, A, L, Dh)
         if self.rotary:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
 class Block(nn.Module):
@@ -83,7 +82,7 @@ class Block(nn.Module):
 
 
 class SMoELM(nn.Module):
-    """Token ids [B, T] -> logits [B, T, V]; MoE FFNs in the blocks listed by ``model.moe_layers``."""
+    """Token ids [B, L] -> logits [B, L, V]; MoE FFNs in the blocks listed by ``model.moe_layers``."""
 
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, for_deepspeed: bool = True) -> None:
         super().__init__()
@@ -107,21 +106,21 @@ class SMoELM(nn.Module):
         self.lm_head.weight = self.tok_emb.weight  # tied: one V x D matrix
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
-        B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size {self.cfg.block_size}")
-        x = self.tok_emb(idx)  # (B, T, D)
+        B, L = idx.shape
+        if L > self.cfg.block_size:
+            raise ValueError(f"sequence length {L} exceeds model.block_size {self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, L, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))
-        # Rotary tables are cheap ([T, Dh/2]) and rebuilt per call, so no buffer has to follow the
+            x = x + self.pos_emb(torch.arange(L, device=idx.device))
+        # Rotary tables are cheap ([L, Dh/2]) and rebuilt per call, so no buffer has to follow the
         # module across devices or survive meta-device construction.
-        rope = rotary_tables(T, self.cfg.d_model // self.cfg.n_heads, idx.device) if self.pos_emb is None else None
+        rope = rotary_tables(L, self.cfg.d_model // self.cfg.n_heads, idx.device) if self.pos_emb is None else None
         x = self.drop(x)
         aux_total = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             x, aux = block(x, rope)
             aux_total = aux_total + aux
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        logits = self.lm_head(self.ln_f(x))  # (B, L, V)
         if targets is None:
             return LMOutput(logits, None, None, aux_total)
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
@@ -131,11 +130,6 @@ class SMoELM(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.moe_cfg.num_experts
-
-
-def global_param_name(name: str, ep_rank: int, num_local_experts: int) -> str:
-    """Rewrite a local expert index in ``name`` to its global expert id."""
-    return EXPERT_KEY.sub(lambda m: f"{m[1]}{ep_rank * num_local_experts + int(m[2])}{m[3]}", name)
 
 
 def _draw(seed: int, global_name: str, shape: tuple, std: float) -> torch.Tensor:
@@ -158,9 +152,9 @@ def init_weights(model: SMoELM, seed: int, ep_rank: int = 0) -> None:
         if isinstance(m, GroupedExperts):
             E = m.num_local_experts
             for e in range(E):
-                prefix = f"{mname}.deepspeed_experts.{ep_rank * E + e}"
-                m.w_in[e].copy_(_draw(seed, f"{prefix}.w_in.weight", (m.d_hidden, m.d_model), 0.02))
-                m.w_out[e].copy_(_draw(seed, f"{prefix}.w_out.weight", (m.d_model, m.d_hidden), residual_std).t())
+                key = functools.partial(per_expert_key, f"{mname}.", ep_rank * E + e)
+                m.w_in[e].copy_(_draw(seed, key("w_in"), (m.d_hidden, m.d_model), 0.02))
+                m.w_out[e].copy_(_draw(seed, key("w_out"), (m.d_model, m.d_hidden), residual_std).t())
             stacked |= {id(m.w_in), id(m.w_out)}
     n_local = model.moe_cfg.num_experts // model.moe_cfg.ep_size
     for name, p in model.named_parameters():
@@ -170,7 +164,7 @@ def init_weights(model: SMoELM, seed: int, ep_rank: int = 0) -> None:
             p.fill_(1.0 if name.endswith("weight") else 0.0)
             continue
         std = residual_std if name.endswith(("proj.weight", "w_out.weight")) else 0.02
-        p.copy_(_draw(seed, global_param_name(name, ep_rank, n_local), tuple(p.shape), std))
+        p.copy_(_draw(seed, global_expert_name(name, ep_rank, n_local), tuple(p.shape), std))
 
 
 def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0, for_deepspeed: bool = True) -> SMoELM:

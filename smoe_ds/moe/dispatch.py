@@ -1,7 +1,8 @@
 """Moving tokens to the ranks that hold their experts, and the results back.
 
 Shape legend: S tokens on this rank, D d_model, N experts, P = ep_size ranks in the expert-
-parallel group, E = N / P experts per rank, T tokens received, R rows sent.
+parallel group, E = N / P experts per rank, T tokens received, M rows sent (messages), X = D + E
+payload columns. The whole legend is in ``smoe_ds.moe``.
 
 DeepSpeed's stock layer sends a token once per chosen expert, padded to a fixed capacity.
 Here a token goes at most once to each rank that holds any of its chosen experts, together
@@ -40,7 +41,7 @@ class _AllToAll(torch.autograd.Function):
 class DispatchPlan:
     """What ``combine`` needs to return each rank's results to the tokens that asked for them."""
 
-    token_R: torch.Tensor  # [R] local token index of every row sent, grouped by destination rank
+    token_M: torch.Tensor  # [M] local token index of every row sent, grouped by destination rank
     send_counts: list[int]  # rows sent to each rank of the group
     recv_counts: list[int]  # rows received from each rank of the group
     num_tokens: int  # S
@@ -60,16 +61,16 @@ def dispatch(
         return x_SD, gates_SN, None
     E = N // ep_size
     gates_SPE = gates_SN.view(S, ep_size, E)
-    dest_R, token_R = (gates_SPE != 0).any(-1).t().nonzero(as_tuple=True)  # sorted by destination rank
-    send = torch.bincount(dest_R, minlength=ep_size)
+    dest_M, token_M = (gates_SPE != 0).any(-1).t().nonzero(as_tuple=True)  # sorted by destination rank
+    send = torch.bincount(dest_M, minlength=ep_size)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     send_counts, recv_counts = send.tolist(), recv.tolist()
     # One message per row: the token and its gates for the destination's experts.
-    payload_RX = torch.cat([x_SD.index_select(0, token_R), gates_SPE[token_R, dest_R].to(x_SD.dtype)], dim=1)
-    received_TX = _AllToAll.apply(payload_RX, recv_counts, send_counts, group)
+    payload_MX = torch.cat([x_SD.index_select(0, token_M), gates_SPE[token_M, dest_M].to(x_SD.dtype)], dim=1)
+    received_TX = _AllToAll.apply(payload_MX, recv_counts, send_counts, group)
     D = x_SD.shape[1]
-    plan = DispatchPlan(token_R, send_counts, recv_counts, S, group)
+    plan = DispatchPlan(token_M, send_counts, recv_counts, S, group)
     return received_TX[:, :D], received_TX[:, D:], plan
 
 
@@ -77,8 +78,8 @@ def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     """Return each rank's partial outputs and sum them per token -> [S, D]."""
     if plan is None:
         return y_TD
-    back_RD = _AllToAll.apply(y_TD, plan.send_counts, plan.recv_counts, plan.group)
-    return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_R, back_RD)
+    back_MD = _AllToAll.apply(y_TD, plan.send_counts, plan.recv_counts, plan.group)
+    return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_M, back_MD)
 
 
 def bytes_sent(plan: DispatchPlan | None, d_model: int, num_local_experts: int, elem_size: int, rank: int) -> int:

@@ -11,6 +11,7 @@ width, R routes (token, expert pairs) with a non-zero gate.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import torch
@@ -39,15 +40,11 @@ class FeedForward(nn.Module):
 
 # The compute path is a documented rule, not a flag: the dense-masked path (every expert on
 # every token, zero gates included) once the share of non-zero gates reaches a threshold, the
-# sparse path (only the routed pairs) below it. Measured with the compiled CPU ops, 2 threads,
-# fwd+bwd as a multiple of the dense FFN, sparse / dense-masked, with k of N = 16 experts (the
-# bench's shapes):
-#   narrow experts (shape B, H = D / 4), k = 8, 10, 12, 13, 14:
-#     0.57/0.88, 0.72/0.93, 0.80/0.86, 0.87/0.83, 0.85/0.80
-#   wide experts (shape A, H = 2 D), k = 8, 10, 12, 14, 15:
-#     0.41/0.87, 0.49/0.85, 0.63/0.87, 0.74/0.86, 0.79/0.85
-# so the paths cross near k/N = 0.8 for narrow experts, and above 15/16 for wide ones, whose
-# dense-masked path runs a GEMM pair per expert (see ``forward_dense``).
+# sparse path (only the routed pairs) below it. The thresholds are where the two paths' measured
+# fwd+bwd times cross with the compiled CPU ops (`python -m smoe_ds.bench` at k near N; the
+# figures are in the README's Performance section): near k/N = 0.8 for narrow experts (H <= D),
+# and above 15/16 for wide ones, whose dense-masked path runs a GEMM pair per expert (see
+# ``forward_dense``). Re-measure them when either path changes.
 DENSE_PATH_MIN_DENSITY_NARROW = 0.8
 DENSE_PATH_MIN_DENSITY_WIDE = 0.95
 
@@ -110,7 +107,7 @@ class GroupedExperts(nn.Module):
             p.group_name = group_name
         self._layout_hooks = [
             self.register_state_dict_post_hook(_to_per_expert_state),
-            self.register_load_state_dict_pre_hook(_from_per_expert_state),
+            self.register_load_state_dict_pre_hook(stack_per_expert_state),
         ]
 
     def use_stacked_state_dict(self) -> None:
@@ -235,14 +232,13 @@ class GroupedExperts(nn.Module):
         return grouped_matmul(h_RH, w["w_out"], counts) * gate_R.unsqueeze(-1)
 
 
-# On the CPU, glibc serves every block over 32 MiB with a fresh mmap, and the page faults of
-# filling it cost more than the GEMMs that use it: measured on 2 threads, shape B of the
-# benchmark (4096 tokens, 16 experts x 64, k = 8, 32 MiB route buffers) took 1.2-1.25 x a
-# dense FFN in one group and 0.66-0.83 x in groups of at most 8 MiB. Blocks under 32 MiB can
-# still be fresh maps after glibc trims its heap, the more often the bigger they are: at k = 4,
-# three processes each, 8 MiB groups gave 0.38-0.41 x dense and 16 MiB groups 0.41-0.49.
-# Smaller groups cost more per-group overhead than they save (0.46 at 2 MiB, 0.48 at 1). GPU
-# caching allocators have no such cliff, and there one group keeps the grouped GEMM one kernel.
+# On the CPU, glibc serves every block over 32 MiB with a fresh mmap (and smaller ones too after
+# it trims its heap, the more often the bigger they are), and the page faults of filling a fresh
+# block can cost more than the GEMMs that use it. So the sparse path runs the experts in groups
+# whose route buffers stay under this size: big enough that per-group overhead stays small,
+# small enough to be reused from the heap. 8 MiB measured best against 1, 2, 16 and 32 MiB
+# (`python -m smoe_ds.bench`, shape B; the README's Performance section explains the effect).
+# GPU caching allocators have no such cliff, and there one group keeps the grouped GEMM one kernel.
 CPU_ROUTE_BUFFER_BYTES = 8 << 20
 
 
@@ -262,6 +258,14 @@ def expert_groups(counts: list[int], max_rows: int) -> list[list[int]]:
     return groups
 
 
+# -- the checkpoint layout of experts ------------------------------------------------------------
+#
+# Checkpoints and exports hold experts one by one, as DeepSpeed's own ``Experts`` would: expert e
+# of a layer's ``GroupedExperts`` at ``{prefix}deepspeed_experts.{e}.{name}``, each tensor in
+# ``nn.Linear`` layout, with e the *global* expert id wherever more than one rank's experts meet
+# (checkpoint files, exports, ZeRO shards gathered). These functions are the one place that
+# layout is spelled out.
+
 # Stacked parameter -> (its name in the per-expert ``FeedForward``-style layout, transposed there?)
 _PER_EXPERT_NAMES = {
     "w_in": ("w_in.weight", False),
@@ -269,25 +273,62 @@ _PER_EXPERT_NAMES = {
     "b_in": ("w_in.bias", False),
     "w_gate": ("w_gate.weight", False),
 }
+_EXPERT_ID = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+
+
+def per_expert_key(prefix: str, expert_id: int, stacked: str) -> str:
+    """The key of expert ``expert_id``'s share of stacked parameter ``stacked`` ("w_in", ...)."""
+    return f"{prefix}deepspeed_experts.{expert_id}.{_PER_EXPERT_NAMES[stacked][0]}"
+
+
+def is_stacked_expert_param(name: str) -> bool:
+    """Whether a module parameter name is a stacked expert tensor of ``GroupedExperts``."""
+    return name.rsplit(".", 1)[-1] in _PER_EXPERT_NAMES and ".experts." in name
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """``"blocks.0.ffn.deepspeed_moe.experts.w_in"`` -> (``"blocks.0.ffn.deepspeed_moe.experts."``, ``"w_in"``)."""
+    stacked = name.rsplit(".", 1)[-1]
+    return name[: len(name) - len(stacked)], stacked
+
+
+def split_stacked(name: str, tensor_E: torch.Tensor, first_expert: int) -> dict[str, torch.Tensor]:
+    """A stacked parameter ``{prefix}{stacked}`` [E, ...] -> its E per-expert entries, numbered
+    ``first_expert``, ``first_expert + 1``, ... (a rank's global ids), in ``nn.Linear`` layout."""
+    prefix, stacked = _split_name(name)
+    transposed = _PER_EXPERT_NAMES[stacked][1]
+    return {
+        per_expert_key(prefix, first_expert + e, stacked): (t.t() if transposed else t)
+        for e, t in enumerate(tensor_E.unbind(0))
+    }
+
+
+def stack_experts(state: dict[str, torch.Tensor], name: str, expert_ids: range, pop: bool = False) -> torch.Tensor:
+    """The inverse of ``split_stacked``: stacked parameter ``name`` [E, ...] from the per-expert
+    entries of ``expert_ids`` in ``state`` (removed from it with ``pop``)."""
+    prefix, stacked = _split_name(name)
+    take = state.pop if pop else state.__getitem__
+    parts = [take(per_expert_key(prefix, e, stacked)) for e in expert_ids]
+    return torch.stack([p.t() for p in parts] if _PER_EXPERT_NAMES[stacked][1] else parts)
+
+
+def global_expert_name(name: str, ep_rank: int, num_local_experts: int) -> str:
+    """Rewrite a local expert id in a per-expert key to its global id (other names pass unchanged)."""
+    return _EXPERT_ID.sub(lambda m: f"{m[1]}{ep_rank * num_local_experts + int(m[2])}{m[3]}", name)
 
 
 def _to_per_expert_state(module: GroupedExperts, state: dict, prefix: str, local_metadata) -> None:
-    for stacked, (name, transposed) in _PER_EXPERT_NAMES.items():
-        if prefix + stacked not in state:
-            continue  # b_in / w_gate exist only for some experts
-        tensor = state.pop(prefix + stacked)
-        for e in range(module.num_local_experts):
-            state[f"{prefix}deepspeed_experts.{e}.{name}"] = tensor[e].t() if transposed else tensor[e]
+    for stacked in _PER_EXPERT_NAMES:
+        if prefix + stacked in state:  # b_in / w_gate exist only for some experts
+            state.update(split_stacked(prefix + stacked, state.pop(prefix + stacked), first_expert=0))
 
 
-def _from_per_expert_state(module: GroupedExperts, state: dict, prefix: str, *args) -> None:
+def stack_per_expert_state(module: GroupedExperts, state: dict, prefix: str, *args) -> None:
+    """Turn ``module``'s per-expert entries in ``state`` (local ids 0..E-1) into its stacked
+    parameters, in place; a load_state_dict pre-hook, and what exports call on a full state."""
     present = [s for s in _PER_EXPERT_NAMES if getattr(module, s) is not None]
-    names = {
-        s: [f"{prefix}deepspeed_experts.{e}.{_PER_EXPERT_NAMES[s][0]}" for e in range(module.num_local_experts)]
-        for s in present
-    }
-    if prefix + "w_in" in state or not all(n in state for ns in names.values() for n in ns):
+    ids = range(module.num_local_experts)
+    if prefix + "w_in" in state or not all(per_expert_key(prefix, e, s) in state for s in present for e in ids):
         return  # stacked already, or incomplete: load_state_dict reports the missing keys itself
-    for stacked, per_expert in names.items():
-        transposed = _PER_EXPERT_NAMES[stacked][1]
-        state[prefix + stacked] = torch.stack([state.pop(n).t() if transposed else state.pop(n) for n in per_expert])
+    for stacked in present:
+        state[prefix + stacked] = stack_experts(state, prefix + stacked, ids, pop=True)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from smoe_ds.config import ModelConfig, MoEConfig
-from smoe_ds.models.lm import build_model, count_parameters, global_param_name
+from smoe_ds.models.lm import build_model, count_parameters
+from smoe_ds.moe.experts import global_expert_name
 
 
 def tiny(positions="rope", mode="smoe_dropout", moe_layers="all"):
@@ -46,7 +47,7 @@ def test_dense_and_moe_models_have_equal_trainable_parameters():
     assert trainable == count_parameters(dense)
 
 
-def test_global_param_name_maps_local_expert_ids():
+def test_global_expert_name_maps_local_expert_ids():
     name = "blocks.1.ffn.deepspeed_moe.experts.deepspeed_experts.2.w_in.weight"
-    assert global_param_name(name, ep_rank=3, num_local_experts=4) == name.replace(".2.", ".14.")
-    assert global_param_name("blocks.1.attn.qkv.weight", 3, 4) == "blocks.1.attn.qkv.weight"
+    assert global_expert_name(name, ep_rank=3, num_local_experts=4) == name.replace(".2.", ".14.")
+    assert global_expert_name("blocks.1.attn.qkv.weight", 3, 4) == "blocks.1.attn.qkv.weight"
