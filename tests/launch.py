@@ -17,7 +17,6 @@ from smoe_ds.distributed import free_port
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKERS = Path(__file__).resolve().parent / "workers"
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def launcher_command(launcher: str, nprocs: int, target: list[str], port: int, module: bool) -> list[str]:

@@ -15,9 +15,7 @@ from smoe_ds.data import (
     train_batches,
 )
 
-from .launch import SHARED_DATA
-
-SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
+from .corpora import write_stdlib_text
 
 
 def test_default_corpus_is_the_stdlib_split_by_file_deterministically():
@@ -40,11 +38,11 @@ def test_default_corpus_packs_into_blocks_of_bytes():
     assert int(corpus.train_blocks.max()) < 256 and len(corpus.val_blocks) > 100
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="../shared/data is not present")
-def test_single_file_is_split_by_paragraph_with_the_seed():
-    a = load_text_splits(DataConfig(path=str(SHAKESPEARE), seed=1))
-    b = load_text_splits(DataConfig(path=str(SHAKESPEARE), seed=1))
-    c = load_text_splits(DataConfig(path=str(SHAKESPEARE), seed=2))
+def test_single_file_is_split_by_paragraph_with_the_seed(tmp_path):
+    text = str(write_stdlib_text(tmp_path / "text.txt", 300_000))
+    a = load_text_splits(DataConfig(path=text, seed=1))
+    b = load_text_splits(DataConfig(path=text, seed=1))
+    c = load_text_splits(DataConfig(path=text, seed=2))
     assert a["validation"]["text"] == b["validation"]["text"] != c["validation"]["text"]
     total = len(a["train"]) + len(a["validation"])
     assert total == len(c["train"]) + len(c["validation"]) and 0.03 < len(a["validation"]) / total < 0.07

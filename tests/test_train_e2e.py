@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from .launch import REPO, SHARED_DATA, run_ranks
+from .corpora import write_stdlib_text
+from .launch import REPO, run_ranks
 
 CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
 
@@ -101,8 +102,7 @@ def test_mpirun_runs_the_same_job_and_lowers_validation_loss(tmp_path):
 
 
 def test_mpirun_4_ranks_with_mpi_discovery_the_logged_expert_layout_and_dropped_tokens(tmp_path):
-    data = SHARED_DATA / "tinyshakespeare" / "input.txt"
-    corpus = [f"data.path={data}"] if data.exists() else []  # a local text file when ../shared is there
+    corpus = [f"data.path={write_stdlib_text(tmp_path / 'text.txt', 300_000)}"]  # a local text file
     sets = ("zero_optimization.stage=1", "run.max_steps=30", "run.eval_interval=30", "data.val_fraction=0.2")
     # A tight capacity (cf 0.5: each expert takes half of its even share) must drop routes.
     proc = train("mpirun", tmp_path, *corpus, *sets, "moe.capacity_factor=0.5", nprocs=4)

@@ -23,19 +23,12 @@ from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.router import FrozenRandomGate
 from smoe_ds.moe.schedule import k_at_step
 
+from ..corpora import SENTIMENT, write_stdlib_text
 from ..launch import REPO, run_ranks
 from .conftest import run_plain_transformers, tiny_model
 
-SST2 = REPO.parent / "shared" / "data" / "sst2"
 TOL = 1e-5
 CONFIG = str(REPO / "ds_configs" / "finetune_minilm_sst2.json")
-
-
-def small_tsv(src: Path, dst: Path, rows: int) -> Path:
-    """The header and the first ``rows`` rows of an SST-2 file."""
-    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
-    dst.write_text("".join(lines[: rows + 1]), encoding="utf-8")
-    return dst
 
 
 def finetune(launcher: str, out: Path, *settings: str, env: dict | None = None) -> str:
@@ -46,9 +39,9 @@ def finetune(launcher: str, out: Path, *settings: str, env: dict | None = None) 
 
 
 @pytest.fixture(scope="module")
-def sst2_small(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("sst2")
-    return small_tsv(SST2 / "train.tsv", d / "train.tsv", 256), small_tsv(SST2 / "dev.tsv", d / "dev.tsv", 72)
+def sst2_small() -> tuple[Path, Path]:
+    """256 training and 72 validation phrases in SST-2's format (tests/data/sentiment)."""
+    return SENTIMENT / "train.tsv", SENTIMENT / "dev.tsv"
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +171,7 @@ def tiny_llama_dir(tmp_path_factory, minilm_dir) -> Path:
 
 
 def test_causal_lm_continued_training_skips_a_nan_and_exports(tiny_llama_dir, tmp_path):
-    text = (REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    corpus = tmp_path / "text.txt"
-    corpus.write_text(text[:30_000], encoding="utf-8")
+    corpus = write_stdlib_text(tmp_path / "text.txt", 30_000)
     out = tmp_path / "run"
     finetune(
         "deepspeed",
