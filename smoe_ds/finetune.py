@@ -17,13 +17,11 @@ it at any k, and ``python -m smoe_ds.hf_convert OUT/model DENSE --densify`` writ
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from smoe_ds import distributed as D
 from smoe_ds import faults, preflight, watchdog
@@ -32,7 +30,8 @@ from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
 from smoe_ds.hf.convert import dense_config
 from smoe_ds.hf.finetune_config import FinetuneConfig
-from smoe_ds.hf.finetune_tasks import TASK_CLASSES
+from smoe_ds.hf.finetune_tasks import TASK_CLASSES, Task
+from smoe_ds.loop import LossWindow, optimizer_step, progress_bar, write_run_config, write_summary
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.parallel import ep_rank_of
 from smoe_ds.moe.schedule import active_k
@@ -90,98 +89,107 @@ def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
     return out
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
+def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
+    """Join the process group and check the config, model and data before anything heavy or written.
 
+    Returns (rank, world size, the task with its data loaded).
+    """
     D.init_distributed(cfg.run.master_port, cfg.run.collective_timeout_s)
     rank, world = D.rank(), D.world_size()
     quiet_libraries(rank)
     cfg.validate_for_world(world)
     preflight.check_out_dir(cfg.run.out_dir)
     preflight.check_precision(cfg)
-    dense_config(
-        cfg.hf.model, convertible=cfg.uses_moe
-    )  # a wrong model path or architecture fails before the data loads
+    dense_config(cfg.hf.model, convertible=cfg.uses_moe)  # a wrong model path or architecture fails before the data
     micro, gas = cfg.micro_batch_size(world), cfg.grad_accum_steps(world)
     task = TASK_CLASSES[cfg.hf.task](cfg, world, micro)
     train_steps_per_epoch(len(task.train), micro, world, gas)  # one step's worth of data, or a ConfigError now
+    return rank, world, task
 
-    watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
-    model = load_model(cfg, task, ep_rank=ep_rank_of(rank, cfg.moe.ep_size))
-    engine = initialize_engine(model, cfg)
-    out_dir, run = Path(cfg.run.out_dir), cfg.run
-    if D.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        params = sum(p.numel() for p in model.parameters())
-        print(
-            f"smoe-ds finetune: {cfg.hf.model} ({type(model).__name__}), {cfg.hf.task}, mode {cfg.moe.mode}"
-            + (
-                f", N = {cfg.moe.num_experts} experts, ep_size {cfg.moe.ep_size}, {cfg.hf.weighting}"
-                if cfg.uses_moe
-                else ""
-            )
-            + f"\n  {params / 1e6:.2f}M parameters on rank 0; world size {world}; data: {task.description}",
-            flush=True,
+
+def describe(cfg: FinetuneConfig, model, task: Task, world: int) -> str:
+    """The run in two lines: model, task, mode and experts; parameters, world size and data."""
+    params = sum(p.numel() for p in model.parameters())
+    return (
+        f"smoe-ds finetune: {cfg.hf.model} ({type(model).__name__}), {cfg.hf.task}, mode {cfg.moe.mode}"
+        + (
+            f", N = {cfg.moe.num_experts} experts, ep_size {cfg.moe.ep_size}, {cfg.hf.weighting}"
+            if cfg.uses_moe
+            else ""
         )
-    batches = task.train_batches(rank, gas, 0)
-    bar = tqdm(
-        total=run.max_steps,
-        disable=not D.is_main(),
-        desc="finetune",
-        dynamic_ncols=True,
-        file=sys.stdout,
-        mininterval=0.5 if sys.stdout.isatty() else 10.0,
+        + f"\n  {params / 1e6:.2f}M parameters on rank 0; world size {world}; data: {task.description}"
     )
-    history, val_history, window, t0 = [], [], torch.zeros(()), time.perf_counter()
+
+
+def periodic_evaluation(engine, task: Task, k: int, rank: int, step: int, bar) -> dict:
+    """The task's metrics at the current k, shown, and k restored afterwards."""
+    row = task.evaluate(engine, k, rank)
+    set_active_experts(engine.module, k)
+    if D.is_main():
+        bar.write(f"step {step}: {task.metric} {row[task.metric]:.4f} at k={k}")
+    return {"step": step, **row}
+
+
+def finetune_steps(engine, cfg: FinetuneConfig, task: Task, rank: int, world: int) -> tuple[list, list, float]:
+    """Steps 0..run.max_steps with their log lines and evaluations.
+
+    Returns the log history, the evaluation history and the wall time of the steps (s).
+    """
+    run, gas = cfg.run, cfg.grad_accum_steps(world)
+    batches = task.train_batches(rank, gas, 0)
+    bar = progress_bar("finetune", run.max_steps)
+    history, val_history, window, t0 = [], [], LossWindow(), time.perf_counter()
     guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
+
+    def loss_of(batch: dict):  # the task's tensors by name; the model's loss is both backpropagated and logged
+        loss = engine(**{key: t.to(engine.device) for key, t in batch.items()}).loss
+        return loss, loss
+
     for step in range(run.max_steps):
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)
         faults.maybe_die("train", rank, step)
-        good = 0
-        while good < gas:  # a NaN/inf micro-batch is skipped on every rank and replaced (smoe_ds.numerics)
-            batch = {key: t.to(engine.device) for key, t in next(batches).items()}
-            loss = engine(**batch).loss
-            if faults.poisoned("train", rank, step):
-                loss = loss * float("nan")
-            bad = guard.bad_ranks(loss)
-            if bad:
-                guard.record_bad(step, bad, None)
-                continue
-            engine.backward(loss)
-            engine.step()
-            window += loss.detach().float().cpu()
-            good += 1
-        guard.record_good()
+        window.add(optimizer_step(engine, batches, loss_of, guard, step, rank), gas * world)
         done = step + 1
         bar.update(1)
         if done % run.log_interval == 0 or done == run.max_steps:
-            steps_in_window = done - (history[-1]["step"] if history else 0)
-            mean = float(D.all_reduce_sum(window) / (steps_in_window * gas * world))
+            mean = window.mean_and_reset()
             history.append(
                 {"step": done, "loss": mean, "k": k, "lr": engine.get_lr()[0], "skipped_steps": guard.skipped}
             )
             bar.set_postfix({"loss": f"{mean:.4f}", "k": k})
-            window = torch.zeros(())
         if run.eval_interval and done % run.eval_interval == 0 and done < run.max_steps:
-            row = task.evaluate(engine, k, rank)
-            val_history.append({"step": done, **row})
-            set_active_experts(engine.module, k)
-            if D.is_main():
-                bar.write(f"step {done}: {task.metric} {row[task.metric]:.4f} at k={k}")
+            val_history.append(periodic_evaluation(engine, task, k, rank, done, bar))
     bar.close()
-    wall = time.perf_counter() - t0
+    return history, val_history, time.perf_counter() - t0
 
-    rows = [task.evaluate(engine, kk, rank) for kk in run.eval_ks]
+
+def write_report(cfg: FinetuneConfig, task: Task, summary: dict, out_dir: Path, exported: Path | None) -> None:
+    """Rank 0: print the self-slimming table, write its JSON and plot and train_summary.json."""
+    run, rows, wall = cfg.run, summary["self_slimming"], summary["train_wall_s"]
+    title = f"self-slimming: {cfg.moe.mode} fine-tune of {model_name(cfg.hf.model)}, {run.max_steps} steps"
+    print("\n" + format_rows(rows, title), flush=True)
+    meta = {"title": title, "mode": cfg.moe.mode, "task": cfg.hf.task, "steps": run.max_steps, "train_wall_s": wall}
+    json_path, png_path = write_results(rows, out_dir, meta, metric=task.metric, ylabel=task.metric_label)
+    write_summary(out_dir, summary)
+    print(f"trained {run.max_steps} steps in {wall:.1f}s; wrote {json_path}, {png_path} and {exported}", flush=True)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    rank, world, task = check_inputs(cfg)
+    watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
+    model = load_model(cfg, task, ep_rank=ep_rank_of(rank, cfg.moe.ep_size))
+    engine = initialize_engine(model, cfg)
+    out_dir = Path(cfg.run.out_dir)
+    if D.is_main():
+        write_run_config(out_dir, cfg)
+        print(describe(cfg, model, task, world), flush=True)
+    history, val_history, wall = finetune_steps(engine, cfg, task, rank, world)
+    rows = [task.evaluate(engine, kk, rank) for kk in cfg.run.eval_ks]
     exported = export(engine, cfg, task, out_dir / "model")
     summary = {"train_wall_s": wall, "history": history, "val_history": val_history, "self_slimming": rows}
     if D.is_main():
-        title = f"self-slimming: {cfg.moe.mode} fine-tune of {model_name(cfg.hf.model)}, {run.max_steps} steps"
-        print("\n" + format_rows(rows, title), flush=True)
-        meta = {"title": title, "mode": cfg.moe.mode, "task": cfg.hf.task, "steps": run.max_steps, "train_wall_s": wall}
-        json_path, png_path = write_results(rows, out_dir, meta, metric=task.metric, ylabel=task.metric_label)
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"trained {run.max_steps} steps in {wall:.1f}s; wrote {json_path}, {png_path} and {exported}", flush=True)
+        write_report(cfg, task, summary, out_dir, exported)
     return summary
 
 

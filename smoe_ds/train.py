@@ -15,20 +15,19 @@ self-slimming table: validation loss and bits per byte at k = 1, 2, 4, ..., N.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from smoe_ds import checkpoint, faults, placement
 from smoe_ds import distributed as D
 from smoe_ds.cli import run_main
 from smoe_ds.config import TrainConfig, config_cli
 from smoe_ds.data import train_batches
+from smoe_ds.loop import LossWindow, MicroBatchLoss, optimizer_step, progress_bar, write_run_config, write_summary
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.layer import moe_layers, set_active_experts
 from smoe_ds.moe.schedule import active_k
@@ -59,62 +58,21 @@ def dropped_fraction(model: torch.nn.Module) -> float | None:
     return float(t[0] / t[1])
 
 
-def train_step(rt: Runtime, batches, step: int, guard: BadLossGuard, ckpt_dir: Path) -> torch.Tensor:
-    """One optimizer step of gradient_accumulation_steps good micro-batches; returns their summed LM loss.
+def micro_batch_loss(rt: Runtime) -> MicroBatchLoss:
+    """The trainer's loss of one micro-batch (x, y: [micro_batch, block_size] token ids): the loss to
+    backpropagate (THOR's adds a second pass with fresh random routes) and the LM loss to log."""
+    engine, moe = rt.engine, rt.cfg.moe
 
-    A micro-batch whose loss is NaN/inf on any rank is skipped everywhere before backward and
-    replaced by the next one (see smoe_ds.numerics), so no bad gradient reaches the weights.
-    """
-    engine, total, good = rt.engine, torch.zeros(()), 0
-    while good < engine.gradient_accumulation_steps():
-        x, y = next(batches)
+    def loss_of(batch):
+        x, y = batch
         x, y = x.to(engine.device), y.to(engine.device)
         out = engine(x, y)
         loss = out.loss
-        if rt.cfg.moe.mode == "thor":  # a second pass with fresh random routes, and their consistency
-            loss = thor_loss(out, engine(x, y), rt.cfg.moe.thor_alpha)
-        if faults.poisoned("train", rt.rank, step):
-            loss = loss * float("nan")
-        bad = guard.bad_ranks(loss)
-        if bad:
-            guard.record_bad(step, bad, checkpoint.latest_path(ckpt_dir))
-            continue
-        engine.backward(loss)
-        engine.step()
-        total += out.lm_loss.detach().float().cpu()
-        good += 1
-    guard.record_good()
-    return total
+        if moe.mode == "thor":  # a second pass with fresh random routes, and their consistency
+            loss = thor_loss(out, engine(x, y), moe.thor_alpha)
+        return loss, out.lm_loss
 
-
-class LossWindow:
-    """The training loss summed since the last log line, over every rank's micro-batches.
-
-    Each rank adds its own sums (float64, so the order of the additions does not show); a
-    log line all-reduces them. ``state()`` (collective) folds the window into one number for
-    the checkpoint, so a run resumed mid-window logs the same mean as an uninterrupted one,
-    whatever the world size it resumes at.
-    """
-
-    def __init__(self, carried: float = 0.0, count: int = 0) -> None:
-        self.local = torch.tensor(carried if D.is_main() else 0.0, dtype=torch.float64)
-        self.count = count  # micro-batch losses in the window, over all ranks
-
-    @classmethod
-    def resumed(cls, trainer_state: dict) -> LossWindow:
-        return cls(trainer_state.get("loss_window_sum", 0.0), trainer_state.get("loss_window_count", 0))
-
-    def add(self, summed_loss: torch.Tensor, micro_batches: int) -> None:
-        self.local += summed_loss.double()
-        self.count += micro_batches
-
-    def mean_and_reset(self) -> float:
-        mean = float(D.all_reduce_sum(self.local) / max(self.count, 1))
-        self.local, self.count = torch.zeros((), dtype=torch.float64), 0
-        return mean
-
-    def state(self) -> dict:
-        return {"loss_window_sum": float(D.all_reduce_sum(self.local)), "loss_window_count": self.count}
+    return loss_of
 
 
 def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
@@ -150,22 +108,60 @@ def describe(rt: Runtime) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: TrainConfig) -> dict:
-    rt = build_runtime(cfg, training=True)  # every input check runs in here, before out_dir is created
-    engine, run = rt.engine, cfg.run
-    out_dir = Path(run.out_dir)
+def tokens_per_step(rt: Runtime) -> int:
+    """Tokens one optimizer step trains on, over all ranks."""
+    return rt.micro_batch * rt.engine.gradient_accumulation_steps() * rt.world_size * rt.cfg.model.block_size
+
+
+def open_run_folder(rt: Runtime, out_dir: Path) -> None:
+    """Rank 0 writes config.json, prints the run and its expert placement, and writes the placement.
+    Every rank calls this (the placement is gathered from all of them)."""
+    cfg = rt.cfg
     layout = placement.gather_layout(cfg.moe.ep_size, cfg.moe.num_experts) if cfg.uses_moe else None
     if D.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        write_run_config(out_dir, cfg)
         print(describe(rt), flush=True)
         if layout:
             print(placement.describe(layout), flush=True)
             placement.write(layout, out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    start_step, saved = checkpoint.restore(engine, cfg, ckpt_dir) if run.resume else (0, {})
+
+
+def resume(rt: Runtime, ckpt_dir: Path) -> tuple[int, dict]:
+    """The step to start from and the trainer state saved with it: (0, {}) unless run.resume finds a checkpoint."""
+    start_step, saved = checkpoint.restore(rt.engine, rt.cfg, ckpt_dir) if rt.cfg.run.resume else (0, {})
     if start_step and D.is_main():
         print(f"resumed from {ckpt_dir / f'step{start_step}'}", flush=True)
+    return start_step, saved
+
+
+def log_line(rt: Runtime, guard: BadLossGuard, bar, done: int, k: int, loss: float, tok_s: float) -> dict:
+    """Write step ``done``'s monitor events and progress-bar figures; returns its history entry.
+    Every rank calls this (the expert loads and dropped routes are summed over ranks)."""
+    engine = rt.engine
+    lr = engine.get_lr()[0]
+    events = [("Train/loss", loss, done), ("Train/k", k, done), ("Train/lr", lr, done)]
+    events += expert_load_events(engine.module, done)
+    skipped = engine.skipped_steps if not guard.enabled else guard.skipped  # fp16: the loss scaler's
+    if skipped:
+        events.append(("Train/skipped_steps", skipped, done))
+    drop = dropped_fraction(engine.module)
+    postfix = {"loss": f"{loss:.3f}", "k": k, "tok/s": f"{tok_s:,.0f}"}
+    if skipped:
+        postfix["skipped"] = skipped
+    if drop is not None:
+        events.append(("Train/dropped_fraction", drop, done))
+        postfix["dropped"] = f"{drop:.1%}"
+    engine.monitor.write_events(events)
+    bar.set_postfix(postfix)
+    return {"step": done, "loss": loss, "k": k, "lr": lr, "tokens_per_s": tok_s, "skipped_steps": skipped}
+
+
+def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tuple[list, list, float]:
+    """Steps start_step..run.max_steps with their log lines, validations and saves, then the final save.
+
+    Returns the log history, the validation history and the wall time of the steps (s).
+    """
+    cfg, engine, run = rt.cfg, rt.engine, rt.cfg.run
     gas = engine.gradient_accumulation_steps()
     # Micro-batches skipped for NaN/inf losses were read too: the data resumes after them.
     skipped_before = saved.get("skipped_micro_batches", 0)
@@ -173,18 +169,8 @@ def train(cfg: TrainConfig) -> dict:
         rt.corpus.train_blocks, rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed, gas, start_step, skipped_before
     )
     val = rt.val_batches(run.eval_batches)
-    n = cfg.moe.num_experts
-    tokens_per_step = rt.micro_batch * gas * rt.world_size * cfg.model.block_size
-    # A log file (no terminal) gets a line every 10 s instead of a redraw per step.
-    bar = tqdm(
-        total=run.max_steps,
-        initial=start_step,
-        disable=not D.is_main(),
-        desc="train",
-        dynamic_ncols=True,
-        file=sys.stdout,
-        mininterval=0.5 if sys.stdout.isatty() else 10.0,
-    )
+    step_tokens = tokens_per_step(rt)
+    bar = progress_bar("train", run.max_steps, initial=start_step)
     val_history = (
         [periodic_validation(rt, val, active_k(cfg, start_step), start_step, bar)] if run.eval_interval else []
     )
@@ -192,41 +178,26 @@ def train(cfg: TrainConfig) -> dict:
     window = LossWindow.resumed(saved)
     guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
     guard.skipped = skipped_before
+    loss_of = micro_batch_loss(rt)
 
     def save(step: int) -> None:
         state = {"skipped_micro_batches": guard.skipped, **window.state()}  # collective: every rank calls it
         checkpoint.save(engine, cfg, ckpt_dir, step, run.keep_last, trainer_state=state)
 
+    def last_checkpoint() -> str | None:  # named when too many micro-batches in a row are bad
+        return checkpoint.latest_path(ckpt_dir)
+
     for step in range(start_step, run.max_steps):
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)
         faults.maybe_die("train", rt.rank, step)
-        window.add(train_step(rt, batches, step, guard, ckpt_dir), gas * rt.world_size)
+        window.add(optimizer_step(engine, batches, loss_of, guard, step, rt.rank, last_checkpoint), gas * rt.world_size)
         done = step + 1
         bar.update(1)
-
         if done % run.log_interval == 0 or done == run.max_steps:
             loss = window.mean_and_reset()
-            tok_s = (done - start_step) * tokens_per_step / (time.perf_counter() - t0)
-            lr = engine.get_lr()[0]
-            events = [("Train/loss", loss, done), ("Train/k", k, done), ("Train/lr", lr, done)]
-            events += expert_load_events(engine.module, done)
-            skipped = engine.skipped_steps if not guard.enabled else guard.skipped  # fp16: the loss scaler's
-            if skipped:
-                events.append(("Train/skipped_steps", skipped, done))
-            drop = dropped_fraction(engine.module)
-            postfix = {"loss": f"{loss:.3f}", "k": k, "tok/s": f"{tok_s:,.0f}"}
-            if skipped:
-                postfix["skipped"] = skipped
-            if drop is not None:
-                events.append(("Train/dropped_fraction", drop, done))
-                postfix["dropped"] = f"{drop:.1%}"
-            engine.monitor.write_events(events)
-            bar.set_postfix(postfix)
-            history.append(
-                {"step": done, "loss": loss, "k": k, "lr": lr, "tokens_per_s": tok_s, "skipped_steps": skipped}
-            )
-
+            tok_s = (done - start_step) * step_tokens / (time.perf_counter() - t0)
+            history.append(log_line(rt, guard, bar, done, k, loss, tok_s))
         if run.eval_interval and (done % run.eval_interval == 0 or done == run.max_steps):
             val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar))
         if run.save_checkpoint and run.save_interval and done % run.save_interval == 0 and done < run.max_steps:
@@ -236,8 +207,14 @@ def train(cfg: TrainConfig) -> dict:
 
     if run.save_checkpoint and start_step < run.max_steps:
         save(run.max_steps)
-    rows = report(
-        engine,
+    return history, val_history, wall
+
+
+def final_sweep(rt: Runtime, wall: float) -> list[dict]:
+    """The self-slimming rows (smoe_ds.results.report) on run.final_eval_batches; rank 0 prints and writes them."""
+    cfg, run = rt.cfg, rt.cfg.run
+    return report(
+        rt.engine,
         rt.val_batches(run.final_eval_batches),
         run.eval_ks,
         rt.corpus.bytes_per_token,
@@ -247,25 +224,41 @@ def train(cfg: TrainConfig) -> dict:
             "mode": cfg.moe.mode,
             "steps": run.max_steps,
             "train_wall_s": wall,
-            "num_experts": n,
+            "num_experts": cfg.moe.num_experts,
         },
     )
+
+
+def closing_line(summary: dict, max_steps: int) -> str:
+    """The run's last line: steps, time, throughput and the first and last logged training loss."""
+    history = summary["history"]
+    first, last = (history[0]["loss"], history[-1]["loss"]) if history else (math.nan, math.nan)
+    return (
+        f"trained steps {summary['resumed_from_step']}..{max_steps} in {summary['train_wall_s']:.1f}s "
+        f"({summary['tokens_per_s']:,.0f} tokens/s); "
+        f"train loss {first:.3f} -> {last:.3f} ({last / LN2:.3f} bits/token)"
+    )
+
+
+def train(cfg: TrainConfig) -> dict:
+    rt = build_runtime(cfg, training=True)  # every input check runs in here, before out_dir is created
+    out_dir = Path(cfg.run.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    open_run_folder(rt, out_dir)
+    start_step, saved = resume(rt, ckpt_dir)
+    history, val_history, wall = train_steps(rt, ckpt_dir, start_step, saved)
+    rows = final_sweep(rt, wall)
     summary = {
         "train_wall_s": wall,
-        "tokens_per_s": (run.max_steps - start_step) * tokens_per_step / max(wall, 1e-9),
+        "tokens_per_s": (cfg.run.max_steps - start_step) * tokens_per_step(rt) / max(wall, 1e-9),
         "resumed_from_step": start_step,
         "history": history,
         "val_history": val_history,
         "self_slimming": rows,
     }
     if D.is_main():
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        first, last = (history[0]["loss"], history[-1]["loss"]) if history else (math.nan, math.nan)
-        print(
-            f"trained steps {start_step}..{run.max_steps} in {wall:.1f}s ({summary['tokens_per_s']:,.0f} tokens/s); "
-            f"train loss {first:.3f} -> {last:.3f} ({last / LN2:.3f} bits/token)",
-            flush=True,
-        )
+        write_summary(out_dir, summary)
+        print(closing_line(summary, cfg.run.max_steps), flush=True)
     return summary
 
 

@@ -1,0 +1,113 @@
+"""What the trainer (``smoe_ds.train``) and the fine-tuner (``smoe_ds.finetune``) do alike.
+
+One optimizer step over gradient_accumulation_steps good micro-batches (a NaN/inf one is
+skipped everywhere and replaced), the training-loss window behind each log line, rank 0's
+progress bar, and the run folder's ``config.json`` and ``train_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from smoe_ds import distributed as D
+from smoe_ds import faults
+from smoe_ds.numerics import BadLossGuard
+
+MicroBatchLoss = Callable[[object], tuple[torch.Tensor, torch.Tensor]]
+"""One micro-batch, as the data iterator yields it (on the CPU) -> (the scalar loss to
+backpropagate, the scalar loss to log). The callable moves the batch to the engine's device."""
+
+
+def optimizer_step(
+    engine,
+    batches: Iterator,
+    micro_batch_loss: MicroBatchLoss,
+    guard: BadLossGuard,
+    step: int,
+    rank: int,
+    last_checkpoint: Callable[[], str | None] = lambda: None,
+) -> torch.Tensor:
+    """One optimizer step of ``engine`` over gradient_accumulation_steps good micro-batches from
+    ``batches``; returns the sum of their logged losses (a float32 scalar on the CPU).
+
+    A micro-batch whose loss is NaN/inf on any rank is skipped everywhere before backward and
+    replaced by the next one (see smoe_ds.numerics), so no bad gradient reaches the weights.
+    ``last_checkpoint`` names the newest checkpoint for the message when too many go bad in a row.
+    """
+    total, good = torch.zeros(()), 0
+    while good < engine.gradient_accumulation_steps():
+        loss, logged = micro_batch_loss(next(batches))
+        if faults.poisoned("train", rank, step):
+            loss = loss * float("nan")
+        bad = guard.bad_ranks(loss)
+        if bad:
+            guard.record_bad(step, bad, last_checkpoint())
+            continue
+        engine.backward(loss)
+        engine.step()
+        total += logged.detach().float().cpu()
+        good += 1
+    guard.record_good()
+    return total
+
+
+class LossWindow:
+    """The training loss summed since the last log line, over every rank's micro-batches.
+
+    Each rank adds its own sums (float64, so the order of the additions does not show); a
+    log line all-reduces them. ``state()`` (collective) folds the window into one number for
+    the checkpoint, so a run resumed mid-window logs the same mean as an uninterrupted one,
+    whatever the world size it resumes at.
+    """
+
+    def __init__(self, carried: float = 0.0, count: int = 0) -> None:
+        self.local = torch.tensor(carried if D.is_main() else 0.0, dtype=torch.float64)
+        self.count = count  # micro-batch losses in the window, over all ranks
+
+    @classmethod
+    def resumed(cls, trainer_state: dict) -> LossWindow:
+        return cls(trainer_state.get("loss_window_sum", 0.0), trainer_state.get("loss_window_count", 0))
+
+    def add(self, summed_loss: torch.Tensor, micro_batches: int) -> None:
+        self.local += summed_loss.double()
+        self.count += micro_batches
+
+    def mean_and_reset(self) -> float:
+        mean = float(D.all_reduce_sum(self.local) / max(self.count, 1))
+        self.local, self.count = torch.zeros((), dtype=torch.float64), 0
+        return mean
+
+    def state(self) -> dict:
+        return {"loss_window_sum": float(D.all_reduce_sum(self.local)), "loss_window_count": self.count}
+
+
+def progress_bar(desc: str, total: int, initial: int = 0) -> tqdm:
+    """Rank 0's bar over optimizer steps (the other ranks get a disabled one)."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not D.is_main(),
+        desc=desc,
+        dynamic_ncols=True,
+        file=sys.stdout,
+        # A log file (no terminal) gets a line every 10 s instead of a redraw per step.
+        mininterval=0.5 if sys.stdout.isatty() else 10.0,
+    )
+
+
+def write_run_config(out_dir: Path, cfg) -> None:
+    """Create the run folder and write the run's whole config (any config with ``to_dict``) to
+    ``config.json`` in it. Rank 0 only."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    """Write the run's ``train_summary.json`` (loss history, validations, the self-slimming rows). Rank 0 only."""
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
