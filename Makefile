@@ -1,5 +1,10 @@
 # make train: set up .venv and run the default main job (2 CPU ranks, or every local GPU).
-# make test:  set up .venv if needed and run the linter and the tests.
+# make test:  set up .venv if needed and run the linter and every test (what CI runs).
+# make test-fast: the same without the tests marked slow (the longest multi-rank runs).
+# Tests run in PYTEST_WORKERS pytest-xdist workers: most of a multi-rank test's time is start-up
+# and waiting (launchers, rendezvous, heartbeats), so two workers fill two cores better than one.
+# --dist loadfile keeps each test file on one worker, so its module fixtures (trained runs) run once.
+PYTEST_WORKERS ?= 2
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= ds_configs/cpu_tiny.json
@@ -7,7 +12,7 @@ CONFIG ?= ds_configs/cpu_tiny.json
 # where a CPU one is wanted. On a GPU machine PyPI's torch==2.13.0 is the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: train test lint clean
+.PHONY: train test test-fast lint clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,7 +30,10 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check smoe_ds tests
 
 test: $(VENV)/.installed lint
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+
+test-fast: $(VENV)/.installed lint
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" --durations=15
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,7 +3,7 @@
 The command loads a checkpoint written by ``smoe_ds.train`` and runs the sweep the trainer
 ends with (``smoe_ds.results``), under the same launcher:
 
-    deepspeed --num_gpus 2 -m smoe_ds.evaluate --config ds_configs/cpu_tiny.json \
+    deepspeed --num_gpus 2 --module smoe_ds.evaluate --config ds_configs/cpu_tiny.json \
         --checkpoint runs/cpu_tiny/checkpoints [--ks 1,2,4,8]
 
 It prints a table and writes ``self_slimming.json`` and ``self_slimming.png`` to run.out_dir.

@@ -1,12 +1,12 @@
 """Fine-tune a pretrained Hugging Face model with SMoE-Dropout under DeepSpeed expert parallelism.
 
-    deepspeed --num_gpus 2 -m smoe_ds.finetune --config ds_configs/finetune_minilm_sst2.json \\
+    deepspeed --num_gpus 2 --module smoe_ds.finetune --config ds_configs/finetune_minilm_sst2.json \\
         --set hf.model=DIR --set data.train=train.tsv --set data.validation=dev.tsv
     # the dense baseline with the same budget:
     ... --set moe.mode=dense --set run.out_dir=runs/sst2-dense
 
 The model's FFNs are split into moe.num_experts experts behind frozen random routers
-(``smoe_ds.hf.convert``; hf.weighting ``rescale`` starts from exactly the pretrained function),
+(``smoe_ds.hf.surgery``; hf.weighting ``rescale`` starts from exactly the pretrained function),
 each rank keeping its N / ep_size experts; k follows moe.k_schedule. At the end every rank
 evaluates at each k in run.eval_ks (accuracy for classification, loss and perplexity for
 causal LM), rank 0 prints the self-slimming table and writes ``self_slimming.json`` and
@@ -28,9 +28,9 @@ from smoe_ds import faults, preflight, watchdog
 from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
-from smoe_ds.hf.convert import dense_config
 from smoe_ds.hf.finetune_config import FinetuneConfig
-from smoe_ds.hf.finetune_tasks import TASK_CLASSES, Task
+from smoe_ds.hf.surgery import dense_config
+from smoe_ds.hf.tasks import TASK_CLASSES, Task
 from smoe_ds.loop import LossWindow, optimizer_step, progress_bar, write_run_config, write_summary
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.parallel import ep_rank_of
@@ -52,9 +52,9 @@ def quiet_libraries(rank: int) -> None:
         hf_logging.set_verbosity_error()
 
 
-def load_model(cfg: FinetuneConfig, task, ep_rank: int):
+def load_pretrained_for_task(cfg: FinetuneConfig, task, ep_rank: int):
     """The pretrained model with the task's head, converted (this rank's experts) unless moe.mode is dense."""
-    from smoe_ds.hf.convert import convert_model
+    from smoe_ds.hf.surgery import convert_model
 
     torch.manual_seed(cfg.run.seed)  # a new head (e.g. the classifier) starts the same on every rank
     model = task.model_class().from_pretrained(cfg.hf.model, **task.model_kwargs())
@@ -178,7 +178,7 @@ def write_report(cfg: FinetuneConfig, task: Task, summary: dict, out_dir: Path, 
 def finetune(cfg: FinetuneConfig) -> dict:
     rank, world, task = check_inputs(cfg)
     watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
-    model = load_model(cfg, task, ep_rank=ep_rank_of(rank, cfg.moe.ep_size))
+    model = load_pretrained_for_task(cfg, task, ep_rank=ep_rank_of(rank, cfg.moe.ep_size))
     engine = initialize_engine(model, cfg)
     out_dir = Path(cfg.run.out_dir)
     if D.is_main():

@@ -23,7 +23,7 @@ def _load_dense(src: str):
     """SRC's model in the class its config names (e.g. GPT2LMHeadModel), so heads are kept."""
     import transformers
 
-    from smoe_ds.hf.convert import dense_config
+    from smoe_ds.hf.surgery import dense_config
 
     config = dense_config(src)
     archs = [a for a in config.architectures or [] if hasattr(transformers, a)]
@@ -49,8 +49,8 @@ def _params(model) -> str:
 
 
 def convert_cmd(src: str, out: Path, experts: int, weighting: str, router_seed: int) -> None:
-    from smoe_ds.hf.convert import convert_model
     from smoe_ds.hf.export import save_smoe
+    from smoe_ds.hf.surgery import convert_model
 
     model = _load_dense(src)
     dense_params = sum(p.numel() for p in model.parameters())

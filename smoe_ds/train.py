@@ -1,7 +1,7 @@
 """Train an SMoE-Dropout language model with DeepSpeed expert parallelism and ZeRO.
 
     # 2 CPU ranks (or every local GPU), the embedded default corpus:
-    deepspeed --num_gpus 2 -m smoe_ds.train --config ds_configs/cpu_tiny.json
+    deepspeed --num_gpus 2 --module smoe_ds.train --config ds_configs/cpu_tiny.json
     torchrun --nproc_per_node 2 -m smoe_ds.train --config ds_configs/cpu_tiny.json
     mpirun -np 2 python -m smoe_ds.train --config ds_configs/cpu_tiny.json
     # any key can be overridden:

@@ -60,6 +60,7 @@ def test_ep2_model_matches_single_process_with_all_experts(ep_result, k):
     assert row["loss"] <= TOL and row["grad"] <= TOL, row
 
 
+@pytest.mark.slow
 def test_expert_gradients_are_averaged_over_the_expert_data_parallel_group(tmp_path):
     """4 ranks, ep_size 2, ZeRO-2, a different batch on each rank for 3 steps: the two copies of
     each expert (ranks r and r + 2) stay bit-identical, as do the non-expert weights everywhere,

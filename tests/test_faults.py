@@ -73,6 +73,7 @@ class Nodes:
         return [p.returncode for p in self.procs]
 
 
+@pytest.mark.slow
 def test_two_nodes_train_save_and_resume_with_an_expert_group_spanning_both(tmp_path):
     out = tmp_path / "run"
     first = Nodes(train_args(out, "run.max_steps=6", "run.save_interval=3"))
@@ -94,8 +95,12 @@ def test_two_nodes_train_save_and_resume_with_an_expert_group_spanning_both(tmp_
 
 @pytest.mark.parametrize(
     "fault, dead",
-    [("kill:1:train:4", 1), ("kill:1:eval", 1), ("kill:1:save:3", 1), ("kill:0:train:4", 0)],
-    ids=["train", "eval", "save", "rank0"],
+    [
+        pytest.param("kill:1:train:4", 1, id="train"),
+        pytest.param("kill:1:eval", 1, id="eval", marks=pytest.mark.slow),
+        pytest.param("kill:1:save:3", 1, id="save", marks=pytest.mark.slow),
+        pytest.param("kill:0:train:4", 0, id="rank0"),
+    ],
 )
 def test_a_killed_rank_ends_every_rank_within_the_bound_naming_it(tmp_path, fault, dead):
     out = tmp_path / "run"
@@ -115,6 +120,7 @@ def test_a_killed_rank_ends_every_rank_within_the_bound_naming_it(tmp_path, faul
         assert not (out / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.slow
 def test_a_hung_rank_is_found_by_the_heartbeat_within_the_timeout(tmp_path):
     # SIGSTOP keeps the rank's sockets open, so no collective fails: only the heartbeat can tell.
     nodes = Nodes(train_args(tmp_path / "run", "run.max_steps=8"), env={"SMOE_DS_INJECT_FAULT": "hang:1:train:4"})

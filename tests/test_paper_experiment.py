@@ -5,6 +5,8 @@ launcher, and every table, plot, config and number comes out (the claims themsel
 import json
 import math
 
+import pytest
+
 from .corpora import write_stdlib_text
 from .launch import run_ranks
 
@@ -20,6 +22,7 @@ METHODS = (
 )
 
 
+@pytest.mark.slow
 def test_tiny_scale_writes_every_file_with_finite_numbers_and_resumes_by_skipping(tmp_path):
     data = write_stdlib_text(tmp_path / "text.txt", 300_000)
     out = tmp_path / "out"

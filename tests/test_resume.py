@@ -141,7 +141,12 @@ def test_a_save_that_replaces_the_same_step_keeps_a_complete_checkpoint(tmp_path
 
 
 @pytest.mark.parametrize(
-    "launcher, world, ep, micro", [("python", 1, 1, 16), ("deepspeed", 4, 2, 4), ("deepspeed", 4, 4, 4)]
+    "launcher, world, ep, micro",
+    [
+        ("python", 1, 1, 16),
+        ("deepspeed", 4, 2, 4),
+        pytest.param("deepspeed", 4, 4, 4, marks=pytest.mark.slow),
+    ],
 )
 def test_resume_at_another_world_size_reshards_weights_and_optimizer_exactly(
     uninterrupted_40, tmp_path, launcher, world, ep, micro
@@ -161,7 +166,7 @@ def test_resume_at_another_world_size_reshards_weights_and_optimizer_exactly(
     assert worst <= 1e-5, worst
 
 
-@pytest.mark.parametrize("zero, world, ep", [(2, 4, 2), (1, 4, 4), (1, 1, 1)])
+@pytest.mark.parametrize("zero, world, ep", [(2, 4, 2), pytest.param(1, 4, 4, marks=pytest.mark.slow), (1, 1, 1)])
 def test_resharded_weights_and_optimizer_state_are_bit_identical(tmp_path, zero, world, ep):
     """Save on 2 ranks with ep_size 2, resume at another layout, save again untrained: the
     weights (every expert by global id) and the fp32 masters and Adam moments are the same bits."""
@@ -192,6 +197,7 @@ def test_resharded_weights_and_optimizer_state_are_bit_identical(tmp_path, zero,
         assert all(torch.equal(za[field][key], zb[field][key]) for key in za[field]), field
 
 
+@pytest.mark.slow
 def test_zero0_resume_at_another_world_size_reshards_exactly_and_a_stage_change_is_announced(tmp_path):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     zero0 = "zero_optimization.stage=0"

@@ -1,16 +1,18 @@
 """SMoE-Dropout on pretrained dense Hugging Face transformers (BERT/RoBERTa, GPT-2, LLaMA/Mistral).
 
-- ``convert``: split each FFN into N experts behind a frozen random router, in place.
+- ``surgery``: split each FFN into N experts behind a frozen random router, in place.
 - ``ffn``: the converted FFN module (shared experts and layer from ``smoe_ds.moe``).
 - ``families``: where each architecture keeps its FFN and in which layout.
 - ``export``: save/load the SMoE model; densify a ``rescale`` model back into the original architecture.
 - ``auto``: the saved SMoE directory's config and its loader for transformers' Auto classes.
+- ``gather``: the whole model on rank 0 from an expert-parallel engine (the fine-tuner's export).
+- ``tasks``: the fine-tuning tasks (head, batches, metric); ``labelled_data``: their labelled files.
 
 The CLI is ``python -m smoe_ds.hf_convert``.
 """
 
-from smoe_ds.hf.convert import SMoESpec, convert_model
 from smoe_ds.hf.export import export_dense, load_smoe, save_smoe
+from smoe_ds.hf.surgery import SMoESpec, convert_model
 from smoe_ds.moe.layer import set_active_experts
 
 __all__ = ["SMoESpec", "convert_model", "export_dense", "load_smoe", "save_smoe", "set_active_experts"]

@@ -17,8 +17,8 @@ from transformers.utils import SAFE_WEIGHTS_NAME
 
 from smoe_ds.config import ConfigError
 from smoe_ds.hf.auto import SMoEDropoutLoader, SMoEHFConfig
-from smoe_ds.hf.convert import converted_ffns, spec_of
 from smoe_ds.hf.families import family_for
+from smoe_ds.hf.surgery import converted_ffns, spec_of
 
 
 def dense_state_dict(model: PreTrainedModel) -> dict:

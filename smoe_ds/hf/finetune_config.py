@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from smoe_ds.config import ConfigError, DataConfig, TrainConfig, _require
-from smoe_ds.hf.convert import HF_WEIGHTINGS
+from smoe_ds.hf.surgery import HF_WEIGHTINGS
 
 TASKS = ("classification", "causal_lm")
 # THOR and the learned router are trained from scratch in the paper; here they have no pretrained counterpart.

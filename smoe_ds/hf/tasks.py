@@ -1,180 +1,171 @@
-"""Labelled data for sequence classification, through the ``datasets`` library.
+"""What differs between the fine-tuning tasks: the model head, the batches, and the metric.
 
-Sources: a local ``.csv``, ``.tsv``, ``.json``/``.jsonl`` or ``.parquet`` file (train, and
-optionally a validation file), or a hub dataset (e.g. ``glue`` with config ``sst2``) or a local
-folder laid out like one. Labels
-may be integers or strings; they are mapped to ids 0..C-1 (a ClassLabel column keeps its own
-names), and the validation labels must be among the training ones.
+- ``ClassificationTask``: a sequence-classification head on the pretrained model; labelled
+  examples (``smoe_ds.hf.labelled_data``); accuracy and cross-entropy over the whole validation set.
+- ``CausalLMTask``: continued next-token training of a decoder; the text is tokenised by the
+  model's tokenizer and packed into blocks of ``hf.max_length`` + 1 tokens by the trainer's own
+  data code; validation loss and perplexity.
 
-Every rank reads the same (small) tables; ``smoe_ds.data.train_order`` gives each its disjoint
-share of every step, and ``eval_shards`` pads the validation set so that every rank runs the
-same number of batches (the MoE layers exchange tokens in each forward) while each example
-counts once.
+Both hand out micro-batches as keyword dicts for the model (labels included, so the model
+returns its loss), in the trainer's global order (``smoe_ds.data.train_order``): disjoint per
+rank, a pure function of (seed, step).
 """
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
-from pathlib import Path
+import math
+import time
+from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
+from smoe_ds import distributed as D
+from smoe_ds import faults, preflight
 from smoe_ds.config import ConfigError
-from smoe_ds.data import load_hub_dataset, load_local_files, looks_like_local_path
-from smoe_ds.hf.finetune_config import TaskDataConfig
-
-# suffix -> (datasets builder, its options). TSV phrases may hold quote characters: no quoting.
-TABLE_FORMATS = {
-    ".csv": ("csv", {}),
-    ".tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE}),
-    ".json": ("json", {}),
-    ".jsonl": ("json", {}),
-    ".parquet": ("parquet", {}),
-}
+from smoe_ds.data import eval_batches, load_corpus, train_order
+from smoe_ds.hf.finetune_config import FinetuneConfig
+from smoe_ds.hf.labelled_data import collate, eval_shards, load_labelled, tokenize
+from smoe_ds.moe.layer import set_active_experts
 
 
-@dataclass
-class LabelledSplits:
-    train: "datasets.Dataset"  # noqa: F821  columns: text (, text_pair), labels (int ids)
-    validation: "datasets.Dataset"  # noqa: F821
-    label_names: list[str]
-    description: str
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"hf.model {path}: cannot load its tokenizer ({str(e).splitlines()[0]})") from e
+    if tokenizer.pad_token is None:  # GPT-2 and LLaMA tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def _read_table(path_text: str, key: str):
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"data.{key} not found: {path_text}")
-    fmt = TABLE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ConfigError(
-            f"data.{key} {path_text}: unknown table format {path.suffix!r}; use one of {', '.join(TABLE_FORMATS)}"
-        )
-    builder, options = fmt
-    return load_local_files(builder, [str(path)], split="train", **options)
+class Task:
+    """What both tasks share: the config, the tokenizer, and the trainer's global order over ``self.train``."""
+
+    def __init__(self, cfg: FinetuneConfig, world_size: int, micro_batch: int) -> None:
+        self.cfg, self.world_size, self.micro_batch = cfg, world_size, micro_batch
+        self.tokenizer = load_tokenizer(cfg.hf.model)
+
+    def train_order(self, rank: int, grad_accum: int, start_step: int) -> Iterator[torch.Tensor]:
+        """This rank's micro-batches of training item indices [B] (``smoe_ds.data.train_order``)."""
+        seed = self.cfg.data.seed
+        return train_order(len(self.train), self.micro_batch, rank, self.world_size, seed, grad_accum, start_step)
 
 
-def _read_hub(d: TaskDataConfig):
-    ds = load_hub_dataset(d.train, d.hub_config, "data.train")
-    # GLUE-style test splits have no labels (-1), so only a validation split is taken as one.
-    val_name = next((s for s in ("validation", "validation_matched", "valid", "dev") if s in ds), None)
-    return ds["train"], (ds[val_name] if val_name else None)
+class ClassificationTask(Task):
+    metric, metric_label = "accuracy", "validation accuracy"
 
+    def __init__(self, cfg: FinetuneConfig, world_size: int, micro_batch: int) -> None:
+        super().__init__(cfg, world_size, micro_batch)
 
-def _check_columns(ds, d: TaskDataConfig, where: str) -> None:
-    wanted = {"text_column": d.text_column, "label_column": d.label_column}
-    if d.text_pair_column:
-        wanted["text_pair_column"] = d.text_pair_column
-    for key, column in wanted.items():
-        if column not in ds.column_names:
-            raise ConfigError(
-                f"{where} has no column {column!r} (its columns: {', '.join(ds.column_names)}); set data.{key}"
+        def load():
+            splits = load_labelled(cfg.data)
+            return (
+                splits,
+                tokenize(splits.train, self.tokenizer, cfg.hf.max_length),
+                tokenize(splits.validation, self.tokenizer, cfg.hf.max_length),
             )
 
+        splits, self.train, self.validation = preflight.on_every_rank(load)
+        self.label_names = splits.label_names
+        self.description = splits.description
 
-def _label_names(train, d: TaskDataConfig) -> list:
-    """The label values, in id order: a ClassLabel's names, else the sorted distinct training values."""
-    import datasets
+    def model_class(self):
+        from transformers import AutoModelForSequenceClassification
 
-    feature = train.features[d.label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    values = set(train.unique(d.label_column))
-    values.discard(None)
-    if len(values) < 2:
-        raise ConfigError(
-            f"column {d.label_column!r} of data.train has {len(values)} distinct label(s); need 2 or more"
+        return AutoModelForSequenceClassification
+
+    def model_kwargs(self) -> dict:
+        names = self.label_names
+        return {
+            "num_labels": len(names),
+            "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)},
+        }
+
+    def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
+        for idx in self.train_order(rank, grad_accum, start_step):
+            yield collate(self.train, idx, self.tokenizer)
+
+    @torch.no_grad()
+    def evaluate(self, engine, k: int, rank: int) -> dict:
+        """{"k", "accuracy", "loss", "examples_per_s"} over the whole validation set, at k experts."""
+        engine.eval()
+        set_active_experts(engine.module, k)
+        device = engine.device
+        start = time.perf_counter()
+        total = torch.zeros(3, dtype=torch.float64)  # correct, loss sum, examples
+        for idx, counts in eval_shards(len(self.validation), self.micro_batch, rank, self.world_size):
+            faults.maybe_die("eval", rank)
+            batch = {key: t.to(device) for key, t in collate(self.validation, idx, self.tokenizer).items()}
+            labels = batch.pop("labels")
+            logits = engine(**batch).logits.float()
+            right = (logits.argmax(-1) == labels).double().cpu()
+            loss = F.cross_entropy(logits, labels, reduction="none").double().cpu()
+            total += torch.stack([(right * counts).sum(), (loss * counts).sum(), counts.sum().double()])
+        total = D.all_reduce_sum(total)
+        engine.train()
+        n = float(total[2])
+        return {
+            "k": k,
+            "accuracy": float(total[0]) / n,
+            "loss": float(total[1]) / n,
+            "examples_per_s": n / (time.perf_counter() - start),
+        }
+
+
+class CausalLMTask(Task):
+    metric, metric_label = "loss", "validation loss (nats/token)"
+
+    def __init__(self, cfg: FinetuneConfig, world_size: int, micro_batch: int) -> None:
+        super().__init__(cfg, world_size, micro_batch)
+        corpus = preflight.on_every_rank(lambda: load_corpus(cfg.corpus_config(), cfg.hf.max_length))
+        self.train, self.validation = corpus.train_blocks, corpus.val_blocks
+        self.description = corpus.description
+        self.label_names = None
+        eval_batches(
+            self.validation, micro_batch, 0, world_size, 1
+        )  # refuses a split too short now, not after training
+
+    def model_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def model_kwargs(self) -> dict:
+        return {}
+
+    def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
+        for idx in self.train_order(rank, grad_accum, start_step):
+            block = self.train[idx]  # [B, T + 1]: the model shifts the labels itself
+            yield {"input_ids": block, "labels": block}
+
+    @torch.no_grad()
+    def evaluate(self, engine, k: int, rank: int) -> dict:
+        """{"k", "loss", "perplexity", "tokens_per_s"} over run.final_eval_batches per rank, at k experts."""
+        engine.eval()
+        set_active_experts(engine.module, k)
+        batches = eval_batches(
+            self.validation, self.micro_batch, rank, self.world_size, self.cfg.run.final_eval_batches
         )
-    return sorted(values)
+        start = time.perf_counter()
+        total = torch.zeros(2, dtype=torch.float64)
+        for x, y in batches:
+            faults.maybe_die("eval", rank)
+            block = torch.cat([x, y[:, -1:]], dim=1).to(engine.device)
+            total += torch.tensor([engine(input_ids=block, labels=block).loss.item(), 1.0], dtype=torch.float64)
+        total = D.all_reduce_sum(total)
+        engine.train()
+        loss = float(total[0] / total[1])
+        tokens = self.world_size * sum(x.numel() for x, _ in batches)
+        return {
+            "k": k,
+            "loss": loss,
+            "perplexity": math.exp(loss),
+            "tokens_per_s": tokens / (time.perf_counter() - start),
+        }
 
 
-def _standardise(ds, d: TaskDataConfig, label_ids: dict | None, where: str):
-    """Columns text (, text_pair) and labels (ids); rows with no text or label dropped."""
-    keep = [d.text_column, d.label_column] + ([d.text_pair_column] if d.text_pair_column else [])
-    ds = ds.select_columns(keep)
-    ds = ds.filter(lambda row: isinstance(row[d.text_column], str) and row[d.label_column] is not None)
-    if label_ids is not None:
-        unknown = sorted({str(v) for v in ds.unique(d.label_column)} - {str(v) for v in label_ids})
-        if unknown:
-            raise ConfigError(f"{where} has labels that data.train does not: {', '.join(unknown[:5])}")
-        ds = ds.map(lambda row: {"labels": label_ids[row[d.label_column]]}, remove_columns=[d.label_column])
-    else:  # a ClassLabel column holds ids already; GLUE marks unlabelled rows with -1
-        ds = ds.filter(lambda row: row[d.label_column] >= 0).rename_column(d.label_column, "labels")
-    ds = ds.rename_column(d.text_column, "text")
-    if d.text_pair_column:
-        ds = ds.rename_column(d.text_pair_column, "text_pair")
-    if len(ds) == 0:
-        raise ConfigError(f"{where} has no rows with both a text and a label")
-    return ds
-
-
-def load_labelled(d: TaskDataConfig) -> LabelledSplits:
-    """The configured training and validation examples, labels as ids."""
-    import datasets
-
-    path = Path(d.train).expanduser()
-    if path.is_file() or (looks_like_local_path(d.train) and not path.is_dir()):
-        train, where = _read_table(d.train, "train"), d.train
-        val = _read_table(d.validation, "validation") if d.validation else None
-    else:  # a hub name, or a local folder laid out like a hub dataset (train-*.parquet, validation-*.parquet, ...)
-        if d.validation:
-            raise ConfigError("data.validation must be a local file; a hub dataset brings its own validation split")
-        (train, val), where = _read_hub(d), f"hub dataset {d.train}" + (f" ({d.hub_config})" if d.hub_config else "")
-    _check_columns(train, d, f"data.train {d.train}")
-    if val is not None:
-        _check_columns(val, d, f"the validation split of {where}")
-    names = _label_names(train, d)
-    label_ids = (
-        None if isinstance(train.features[d.label_column], datasets.ClassLabel) else {v: i for i, v in enumerate(names)}
-    )
-    train = _standardise(train, d, label_ids, f"data.train {d.train}")
-    if val is None:
-        if len(train) < 2:
-            raise ConfigError(f"data.train {d.train} needs at least 2 rows to hold out a validation set")
-        parts = train.train_test_split(test_size=d.val_fraction, seed=d.seed)
-        train, val = parts["train"], parts["test"]
-    else:
-        val = _standardise(val, d, label_ids, f"the validation split of {where}")
-    if d.max_train_examples is not None and d.max_train_examples < len(train):
-        train = train.shuffle(seed=d.seed).select(range(d.max_train_examples))
-    if d.max_eval_examples is not None and d.max_eval_examples < len(val):
-        val = val.select(range(d.max_eval_examples))
-    description = f"{where}: {len(train)} train / {len(val)} validation examples, {len(names)} classes"
-    return LabelledSplits(train, val, [str(n) for n in names], description)
-
-
-def tokenize(ds, tokenizer, max_length: int):
-    """Add the model inputs (input_ids, attention_mask, ...) of each row, truncated to ``max_length``."""
-    pair = "text_pair" in ds.column_names
-
-    def encode(rows):
-        return tokenizer(rows["text"], rows["text_pair"] if pair else None, truncation=True, max_length=max_length)
-
-    return ds.map(encode, batched=True, remove_columns=[c for c in ("text", "text_pair") if c in ds.column_names])
-
-
-def collate(ds, indices: torch.Tensor, tokenizer) -> dict[str, torch.Tensor]:
-    """The rows ``indices`` [B] of a tokenised dataset as one padded batch: input_ids [B, L], labels [B], ..."""
-    rows = ds[indices.tolist()]
-    features = [{key: rows[key][i] for key in rows} for i in range(len(indices))]
-    return dict(tokenizer.pad(features, return_tensors="pt"))
-
-
-def eval_shards(
-    n_examples: int, micro_batch: int, rank: int, world_size: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's validation batches as (indices [B], counts [B]) pairs, the same number on every rank.
-
-    Rank r takes examples r, r + W, r + 2W, ...; the shorter shards are topped up by repeating
-    their first example with count 0, so the padding runs through the model but is never scored.
-    """
-    per_rank = -(-n_examples // world_size)
-    n_batches = -(-per_rank // micro_batch)
-    mine = torch.arange(rank, n_examples, world_size)
-    counts = torch.ones(n_batches * micro_batch)
-    counts[len(mine) :] = 0
-    # fewer examples than ranks: this rank has none of its own, and runs example 0 unscored
-    filler = mine[:1] if len(mine) else torch.zeros(1, dtype=torch.long)
-    padded = torch.cat([mine, filler.repeat(n_batches * micro_batch - len(mine))])
-    return list(zip(padded.split(micro_batch), counts.split(micro_batch)))
+TASK_CLASSES = {"classification": ClassificationTask, "causal_lm": CausalLMTask}

@@ -9,7 +9,7 @@ import pytest
 
 from smoe_ds.config import ConfigError, load_config
 from smoe_ds.hf.finetune_config import FinetuneConfig, TaskDataConfig
-from smoe_ds.hf.tasks import eval_shards, load_labelled
+from smoe_ds.hf.labelled_data import eval_shards, load_labelled
 
 from ..launch import REPO, run_ranks
 
