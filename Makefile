@@ -19,7 +19,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m smoe_ds.deepspeed_ops
+	# With the venv's bin first on PATH, as train and test run: torch's JIT builder runs whichever
+	# ninja PATH finds, and ninja versions log commands differently, so building with one and
+	# loading with another rebuilds the ops (about a minute) on the first run.
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m smoe_ds.deepspeed_ops
 	touch $@
 
 train: $(VENV)/.installed
