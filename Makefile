@@ -14,14 +14,14 @@ TORCH ?= torch==2.13.0
 
 .PHONY: train test test-fast lint clean
 
+# The ops are built with the venv's bin first on PATH, as train and test run: torch's JIT builder
+# runs whichever ninja PATH finds, and ninja versions log commands differently, so building with
+# one and loading with another rebuilds the ops (about a minute) on the first run.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
-	# With the venv's bin first on PATH, as train and test run: torch's JIT builder runs whichever
-	# ninja PATH finds, and ninja versions log commands differently, so building with one and
-	# loading with another rebuilds the ops (about a minute) on the first run.
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m smoe_ds.deepspeed_ops
 	touch $@
 

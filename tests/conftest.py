@@ -15,3 +15,22 @@ def deepspeed_ops_built():
     from smoe_ds.deepspeed_ops import prebuild
 
     prebuild()
+
+
+# The files whose runs take longest, longest first. pytest-xdist (make test: --dist loadfile) hands
+# files to workers in collection order, so these start first and the short files fill the gaps,
+# instead of a long file starting last and running alone at the end.
+LONGEST_FILES = (
+    "test_reshard.py",
+    "test_paper_experiment.py",
+    "test_resume.py",
+    "test_faults.py",
+    "test_checkpoint_export.py",
+    "test_train_e2e.py",
+    "hf/test_finetune.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    order = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: order.get(item.nodeid.split("::")[0].removeprefix("tests/"), len(order)))
