@@ -79,6 +79,9 @@ class MoEConfig:
     d_expert: int = 64  # hidden width of one expert; the dense baseline uses d_ff = N * d_expert
     ep_size: int = 1  # expert-parallel ranks per group; N and the world size must divide by it
     router_seed: int = 1234  # the frozen router of layer L is drawn from (router_seed, L)
+    # Std of the frozen router's weights; null = 1/sqrt(d_model). The paper's code uses 0.02 (its
+    # init for every Linear), which makes the softmax over the selected logits flatter.
+    router_init_std: float | None = None
     capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * k * S / N)
     k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
     k: int = 2  # fixed k of the "learned" baseline and the "random_fixed" ablation
@@ -202,6 +205,10 @@ class TrainConfig:
         _require(moe.mode in MOE_MODES, f"moe.mode must be one of {', '.join(MOE_MODES)}, got {moe.mode!r}")
         _require(moe.num_experts >= 1 and moe.d_expert >= 1, "moe.num_experts and moe.d_expert must be >= 1")
         _require(moe.ep_size >= 1, f"moe.ep_size must be >= 1, got {moe.ep_size}")
+        _require(
+            moe.router_init_std is None or moe.router_init_std > 0,
+            f"moe.router_init_std must be positive or null (1/sqrt(d_model)), got {moe.router_init_std}",
+        )
         _require(
             moe.num_experts % moe.ep_size == 0,
             f"moe.num_experts ({moe.num_experts}) is not divisible by moe.ep_size ({moe.ep_size})",

@@ -7,8 +7,10 @@ progress bar, and the run folder's ``config.json`` and ``train_summary.json``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -85,6 +87,44 @@ class LossWindow:
 
     def state(self) -> dict:
         return {"loss_window_sum": float(D.all_reduce_sum(self.local)), "loss_window_count": self.count}
+
+
+class TrainClock:
+    """Wall time spent on training steps, summed over every sitting of a resumed run.
+
+    Periodic validations and checkpoint saves run inside ``paused()``, so the figure is the
+    cost of training alone and two methods' clocks compare like for like. ``state()`` goes
+    into the checkpoint and ``resumed`` reads it back, so a run interrupted and continued
+    reports the time of all its steps, not only of the last sitting.
+    """
+
+    def __init__(self, carried_s: float = 0.0) -> None:
+        self.carried_s = carried_s
+        self.started = time.perf_counter()
+        self.paused_s = 0.0
+
+    @classmethod
+    def resumed(cls, trainer_state: dict) -> TrainClock:
+        return cls(trainer_state.get("train_wall_s", 0.0))
+
+    def sitting_s(self) -> float:
+        """Training time of this sitting only."""
+        return time.perf_counter() - self.started - self.paused_s
+
+    def elapsed_s(self) -> float:
+        """Training time of the whole run so far."""
+        return self.carried_s + self.sitting_s()
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t0
+
+    def state(self) -> dict:
+        return {"train_wall_s": self.elapsed_s()}
 
 
 def progress_bar(desc: str, total: int, initial: int = 0) -> tqdm:

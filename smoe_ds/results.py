@@ -18,7 +18,7 @@ import torch
 
 from smoe_ds import distributed as D
 from smoe_ds import faults
-from smoe_ds.moe.layer import set_active_experts
+from smoe_ds.moe.layer import moe_layers, set_active_experts, uniform_full_capacity
 
 LN2 = math.log(2.0)  # nats per bit
 
@@ -51,8 +51,12 @@ def self_slimming_sweep(model, batches: list, ks: Iterable[int], bytes_per_token
     """One row per k: {"k", "loss" (nats/token), "bpb" (bits per UTF-8 byte), "tokens_per_s"}.
 
     tokens/s is the evaluation throughput over all ranks at that k: the compute side of the
-    self-slimming trade-off.
+    self-slimming trade-off. The k = N row of a softmax-routed model also has "loss_uniform"
+    and "bpb_uniform": every expert weighted 1/N instead of by the router's softmax, the
+    paper's full-capacity evaluation (``smoe_ds.moe.layer.uniform_full_capacity``).
     """
+    module = getattr(model, "module", model)
+    n = next((layer.num_experts for layer in moe_layers(module)), None)
     tokens = D.world_size() * sum(x.numel() for x, _ in batches)
     rows = []
     for k in ks:
@@ -67,6 +71,11 @@ def self_slimming_sweep(model, batches: list, ks: Iterable[int], bytes_per_token
                 "tokens_per_s": tokens / (time.perf_counter() - start),
             }
         )
+        if k == n:
+            with uniform_full_capacity(module) as changed:
+                if changed:
+                    rows[-1]["loss_uniform"] = validation_loss(model, batches, k)
+                    rows[-1]["bpb_uniform"] = rows[-1]["loss_uniform"] / LN2 / bytes_per_token
     return rows
 
 
@@ -77,7 +86,12 @@ def format_table(rows: list[dict], title: str = "self-slimming evaluation") -> s
         f"{'k':>4}  {'val loss':>9}  {'bits/byte':>9}  {'tokens/s':>9}",
         f"{'-' * 4}  {'-' * 9}  {'-' * 9}  {'-' * 9}",
     ]
-    lines += [f"{r['k']:>4}  {r['loss']:>9.4f}  {r['bpb']:>9.4f}  {r['tokens_per_s']:>9,.0f}" for r in rows]
+    for r in rows:
+        lines.append(f"{r['k']:>4}  {r['loss']:>9.4f}  {r['bpb']:>9.4f}  {r['tokens_per_s']:>9,.0f}")
+        if "loss_uniform" in r:  # the same k = N, every expert weighted 1/N
+            lines.append(f"{'1/N':>4}  {r['loss_uniform']:>9.4f}  {r['bpb_uniform']:>9.4f}  {'':>9}")
+    if any("loss_uniform" in r for r in rows):
+        lines.append("(1/N: k = N with every expert weighted equally, the paper's full-capacity evaluation)")
     return "\n".join(lines)
 
 

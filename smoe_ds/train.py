@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,15 @@ from smoe_ds import distributed as D
 from smoe_ds.cli import run_main
 from smoe_ds.config import TrainConfig, config_cli
 from smoe_ds.data import train_batches
-from smoe_ds.loop import LossWindow, MicroBatchLoss, optimizer_step, progress_bar, write_run_config, write_summary
+from smoe_ds.loop import (
+    LossWindow,
+    MicroBatchLoss,
+    TrainClock,
+    optimizer_step,
+    progress_bar,
+    write_run_config,
+    write_summary,
+)
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.layer import moe_layers, set_active_experts
 from smoe_ds.moe.schedule import active_k
@@ -75,8 +82,9 @@ def micro_batch_loss(rt: Runtime) -> MicroBatchLoss:
     return loss_of
 
 
-def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
-    """Validation loss at the current k and at k = N; logged, shown, and k restored afterwards."""
+def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar, clock: TrainClock) -> dict:
+    """Validation loss at the current k and at k = N; logged, shown, and k restored afterwards.
+    The entry carries the run's training time so far, for time-to-quality comparisons."""
     cfg, engine = rt.cfg, rt.engine
     ks = sorted({k, cfg.moe.num_experts}) if cfg.slimmable else [k]
     losses = {f"k={kk}": validation_loss(engine, val, kk) for kk in ks}
@@ -84,7 +92,7 @@ def periodic_validation(rt: Runtime, val: list, k: int, step: int, bar) -> dict:
     engine.monitor.write_events([(f"Eval/loss_{name}", v, step) for name, v in losses.items()])
     if D.is_main():
         bar.write(f"step {step}: validation loss " + ", ".join(f"{v:.4f} at {name}" for name, v in losses.items()))
-    return {"step": step, **losses}
+    return {"step": step, "train_wall_s": clock.elapsed_s(), **losses}
 
 
 def describe(rt: Runtime) -> str:
@@ -159,7 +167,8 @@ def log_line(rt: Runtime, guard: BadLossGuard, bar, done: int, k: int, loss: flo
 def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tuple[list, list, float]:
     """Steps start_step..run.max_steps with their log lines, validations and saves, then the final save.
 
-    Returns the log history, the validation history and the wall time of the steps (s).
+    Returns the log history, the validation history and the run's training time (s): the
+    steps of every sitting, without validations and saves (``smoe_ds.loop.TrainClock``).
     """
     cfg, engine, run = rt.cfg, rt.engine, rt.cfg.run
     gas = engine.gradient_accumulation_steps()
@@ -171,18 +180,23 @@ def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tu
     val = rt.val_batches(run.eval_batches)
     step_tokens = tokens_per_step(rt)
     bar = progress_bar("train", run.max_steps, initial=start_step)
-    val_history = (
-        [periodic_validation(rt, val, active_k(cfg, start_step), start_step, bar)] if run.eval_interval else []
-    )
-    history, t0 = [], time.perf_counter()
+    clock = TrainClock.resumed(saved)
+    with clock.paused():
+        val_history = (
+            [periodic_validation(rt, val, active_k(cfg, start_step), start_step, bar, clock)]
+            if run.eval_interval
+            else []
+        )
+    history = []
     window = LossWindow.resumed(saved)
     guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
     guard.skipped = skipped_before
     loss_of = micro_batch_loss(rt)
 
     def save(step: int) -> None:
-        state = {"skipped_micro_batches": guard.skipped, **window.state()}  # collective: every rank calls it
-        checkpoint.save(engine, cfg, ckpt_dir, step, run.keep_last, trainer_state=state)
+        with clock.paused():  # collective: every rank calls it
+            state = {"skipped_micro_batches": guard.skipped, **window.state(), **clock.state()}
+            checkpoint.save(engine, cfg, ckpt_dir, step, run.keep_last, trainer_state=state)
 
     def last_checkpoint() -> str | None:  # named when too many micro-batches in a row are bad
         return checkpoint.latest_path(ckpt_dir)
@@ -196,18 +210,17 @@ def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tu
         bar.update(1)
         if done % run.log_interval == 0 or done == run.max_steps:
             loss = window.mean_and_reset()
-            tok_s = (done - start_step) * step_tokens / (time.perf_counter() - t0)
+            tok_s = (done - start_step) * step_tokens / clock.sitting_s()
             history.append(log_line(rt, guard, bar, done, k, loss, tok_s))
         if run.eval_interval and (done % run.eval_interval == 0 or done == run.max_steps):
-            val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar))
+            with clock.paused():
+                val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar, clock))
         if run.save_checkpoint and run.save_interval and done % run.save_interval == 0 and done < run.max_steps:
             save(done)
     bar.close()
-    wall = time.perf_counter() - t0
-
     if run.save_checkpoint and start_step < run.max_steps:
         save(run.max_steps)
-    return history, val_history, wall
+    return history, val_history, clock
 
 
 def final_sweep(rt: Runtime, wall: float) -> list[dict]:
@@ -234,8 +247,8 @@ def closing_line(summary: dict, max_steps: int) -> str:
     history = summary["history"]
     first, last = (history[0]["loss"], history[-1]["loss"]) if history else (math.nan, math.nan)
     return (
-        f"trained steps {summary['resumed_from_step']}..{max_steps} in {summary['train_wall_s']:.1f}s "
-        f"({summary['tokens_per_s']:,.0f} tokens/s); "
+        f"trained steps {summary['resumed_from_step']}..{max_steps} ({summary['tokens_per_s']:,.0f} tokens/s), "
+        f"{summary['train_wall_s']:.1f}s of training in all; "
         f"train loss {first:.3f} -> {last:.3f} ({last / LN2:.3f} bits/token)"
     )
 
@@ -246,11 +259,12 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     open_run_folder(rt, out_dir)
     start_step, saved = resume(rt, ckpt_dir)
-    history, val_history, wall = train_steps(rt, ckpt_dir, start_step, saved)
+    history, val_history, clock = train_steps(rt, ckpt_dir, start_step, saved)
+    wall = clock.elapsed_s()
     rows = final_sweep(rt, wall)
     summary = {
-        "train_wall_s": wall,
-        "tokens_per_s": (cfg.run.max_steps - start_step) * tokens_per_step(rt) / max(wall, 1e-9),
+        "train_wall_s": wall,  # every sitting's steps, without validations and saves
+        "tokens_per_s": (cfg.run.max_steps - start_step) * tokens_per_step(rt) / max(clock.sitting_s(), 1e-9),
         "resumed_from_step": start_step,
         "history": history,
         "val_history": val_history,

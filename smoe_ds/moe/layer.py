@@ -13,6 +13,7 @@ file per global expert and build MoE parameter groups for ZeRO-1/2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Iterator
 
@@ -75,6 +76,7 @@ class SMoEDropoutFFN(nn.Module):
             router_seed=cfg.router_seed,
             layer_index=layer_index,
             capacity_factor=cfg.capacity_factor,
+            init_std=cfg.router_init_std,
             **(dict(weighting="uniform", routing="random") if cfg.mode == "thor" else {}),
         )
         experts = GroupedExperts(cfg.num_experts // cfg.ep_size, d_model, cfg.d_expert, expert_group_name(cfg.ep_size))
@@ -178,3 +180,23 @@ def set_active_experts(model: nn.Module, k: int) -> None:
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}], got {k}")
         layer.deepspeed_moe.gate.k = k
+
+
+@contextlib.contextmanager
+def uniform_full_capacity(model: nn.Module) -> Iterator[bool]:
+    """Inside the block, frozen softmax-weighted routers weight all N experts equally (1/N) at k = N.
+
+    This is how the paper's released code evaluates with every expert (its ``dense_moe_flag``),
+    whereas at k = N in training it uses the softmax over all N logits. Yields whether any layer
+    was changed: False for dense models, THOR (already uniform), pretrained conversions with the
+    "rescale" weighting and DeepSpeed's learned gate, where the question does not arise.
+    """
+    gates = [layer.deepspeed_moe.gate for layer in moe_layers(model)]
+    gates = [g for g in gates if getattr(g, "weighting", None) == "softmax" and g.routing == "frozen"]
+    for g in gates:
+        g.weighting = "uniform"
+    try:
+        yield bool(gates)
+    finally:
+        for g in gates:
+            g.weighting = "softmax"

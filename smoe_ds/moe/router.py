@@ -22,15 +22,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def frozen_router_weight(d_model: int, num_experts: int, router_seed: int, layer_index: int) -> torch.Tensor:
+def frozen_router_weight(
+    d_model: int, num_experts: int, router_seed: int, layer_index: int, init_std: float | None = None
+) -> torch.Tensor:
     """The router weight [N, D] of one layer: a pure function of its arguments.
 
     Drawn on the CPU from its own generator, so it is identical on every rank whatever
-    the world size, the ep_size or the global RNG state. Std 1/sqrt(D) keeps the logits
-    O(1) for unit-scale inputs, like nn.Linear's default init.
+    the world size, the ep_size or the global RNG state. ``init_std`` None means 1/sqrt(D),
+    which keeps the logits O(1) for unit-scale inputs (nn.Linear's default scale); the
+    paper's released code uses 0.02, its init for every Linear. The same draw is scaled,
+    so two stds give routers that pick the same top-k and differ only in how sharp the
+    softmax over the selected logits is.
     """
     gen = torch.Generator().manual_seed(router_seed * 1_000_003 + layer_index)
-    return torch.randn(num_experts, d_model, generator=gen) / math.sqrt(d_model)
+    std = 1.0 / math.sqrt(d_model) if init_std is None else init_std
+    return torch.randn(num_experts, d_model, generator=gen) * std
 
 
 def topk_routes(logits_SN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +98,7 @@ class FrozenRandomGate(nn.Module):
         capacity_factor: float | None = None,
         weighting: str = "softmax",
         routing: str = "frozen",
+        init_std: float | None = None,
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
@@ -101,7 +108,7 @@ class FrozenRandomGate(nn.Module):
         self.weighting, self.routing = weighting, routing
         self.wg = nn.Linear(d_model, num_experts, bias=False)
         with torch.no_grad():
-            self.wg.weight.copy_(frozen_router_weight(d_model, num_experts, router_seed, layer_index))
+            self.wg.weight.copy_(frozen_router_weight(d_model, num_experts, router_seed, layer_index, init_std))
         self.wg.weight.requires_grad_(False)
         self.wg.weight.smoe_frozen_router = True  # lets weight init skip it
         self.num_experts = num_experts
