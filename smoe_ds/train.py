@@ -16,6 +16,7 @@ self-slimming table: validation loss and bits per byte at k = 1, 2, 4, ..., N.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -161,7 +162,18 @@ def log_line(rt: Runtime, guard: BadLossGuard, bar, done: int, k: int, loss: flo
         postfix["dropped"] = f"{drop:.1%}"
     engine.monitor.write_events(events)
     bar.set_postfix(postfix)
-    return {"step": done, "loss": loss, "k": k, "lr": lr, "tokens_per_s": tok_s, "skipped_steps": skipped}
+    # The machine's 1-minute load average: about the number of ranks when the run had the cores
+    # to itself, more when other work shared them (its timings are then not comparable).
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {
+        "step": done,
+        "loss": loss,
+        "k": k,
+        "lr": lr,
+        "tokens_per_s": tok_s,
+        "skipped_steps": skipped,
+        "load_avg_1m": load,
+    }
 
 
 def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tuple[list, list, float]:

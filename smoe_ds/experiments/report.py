@@ -36,6 +36,7 @@ def read_run(run: Path) -> dict:
         if f"k={n}" in h
     ]
     full = next(r for r in rows if int(r["k"]) == n)
+    loads = [h["load_avg_1m"] for h in summary["history"] if h.get("load_avg_1m") is not None]
     return {
         "num_experts": n,
         "bpb": {int(r["k"]): r["bpb"] for r in rows},
@@ -46,6 +47,7 @@ def read_run(run: Path) -> dict:
         "train_wall_s": summary["train_wall_s"],
         "tokens_per_s": summary["tokens_per_s"],
         "history": [{"step": h["step"], "loss": h["loss"], "k": h["k"]} for h in summary["history"]],
+        "load_avg_1m": statistics.fmean(loads) if loads else None,
     }
 
 
@@ -100,6 +102,7 @@ def summarise(results: dict) -> dict:
             ),
             "train_wall_s": mean_std([r["train_wall_s"] for r in runs]),
             "tokens_per_s": mean_std([r["tokens_per_s"] for r in runs]),
+            "load_avg_1m": mean_std([r["load_avg_1m"] for r in runs]),
         }
     return table
 
@@ -169,13 +172,23 @@ def _cell(stat: tuple, fmt: str = ".4f") -> str:
 
 def markdown_table(table: dict) -> str:
     ks = sorted({k for t in table.values() for k in t["bpb"]})
-    head = ["method", "seeds", *(f"k={k}" for k in ks), "k=N, 1/N", "best val", "final val", "train (s)", "tokens/s"]
+    head = [
+        "method",
+        "seeds",
+        *(f"k={k}" for k in ks),
+        "k=N, 1/N",
+        "best val",
+        "final val",
+        "train (s)",
+        "tokens/s",
+        "load",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, t in table.items():
         cells = [method, ",".join(map(str, t["seeds"]))]
         cells += [_cell(t["bpb"][k]) if k in t["bpb"] else "" for k in ks]
         cells += [_cell(t["bpb_uniform"]), _cell(t["best_val_bpb"]), _cell(t["final_val_bpb"])]
-        cells += [_cell(t["train_wall_s"], ".0f"), _cell(t["tokens_per_s"], ",.0f")]
+        cells += [_cell(t["train_wall_s"], ".0f"), _cell(t["tokens_per_s"], ",.0f"), _cell(t["load_avg_1m"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -198,7 +211,11 @@ def write_report(results: dict, out: Path) -> list[Path]:
         "Validation bits per byte (lower is better) of each method at k active experts: mean ± sample "
         "standard deviation over its seeds. `k=N, 1/N` weights every expert equally at full capacity; "
         "`best val` and `final val` are the periodic validations at k = N (best over the run, and at "
-        "the end); `train (s)` is the training time without validations and saves.\n\n" + markdown_table(table) + "\n"
+        "the end); `train (s)` is the training time without validations and saves; `load` is the "
+        "machine's mean 1-minute load average during training (about the number of ranks when the run had "
+        "the cores to itself; more means other work shared them and its times are not comparable).\n\n"
+        + markdown_table(table)
+        + "\n"
     )
     if verdicts:
         text += (
