@@ -102,6 +102,7 @@ class TrainClock:
         self.carried_s = carried_s
         self.started = time.perf_counter()
         self.paused_s = 0.0
+        self.paused_at: float | None = None  # inside paused(): the clock reads as at its start
 
     @classmethod
     def resumed(cls, trainer_state: dict) -> TrainClock:
@@ -109,7 +110,8 @@ class TrainClock:
 
     def sitting_s(self) -> float:
         """Training time of this sitting only."""
-        return time.perf_counter() - self.started - self.paused_s
+        now = time.perf_counter() if self.paused_at is None else self.paused_at
+        return now - self.started - self.paused_s
 
     def elapsed_s(self) -> float:
         """Training time of the whole run so far."""
@@ -117,11 +119,12 @@ class TrainClock:
 
     @contextlib.contextmanager
     def paused(self):
-        t0 = time.perf_counter()
+        self.paused_at = time.perf_counter()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - t0
+            self.paused_s += time.perf_counter() - self.paused_at
+            self.paused_at = None
 
     def state(self) -> dict:
         return {"train_wall_s": self.elapsed_s()}

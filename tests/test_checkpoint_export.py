@@ -260,3 +260,36 @@ def test_single_device_inference_imports_neither_deepspeed_nor_a_process_group(e
     )
     proc = run_ranks("python", 1, ["-c", script])
     assert proc.stdout.strip().endswith("clean")
+
+
+def test_the_router_comes_from_the_checkpoint_whatever_its_init_or_the_config_says(exported, tmp_path):
+    """The runs above drew their routers with the std of 1/sqrt(d_model) (router_init_std null, the
+    only init before the key existed). An export, an export whose config predates the key, one whose
+    config names another std, and a resumed engine built with another std all get those routers."""
+    from smoe_ds.moe.layer import moe_layers
+    from smoe_ds.moe.router import frozen_router_weight
+
+    ckpt = exported[(1, 1, 0)] / "checkpoints"
+    trained = [frozen_router_weight(32, 4, 1234, i) for i in range(2)]  # tiny_config: d_model 32, 4 experts
+    export = tmp_path / "export"
+    convert(ckpt, export)
+    config_path = export / "config.json"
+    cfg = json.loads(config_path.read_text())
+    assert cfg["moe"]["router_init_std"] is None
+
+    def routers():
+        return [layer.deepspeed_moe.gate.wg.weight for layer in moe_layers(load_model(export))]
+
+    assert all(torch.equal(a, b) for a, b in zip(routers(), trained, strict=True))
+    del cfg["moe"]["router_init_std"]  # an export written before the key existed
+    config_path.write_text(json.dumps(cfg))
+    assert all(torch.equal(a, b) for a, b in zip(routers(), trained, strict=True))
+    cfg["moe"]["router_init_std"] = 0.02  # the config disagrees with the weights: the weights win
+    config_path.write_text(json.dumps(cfg))
+    assert all(torch.equal(a, b) for a, b in zip(routers(), trained, strict=True))
+    assert not torch.equal(trained[0], frozen_router_weight(32, 4, 1234, 0, 0.02))
+
+    out = tmp_path / "restored.pt"
+    run_ranks("python", 1, ["tests.workers.router_restore", str(ckpt), str(out), "0.02"], module=True)
+    restored = torch.load(out)
+    assert all(torch.equal(a, b) for a, b in zip(restored, trained, strict=True))

@@ -3,6 +3,7 @@
 Resuming at another world size or ep_size is in test_reshard.py (its own file, so that pytest-xdist
 runs the two groups of long runs on different workers)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from smoe_ds.checkpoint import latest_tag
+from smoe_ds.checkpoint.files import read_meta
 from smoe_ds.distributed import free_port
 
 from .launch import REPO, launcher_command, rank_env, run_ranks
@@ -69,8 +71,11 @@ def logged_past(step):
 def relaunch_and_compare(out_dir, expected_tag, uninterrupted) -> None:
     """Relaunch the killed run (no faults now): it resumes from ``expected_tag`` and logs the
     uninterrupted run's losses at every step, to 1e-6."""
+    carried_s = read_meta(out_dir / "checkpoints" / expected_tag)["trainer_state"]["train_wall_s"]
     proc = run_ranks("deepspeed", 2, args_for(out_dir, *KILL_RUN), module=True)
     assert f"resumed from {out_dir / 'checkpoints' / expected_tag}" in proc.stdout
+    # The training time counts the steps before the kill too, not only this sitting's.
+    assert 0 < carried_s < json.loads((out_dir / "train_summary.json").read_text())["train_wall_s"]
     resumed = losses(out_dir)
     assert sorted(resumed) == sorted(uninterrupted)
     worst = max(abs(resumed[s] - uninterrupted[s]) for s in uninterrupted)

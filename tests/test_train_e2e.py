@@ -134,7 +134,7 @@ def test_baseline_modes_train_under_torchrun(tmp_path, mode, zero):
     # dense runs every unit; learned keeps its fixed k (moe.k = 2); random_fixed trains at k = 2 behind the
     # frozen router and, like SMoE-Dropout, is also validated at k = N; thor trains at k = 1 (random routes)
     keys = {"dense": ["k=4"], "learned": ["k=2"], "random_fixed": ["k=2", "k=4"], "thor": ["k=1", "k=4"]}[mode]
-    assert list(val[0]) == ["step", *keys]
+    assert list(val[0]) == ["step", "train_wall_s", *keys]
     assert val[-1][keys[0]] < val[0][keys[0]] - 0.5
 
 

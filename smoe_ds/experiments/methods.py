@@ -31,7 +31,7 @@ SCALES: dict[str, dict] = {
         "val_fraction": 0.05,
         "precision": None,
     },
-    # The CPU scale where the paper's claims can show: over-parameterised for its data. 2.6M
+    # The CPU scale where the paper's claims can show: over-parameterised for its data. 2.4M
     # parameters on the first 200 KB of a corpus (tinyshakespeare: about 27 passes over its
     # training part in 2400 steps of 2048 tokens), so the dense baseline overfits within the
     # run. Experts 256 wide (8 x 256 = the dense d_ff 2048), where our layer is as fast as a
