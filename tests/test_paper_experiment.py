@@ -94,8 +94,10 @@ def test_tiny_scale_runs_with_seeds_writes_every_file_and_resumes_by_skipping(tm
         for seed, r in runs.items():
             assert sorted(int(k) for k in r["bpb"]) == ([4] if name == "dense" else [1, 2, 4])
             assert all(math.isfinite(v) and 0 < v < 8 for v in r["bpb"].values()), (name, r["bpb"])
-            assert r["train_wall_s"] > 0 and r["tokens_per_s"] > 0 and r["history"] and r["val_curve"]
-            assert r["val_curve"][-1]["train_wall_s"] <= r["train_wall_s"] + 1e-6
+            assert r["train_wall_s"] > 0 and r["tokens_per_s"] > 0 and r["history"]
+            # learned is validated at its fixed k only during training; the others also at k = N
+            assert bool(r["val_curve"]) == (name != "learned"), name
+            assert all(c["train_wall_s"] <= r["train_wall_s"] + 1e-6 for c in r["val_curve"])
             config = json.loads((out / "configs" / f"{name}_seed{seed}.json").read_text())
             assert config["run"]["max_steps"] == 40 and config["model"]["init_seed"] == int(seed)
             # 1/N weighting at k = N where the router's softmax weights the experts
