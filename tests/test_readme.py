@@ -8,7 +8,9 @@ dropped, ``for VAR in ...; do ... done`` expanded, ``VAR=$(...)`` run for real t
 - ``python -m MODULE ...`` and the installed commands (``smoe-train``, ...; setup.cfg's entry points)
   go through the module's parser;
 - a ``--config FILE --set ...`` command also loads and validates its config, as the run would first;
-- ``make`` targets are the CI's own (``make test``) or too long for a test (``make train``, minutes).
+- ``make`` targets are the CI's own (``make test``) or too long for a test (``make train``, minutes);
+- ``bash SCRIPT ...`` (an experiment's recorded run script): the script must exist and pass ``bash -n``,
+  and each command in it that runs smoe-ds is checked as above.
 
 Parsing stops right after ``parse_args``: nothing trains, nothing is written.
 """
@@ -128,10 +130,31 @@ def run_assignment(words: list[str], env: dict[str, str]) -> bool:
     return True
 
 
+def runs_smoe_ds(words: list[str]) -> bool:
+    head = Path(words[0]).name
+    return head == "deepspeed" or head.startswith("python") or head in entry_points()
+
+
+def check_script(words: list[str], env: dict[str, str]) -> None:
+    """``bash SCRIPT ARGS``: the script parses, and its smoe-ds commands parse. Its own variables
+    stay as written (``$data``), which is all an argument parser sees of a path."""
+    script = REPO / words[1]
+    assert script.is_file(), f"{words}: {words[1]} does not exist"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{words[1]} does not parse: {proc.stderr}"
+    inner = [line for line in logical_lines(script.read_text(encoding="utf-8")) if runs_smoe_ds(line)]
+    assert inner, f"{words[1]} runs no smoe-ds command"
+    for line in inner:
+        check_command(line, env)
+
+
 def check_command(words: list[str], env: dict[str, str]) -> None:
     words = [re.sub(r"\$(\w+)", lambda m: env.get(m[1], m[0]), w) for w in words]
     head = Path(words[0]).name
     if head == "make":
+        return
+    if head == "bash":
+        check_script(words, env)
         return
     if head == "deepspeed":
         from deepspeed.launcher.runner import parse_args as launcher_args
@@ -146,6 +169,7 @@ def check_command(words: list[str], env: dict[str, str]) -> None:
         assert words[1] == "-m", words
         module, argv = words[2], words[3:]
     else:
+        assert head in entry_points(), f"{words}: {head} is neither smoe-ds's nor a command this test knows"
         module, argv = entry_points()[head], words[1:]
     check_config(module, parse_module(module, argv))
 
@@ -170,3 +194,5 @@ def test_a_stale_command_is_caught():
         check_command(["deepspeed", "--num_gpus", "2", "-m", "smoe_ds.train", "--config", "x.json"], {})
     with pytest.raises(AssertionError, match="refused its arguments"):
         check_command(["python", "-m", "smoe_ds.convert", "ckpt", "out", "--no-such-flag"], {})
+    with pytest.raises(AssertionError, match="does not exist"):
+        check_command(["bash", "docs/no_such_script.sh"], {})

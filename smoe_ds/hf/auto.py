@@ -169,3 +169,6 @@ def register() -> None:
     for name in AUTO_CLASSES:
         loader = type(f"SMoEDropout{name[4:]}Loader", (SMoEDropoutLoader,), {"auto_class": name})
         getattr(transformers, name).register(SMoEHFConfig, loader, exist_ok=True)
+
+
+register()  # on import: see smoe_ds/__init__.py

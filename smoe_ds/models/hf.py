@@ -119,3 +119,6 @@ def register() -> None:
 
     AutoConfig.register(SMoEConfig.model_type, SMoEConfig, exist_ok=True)
     AutoModelForCausalLM.register(SMoEConfig, SMoEForCausalLM, exist_ok=True)
+
+
+register()  # on import: see smoe_ds/__init__.py
