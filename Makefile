@@ -12,7 +12,7 @@ CONFIG ?= ds_configs/cpu_tiny.json
 # where a CPU one is wanted. On a GPU machine PyPI's torch==2.13.0 is the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: train test test-fast lint clean
+.PHONY: train test test-fast lint clean gpu-wheels gpu-check
 
 # The ops are built with the venv's bin first on PATH, as train and test run: torch's JIT builder
 # runs whichever ninja PATH finds, and ninja versions log commands differently, so building with
@@ -37,6 +37,14 @@ test: $(VENV)/.installed lint
 
 test-fast: $(VENV)/.installed lint
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" --durations=15
+
+# make gpu-wheels (here, with the package registry): .whl/ gets what the offline GPU machine lacks.
+# make gpu-check (there): every GPU path checked and measured in a few minutes; see launch/gpu_check.sh.
+gpu-wheels: $(VENV)/.installed
+	PIP=$(VENV)/bin/pip bash launch/gpu_wheels.sh .whl
+
+gpu-check:
+	bash launch/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs

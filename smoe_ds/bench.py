@@ -156,6 +156,7 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     from smoe_ds.moe.dispatch import bytes_sent
 
     os.environ.update(
+        DS_ACCELERATOR="cpu",  # gloo CPU ranks even on a GPU host, where DeepSpeed would pick NCCL
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),

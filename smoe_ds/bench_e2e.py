@@ -2,10 +2,13 @@
 dense model with equal parameters, same data, steps and optimizer, through the real trainer.
 
     python -m smoe_ds.bench_e2e [--steps 60] [--d-model 256] [--experts 16] [--d-expert 512] [--out DIR]
+        [--config ds_configs/gpu_bf16.json] [--set KEY=VALUE ...]
 
 Each run is ``python -m smoe_ds.train`` in its own process (one rank, all cores); the trainer's
 own wall time for the training steps (start-up and the final evaluation excluded) and its
-tokens/s are compared. Prints a table and writes ``DIR/bench_e2e.json``.
+tokens/s are compared. Prints a table and writes ``DIR/bench_e2e.json``. It runs where the
+trainer does: on a GPU when there is one (e.g. with ``--config ds_configs/gpu_bf16.json``).
+``--set`` passes a trainer override to both runs (after the benchmark's own).
 """
 
 from __future__ import annotations
@@ -41,8 +44,8 @@ def run_mode(mode: str, args, out: Path) -> dict:
         "run.out_dir": str(out / mode),
     }
     cmd = [sys.executable, "-m", "smoe_ds.train", "--config", str(args.config)]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
+    for item in [f"{key}={value}" for key, value in sets.items()] + args.set:
+        cmd += ["--set", item]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((out / mode / "train_summary.json").read_text())
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("runs/bench_e2e"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for both runs")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [run_mode(mode, args, args.out) for mode in ("dense", "smoe_dropout")]

@@ -38,6 +38,11 @@ def init_distributed(master_port: int = 29500, timeout_s: float = 600.0) -> None
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     # MPI discovery ignores MASTER_PORT unless it is passed here explicitly.
     port = int(os.environ.get("MASTER_PORT", master_port))
+    if torch.cuda.is_available():
+        # Bind the rank to its GPU before any collective: NCCL puts a communicator on the current
+        # device, which is cuda:0 for every rank until the engine sets it, and the watchdog's
+        # all_gather_object runs before the engine exists.
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     # On CPU this may compile DeepSpeed's shm op (see smoe_ds.deepspeed_ops): say so if it stalls,
     # and keep the op's allreduce off.
     with lock_watchdog(after_s=min(timeout_s, 120.0)), without_shm_allreduce():
@@ -95,10 +100,16 @@ def local_main_first():
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over all ranks (returns a new tensor; ``t`` is left alone)."""
+    """Sum ``t`` over all ranks (returns a new tensor on ``t``'s device; ``t`` is left alone)."""
     t = t.detach().clone()
-    if dist.is_initialized() and world_size() > 1:
-        dist.all_reduce(t)
+    if not (dist.is_initialized() and world_size() > 1):
+        return t
+    if t.device.type == "cpu" and dist.get_backend() == "nccl":
+        # NCCL reduces GPU tensors only: a CPU tensor (loss windows, NaN flags) goes via this rank's GPU.
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu)
+        return on_gpu.cpu()
+    dist.all_reduce(t)
     return t
 
 

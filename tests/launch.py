@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +20,24 @@ BIN = Path(sys.executable).parent
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 
+def tool(name: str) -> str:
+    """A launcher installed with this interpreter, else the one on PATH: where packages were
+    installed with ``pip --target`` (make gpu-check), their commands are not beside python."""
+    beside = BIN / name
+    return str(beside) if beside.exists() else shutil.which(name) or str(beside)
+
+
 def launcher_command(launcher: str, nprocs: int, target: list[str], port: int, module: bool) -> list[str]:
     """The argv that starts ``target`` (a script path or ``-m module``) on ``nprocs`` local ranks."""
     if launcher == "deepspeed":
-        head = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(port)]
+        head = [tool("deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(port)]
         return head + (["--module"] if module else []) + target
     if launcher == "torchrun":
-        head = [str(BIN / "torchrun"), "--nproc_per_node", str(nprocs), "--master_port", str(port)]
+        head = [tool("torchrun"), "--nproc_per_node", str(nprocs), "--master_port", str(port)]
         return head + (["-m"] if module else []) + target
     if launcher == "mpirun":
         head = [
-            str(BIN / "mpirun"),
+            tool("mpirun"),
             "--allow-run-as-root",
             "--oversubscribe",
             "-np",
@@ -115,7 +123,7 @@ def start_torchrun_node(
     Started in a session of its own; stop it with ``kill_tree``. stdout and stderr go to one pipe.
     """
     cmd = [
-        str(BIN / "torchrun"),
+        tool("torchrun"),
         "--nnodes",
         str(nnodes),
         "--node_rank",

@@ -45,3 +45,20 @@ def test_bench_tiny_shape_writes_table_and_json(tmp_path):
         # 2 experts there, and 32 values back
         assert 0 < r["ours_bytes_per_token"] <= (32 + 2 + 32) * 4
     assert ep["rows"][-1]["stock_bytes_per_token"] > ep["rows"][-1]["ours_bytes_per_token"]
+
+
+def test_bench_e2e_runs_dense_and_smoe_dropout_with_the_overrides_and_writes_json(tmp_path):
+    out = tmp_path / "e2e"
+    tiny = ["--steps", "3", "--d-model", "32", "--layers", "1", "--experts", "4", "--d-expert", "16"]
+    tiny += ["--block-size", "32", "--batch", "2", "--config", "tests/configs/e2e_tiny.json"]
+    proc = run_ranks(
+        "python", 1, ["smoe_ds.bench_e2e", *tiny, "--set", "run.log_interval=1", "--out", str(out)], module=True
+    )
+    assert "SMoE-Dropout wall time / dense" in proc.stdout
+    result = json.loads((out / "bench_e2e.json").read_text())
+    assert [r["mode"] for r in result["runs"]] == ["dense", "smoe_dropout"]
+    for r in result["runs"]:
+        assert r["train_wall_s"] > 0 and r["tokens_per_s"] > 0 and math.isfinite(r["val_loss_at_k_N"])
+        config = json.loads((out / r["mode"] / "config.json").read_text())
+        assert config["run"]["log_interval"] == 1 and config["run"]["max_steps"] == 3
+    assert result["wall_ratio_smoe_over_dense"] > 0

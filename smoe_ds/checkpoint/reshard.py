@@ -127,10 +127,17 @@ def reshard_plain_optimizer(engine, cfg: TrainConfig, saved_cfg: TrainConfig, ta
     ep = cfg.expert_parallel_size
     ids = local_experts(ep_rank_of(D.rank(), ep), ep, cfg.moe.num_experts)
     mine = slice(ids.start, ids.stop)
+    step_on_device = any(g.get("fused") or g.get("capturable") for g in opt.param_groups)
     for i, p in enumerate(params):
         if is_stacked_expert_param(names[id(p)]):  # gather all experts, keep this rank's
             state = {k: torch.cat([s[i][k] for s in saved])[mine] for k in ("exp_avg", "exp_avg_sq")}
         else:
             state = {k: saved[0][i][k] for k in ("exp_avg", "exp_avg_sq")}
-        opt.state[p] = {"step": saved[0][i]["step"].clone(), **{k: v.clone() for k, v in state.items()}}
+        step = saved[0][i]["step"].clone()
+        # Moments live where the parameter does (read from the files onto the CPU); torch's fused
+        # and capturable Adam keep the step count there too.
+        opt.state[p] = {
+            "step": step.to(p.device) if step_on_device else step,
+            **{k: v.to(p.device) for k, v in state.items()},
+        }
     return True

@@ -96,7 +96,8 @@ def prune(save_dir: Path, keep_last: int) -> None:
 def rng_states() -> dict:
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own GPU only: every GPU's state would fail to restore on a machine with fewer.
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -105,4 +106,4 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -52,15 +53,34 @@ DENSE_PATH_MIN_DENSITY_WIDE = 0.95
 _GROUPED_MM_FAILED: set = set()  # (device type, dtype) pairs whose backend refused torch._grouped_mm
 
 
+def grouped_mm_applies(x_RA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: its kernels want every row and start
+    address 16-byte aligned (on the GPU and the CPU alike), so A and B must be multiples of
+    16 bytes' worth of elements. Checked up front rather than caught: an expert's two GEMMs
+    share A and B, so both take the same path, and a first GEMM that ran grouped before a
+    second one fell back would fail in backward."""
+    if not hasattr(torch, "_grouped_mm") or (x_RA.device.type, x_RA.dtype) in _GROUPED_MM_FAILED:
+        return False
+    align = 16 // x_RA.element_size()
+    rows_aligned = all(n % align == 0 for n in (x_RA.shape[1], w_EAB.shape[1], w_EAB.shape[2]))
+    return rows_aligned and x_RA.data_ptr() % 16 == 0 and w_EAB.data_ptr() % 16 == 0
+
+
 def grouped_matmul(x_RA: torch.Tensor, w_EAB: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Rows of ``x_RA``, sorted by expert with ``counts[e]`` rows for expert e, times w_EAB[e] -> [R, B]."""
-    key = (x_RA.device.type, x_RA.dtype)
-    if hasattr(torch, "_grouped_mm") and key not in _GROUPED_MM_FAILED:
+    if grouped_mm_applies(x_RA, w_EAB):
         try:
             offs = torch.tensor(counts, device=x_RA.device).cumsum(0).to(torch.int32)
             return torch._grouped_mm(x_RA, w_EAB, offs=offs)
-        except (RuntimeError, NotImplementedError):  # e.g. fp32 on GPUs whose kernels take bf16 only
-            _GROUPED_MM_FAILED.add(key)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:  # a backend without kernels for this dtype
+            _GROUPED_MM_FAILED.add((x_RA.device.type, x_RA.dtype))
+            warnings.warn(
+                f"torch._grouped_mm refused {x_RA.dtype} on {x_RA.device.type} ({str(e).splitlines()[0]}); "
+                "the experts run one GEMM each there instead",
+                stacklevel=2,
+            )
     parts = [xe @ w_EAB[e] for e, xe in enumerate(x_RA.split(counts))]
     return torch.cat(parts)
 
