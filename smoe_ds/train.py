@@ -101,12 +101,17 @@ def describe(rt: Runtime) -> str:
     n, ep = cfg.moe.num_experts, cfg.moe.ep_size
     params = count_parameters(rt.model, ep if cfg.uses_moe else 1)
     moe_at = cfg.model.moe_layer_indices() if cfg.uses_moe else "none (dense)"
-    stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    zero = cfg.deepspeed.get("zero_optimization", {})
+    # The optimizer DeepSpeed actually built (FusedAdam, torch's AdamW, DeepSpeedCPUAdam, ...), so
+    # a run shows whether e.g. optimizer offload is in effect.
+    optimizer = type(getattr(rt.engine, "basic_optimizer", None)).__name__
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    optimizer += " (optimizer state offloaded to the CPU)" if offloaded else ""
     lines = [
         f"smoe-ds: {cfg.moe.mode}, {cfg.model.n_layers} layers x d_model {cfg.model.d_model}, "
         f"{n} experts x {cfg.moe.d_expert} in layers {moe_at}, {params / 1e6:.2f}M parameters",
         f"  world size {rt.world_size}, ep_size {ep}: rank r holds experts [(r % {ep}) * {n // ep}, +{n // ep}); "
-        f"ZeRO stage {stage}",
+        f"ZeRO stage {zero.get('stage', 0)}, {optimizer}",
         f"  data: {rt.corpus.description}",
     ]
     if cfg.moe.mode == "smoe_dropout":

@@ -10,10 +10,11 @@ stays alive until backward. This function keeps ``pre``, the gates and its own o
 the next GEMM saves anyway). Backward works in row chunks of a few MiB, reusing each chunk's
 buffer, and writes the input gradient in place, so on the CPU its only full-size buffer is
 that gradient. On a GPU the chunk is the whole tensor (one kernel each), so backward holds two
-full-size buffers there, as a dense FFN's backward does. On the CPU every large buffer may be a fresh mmap whose page faults cost more than
-the arithmetic (see ``smoe_ds.moe.experts.CPU_ROUTE_BUFFER_BYTES``): at k = N on the
-benchmark's shape B the dense-masked path went from seven [T, E, H] buffers per step to four,
-as many as the dense FFN's, and from 1.13 to 1.04 x its time (same process, 2 threads).
+full-size buffers there, as a dense FFN's backward does. On the CPU every large buffer may
+be a fresh mmap whose page faults cost more than the arithmetic (see
+``smoe_ds.moe.experts.CPU_ROUTE_BUFFER_BYTES``): at k = N on the benchmark's shape B the
+dense-masked path went from seven [T, E, H] buffers per step to four, as many as the dense
+FFN's, and from 1.13 to 1.04 x its time (same process, 2 threads).
 
 The gates' gradient is sum_h grad_out * gelu(pre). On the CPU, when no gate is so small that
 dividing by it loses precision, gelu(pre) is read back as output / gate rather than
