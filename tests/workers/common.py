@@ -61,6 +61,21 @@ def train_random_steps(engine, steps: int, seed: int) -> None:
         engine.step()
 
 
+def engine_logits_at_ks(engine, num_experts: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The engine's logits on a fixed probe [2, 16] at k = 1, N/2, N, in eval mode -> (probe on
+    the CPU, {k: logits [2, 16, V] fp32 on the CPU}); every rank feeds the same probe."""
+    from smoe_ds.moe.layer import set_active_experts
+
+    engine.eval()
+    probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(99))
+    logits = {}
+    with torch.no_grad():
+        for k in (1, num_experts // 2, num_experts):
+            set_active_experts(engine.module, k)
+            logits[k] = engine(probe.to(engine.device)).logits.float().cpu()
+    return probe, logits
+
+
 def finish(out_path: str, result: dict) -> None:
     """Rank 0 writes the result; every rank leaves the process group cleanly."""
     if D.is_main():

@@ -13,9 +13,8 @@ import torch
 from smoe_ds import checkpoint
 from smoe_ds import distributed as D
 from smoe_ds.models.lm import build_model
-from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.runtime import optimizer_param_groups
-from tests.workers.common import start, tiny_config, train_random_steps, worker_args
+from tests.workers.common import engine_logits_at_ks, start, tiny_config, train_random_steps, worker_args
 
 
 def main(out_dir: str, ep_size: int, zero_stage: int) -> None:
@@ -31,14 +30,7 @@ def main(out_dir: str, ep_size: int, zero_stage: int) -> None:
     )
     train_random_steps(engine, 5, seed=rank)
     checkpoint.save(engine, cfg, f"{out_dir}/checkpoints", 5)
-    engine.eval()
-    probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(99))
-    n = cfg.moe.num_experts
-    logits = {}
-    with torch.no_grad():
-        for k in (1, n // 2, n):
-            set_active_experts(engine.module, k)
-            logits[k] = engine(probe).logits.float()
+    probe, logits = engine_logits_at_ks(engine, cfg.moe.num_experts)
     if rank == 0:
         torch.save({"probe": probe, "logits": logits}, f"{out_dir}/logits.pt")
     D.barrier()

@@ -14,9 +14,8 @@ import torch
 from smoe_ds import checkpoint
 from smoe_ds import distributed as D
 from smoe_ds.models.lm import build_model
-from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.runtime import optimizer_param_groups
-from tests.workers.common import start, tiny_config, worker_args
+from tests.workers.common import engine_logits_at_ks, start, tiny_config, worker_args
 
 STEPS = 20
 
@@ -40,14 +39,7 @@ def main(out_dir: str) -> None:
         engine.step()
         losses.append(float(result.loss))
     checkpoint.save(engine, cfg, f"{out_dir}/checkpoints", STEPS)
-    engine.eval()
-    probe = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(99))
-    n = cfg.moe.num_experts
-    logits = {}
-    with torch.no_grad():
-        for k in (1, n // 2, n):
-            set_active_experts(engine.module, k)
-            logits[k] = engine(probe.to(engine.device)).logits.float().cpu()
+    probe, logits = engine_logits_at_ks(engine, cfg.moe.num_experts)
     torch.save(
         {"losses": losses, "probe": probe, "logits": logits, "device": str(engine.device)}, f"{out_dir}/engine.pt"
     )
