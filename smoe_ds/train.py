@@ -104,7 +104,8 @@ def describe(rt: Runtime) -> str:
     zero = cfg.deepspeed.get("zero_optimization", {})
     # The optimizer DeepSpeed actually built (FusedAdam, torch's AdamW, DeepSpeedCPUAdam, ...), so
     # a run shows whether e.g. optimizer offload is in effect.
-    optimizer = type(getattr(rt.engine, "basic_optimizer", None)).__name__
+    basic = getattr(rt.engine, "basic_optimizer", None)
+    optimizer = type(basic).__name__ if basic is not None else "no optimizer"
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     optimizer += " (optimizer state offloaded to the CPU)" if offloaded else ""
     lines = [
