@@ -176,6 +176,10 @@ class TrainConfig:
         return bool(self.deepspeed.get(kind, {}).get("enabled", False))
 
     @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+    @property
     def slimmable(self) -> bool:
         """Modes whose router needs no training, so one checkpoint can be evaluated at any k."""
         return self.moe.mode in ("smoe_dropout", "random_fixed", "thor")
@@ -266,10 +270,12 @@ class TrainConfig:
         )
         zero = ds.get("zero_optimization", {})
         stage = zero.get("stage", 0)
-        if self.uses_moe and stage == 3:
+        _require(stage in (0, 1, 2, 3), f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        if self.moe.mode == "learned" and stage == 3:
             raise ConfigError(
-                "zero_optimization.stage 3 is not supported with DeepSpeed's native MoE layers; "
-                "use stage 2 (with contiguous_gradients and reduce_scatter true) or stage 1"
+                "zero_optimization.stage 3 does not support moe.mode learned (DeepSpeed's own MoE layer, which "
+                "its engine refuses under ZeRO-3); use stage 2, or a mode with the frozen router "
+                "(smoe_dropout, random_fixed, thor) or dense"
             )
         if self.uses_moe and stage == 2:
             for key in ("contiguous_gradients", "reduce_scatter"):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from smoe_ds import distributed as D
-from smoe_ds import faults, preflight, watchdog
+from smoe_ds import faults, preflight, watchdog, zero3
 from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
@@ -62,7 +62,11 @@ def load_pretrained_for_task(cfg: FinetuneConfig, task, ep_rank: int):
         model.config.pad_token_id = task.tokenizer.pad_token_id  # classification heads find the last real token by it
     if cfg.uses_moe:
         m = cfg.moe
-        convert_model(model, m.num_experts, cfg.hf.weighting, m.router_seed, m.ep_size, ep_rank, for_deepspeed=True)
+        # ZeRO-3 takes the plain layers (its engine refuses DeepSpeed MoE ones; smoe_ds.zero3)
+        zero3_plain = cfg.zero_stage == 3
+        convert_model(
+            model, m.num_experts, cfg.hf.weighting, m.router_seed, m.ep_size, ep_rank, for_deepspeed=not zero3_plain
+        )
     return model
 
 
@@ -77,12 +81,13 @@ def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
     from smoe_ds.hf.export import save_smoe
     from smoe_ds.hf.gather import single_device_copy
 
-    if cfg.uses_moe:
-        model = single_device_copy(engine.module, cfg.moe.ep_size, cfg.moe.num_experts)
-        if model is not None:
-            save_smoe(model, out)
-    elif D.is_main():
-        engine.module.save_pretrained(out)
+    with zero3.gathered_module(engine.module):  # ZeRO-3: every weight whole for the copy (else a no-op)
+        if cfg.uses_moe:
+            model = single_device_copy(engine.module, cfg.moe.ep_size, cfg.moe.num_experts)
+            if model is not None:
+                save_smoe(model, out)
+        elif D.is_main():
+            engine.module.save_pretrained(out)
     if not D.is_main():
         return None
     task.tokenizer.save_pretrained(out)
@@ -109,7 +114,7 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
 
 def describe(cfg: FinetuneConfig, model, task: Task, world: int) -> str:
     """The run in two lines: model, task, mode and experts; parameters, world size and data."""
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ds_numel: ZeRO-3's full size
     return (
         f"smoe-ds finetune: {cfg.hf.model} ({type(model).__name__}), {cfg.hf.task}, mode {cfg.moe.mode}"
         + (

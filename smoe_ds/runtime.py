@@ -16,6 +16,7 @@ from smoe_ds.config import TrainConfig
 from smoe_ds.data import Corpus, eval_batches
 from smoe_ds.models.lm import SMoELM, build_model
 from smoe_ds.moe.parallel import ep_rank_of, expert_parallel_rank
+from smoe_ds.zero3 import prepare_model as zero3_prepare
 
 
 @dataclass
@@ -32,11 +33,13 @@ class Runtime:
         return eval_batches(self.corpus.val_blocks, self.micro_batch, self.rank, self.world_size, max_batches)
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float, split_experts: bool = True) -> list[dict]:
     """AdamW groups: decay on matrices, none on norms; frozen routers in no group at all.
 
-    The groups are then split by DeepSpeed so that expert parameters form their own groups,
-    which is what lets ZeRO-1/2 reduce them over the expert-data-parallel group only.
+    With ``split_experts`` the groups are then split by DeepSpeed so that expert parameters form
+    their own groups, which is what lets ZeRO-0/1/2 reduce them over the expert-data-parallel group
+    only. ZeRO-3 needs no split (each parameter is reduced over the group it is partitioned over)
+    and its engine rejects MoE groups from a model without DeepSpeed ``MoE`` layers.
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -48,17 +51,24 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
-    return split_params_into_different_moe_groups_for_optimizer([g for g in groups if g["params"]])
+    groups = [g for g in groups if g["params"]]
+    return split_params_into_different_moe_groups_for_optimizer(groups) if split_experts else groups
 
 
 def initialize_engine(model: torch.nn.Module, cfg: TrainConfig) -> "deepspeed.DeepSpeedEngine":  # noqa: F821
-    """The DeepSpeed engine of ``model`` with the config's DeepSpeed section and our param groups."""
+    """The DeepSpeed engine of ``model`` with the config's DeepSpeed section and our param groups.
+
+    Under ZeRO-3 ``model``'s MoE layers must be the plain ones (``build_model(for_deepspeed=False)``);
+    they are readied for ZeRO-3's partitioning here (``smoe_ds.zero3``).
+    """
     import deepspeed
 
+    zero3 = cfg.zero_stage == 3
+    if zero3:
+        zero3_prepare(model, cfg.moe.ep_size)
     weight_decay = cfg.deepspeed.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=optimizer_param_groups(model, weight_decay), config=cfg.deepspeed
-    )
+    groups = optimizer_param_groups(model, weight_decay, split_experts=not zero3)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg.deepspeed)
     return engine
 
 
@@ -86,7 +96,7 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     torch.manual_seed(cfg.run.seed)
     # DeepSpeed's expert-parallel groups are runs of consecutive ranks (checked below).
     ep_rank = ep_rank_of(rank, cfg.expert_parallel_size)
-    model = build_model(cfg.model, cfg.moe, ep_rank=ep_rank)
+    model = build_model(cfg.model, cfg.moe, ep_rank=ep_rank, for_deepspeed=cfg.zero_stage != 3)
     engine = initialize_engine(model, cfg)
     if cfg.uses_moe:
         actual = expert_parallel_rank(cfg.moe.ep_size)

@@ -13,8 +13,10 @@ from .launch import REPO, run_ranks
 from .malicious import RunsCode
 
 TOL = 1e-5
-# (launcher, world size, ep_size, ZeRO stage): every stage 0-2 with ep_size 1 and 2
+# (launcher, world size, ep_size, ZeRO stage): every stage 0-2 with ep_size 1 and 2, and ZeRO-3 on 4
+# ranks at ep_size 2, where each expert is partitioned over its 2-rank expert-data-parallel group
 LAYOUTS = [
+    ("deepspeed", 4, 2, 3),
     ("python", 1, 1, 0),
     ("torchrun", 2, 2, 0),
     ("torchrun", 2, 1, 1),

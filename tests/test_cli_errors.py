@@ -67,9 +67,9 @@ CASES = {  # --set overrides -> the message
         ["fp16.enabled=true", "bf16.enabled=true"],
         "fp16.enabled and bf16.enabled are both true; choose one",
     ),
-    "zero3_with_moe": (
-        ["zero_optimization.stage=3"],
-        "zero_optimization.stage 3 is not supported with DeepSpeed's native MoE",
+    "zero3_with_the_learned_router": (
+        ["zero_optimization.stage=3", "moe.mode=learned"],
+        "zero_optimization.stage 3 does not support moe.mode learned",
     ),
     "missing_data": (["data.path=/no/such/corpus.txt"], "data.path not found: /no/such/corpus.txt"),
     "tokenizer_folder_that_is_not_one": (

@@ -26,6 +26,7 @@ META_FILE = "smoe_ds_meta.json"  # written last of a tag's files, by rank 0: mar
 PARTIAL_SUFFIX = ".partial"  # a tag folder being written; renamed to the tag once complete
 EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
 ZERO_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # bf16_: ZeRO with bf16
+ZERO3_MODEL_SHARD = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt$")  # ZeRO-3: each rank's partitions
 EXPP_FILE = re.compile(r"expp_rank_(\d+)_mp_rank_00_optim_states\.pt$")  # ZeRO-0: one optimizer per EP rank
 
 

@@ -14,6 +14,7 @@ from smoe_ds.checkpoint.files import (
     EXPP_FILE,
     META_FILE,
     MODEL_FILE,
+    ZERO3_MODEL_SHARD,
     ZERO_SHARD,
     CheckpointError,
     expert_file,
@@ -91,7 +92,8 @@ def check_resumable(cfg: TrainConfig, tag_dir: Path, meta: dict) -> list[Path]:
         )
     needed = check_files(tag_dir, saved, meta["world_size"])
     # DeepSpeed's load_checkpoint unpickles with weights_only=False: nothing else may be in them.
-    optimizer_files = sorted(f for f in tag_dir.iterdir() if ZERO_SHARD.match(f.name) or EXPP_FILE.match(f.name))
+    shard_patterns = (ZERO_SHARD, EXPP_FILE, ZERO3_MODEL_SHARD)
+    optimizer_files = sorted(f for f in tag_dir.iterdir() if any(p.match(f.name) for p in shard_patterns))
     refuse_unsafe_files(needed + optimizer_files)
     return needed
 

@@ -6,10 +6,12 @@ from pathlib import Path
 
 from smoe_ds import distributed as D
 from smoe_ds.checkpoint.files import MODEL_FILE, CheckpointError, latest_tag, load_file, read_meta, rng_file
-from smoe_ds.checkpoint.read import check_resumable, saved_config
+from smoe_ds.checkpoint.read import check_resumable, read_model, saved_config
 from smoe_ds.checkpoint.reshard import read_zero_state, reshard_optimizer, reshard_plain_optimizer
 from smoe_ds.checkpoint.save import set_rng_states
 from smoe_ds.config import TrainConfig
+from smoe_ds.moe.parallel import ep_rank_of
+from smoe_ds.zero3 import load_full_state
 
 
 def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> tuple[int, dict]:
@@ -40,26 +42,35 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> tuple[int, dict]:
 
 def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world: int, ep: int) -> int:
     tag_dir = save_dir / tag
-    if meta["world_size"] == world and meta["ep_size"] == ep:
+    saved_cfg = saved_config(meta["config"], tag_dir)
+    # DeepSpeed's ZeRO-3 files (per-rank partitions) and those of the other stages do not mix.
+    same_kind = (saved_cfg.zero_stage == 3) == (cfg.zero_stage == 3)
+    if meta["world_size"] == world and meta["ep_size"] == ep and same_kind:
         path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
         set_rng_states(load_file(tag_dir / rng_file(D.rank())))
     else:
-        path, _ = engine.load_checkpoint(
-            str(save_dir), tag=tag, load_module_only=True, load_optimizer_states=False, load_lr_scheduler_states=False
-        )
+        if saved_cfg.zero_stage == 3 or cfg.zero_stage == 3:
+            path = _load_whole_model(engine, cfg, tag_dir)
+        else:
+            path, _ = engine.load_checkpoint(
+                str(save_dir),
+                tag=tag,
+                load_module_only=True,
+                load_optimizer_states=False,
+                load_lr_scheduler_states=False,
+            )
         scheduler_state = load_file(tag_dir / MODEL_FILE).get("lr_scheduler")
         if engine.lr_scheduler is not None and scheduler_state is not None:
             engine.lr_scheduler.load_state_dict(scheduler_state)
             # The state holds the position only; re-applying it sets the optimizer groups' lr.
             engine.lr_scheduler.step(engine.lr_scheduler.last_batch_iteration)
-        saved_cfg = saved_config(meta["config"], tag_dir)
         zero_state = read_zero_state(tag_dir, saved_cfg, meta["world_size"])
         if zero_state is not None and engine.zero_optimization_stage() in (1, 2):
             reshard_optimizer(engine, cfg, zero_state)
             resharded = True
         else:
             resharded = zero_state is None and reshard_plain_optimizer(engine, cfg, saved_cfg, tag_dir)
-        _report_reshard(cfg, tag, meta, world, ep, resharded)
+        _report_reshard(cfg, tag, meta, world, ep, resharded, saved_cfg.zero_stage)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
     engine.global_steps = meta["step"]
@@ -67,15 +78,28 @@ def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world:
     return meta["step"]
 
 
-def _report_reshard(cfg: TrainConfig, tag: str, meta: dict, world: int, ep: int, resharded: bool) -> None:
+def _load_whole_model(engine, cfg: TrainConfig, tag_dir: Path) -> str:
+    """The weights from the checkpoint's whole-model files (``read_model``) into this rank's share of
+    the engine's parameters, and the optimizer's fp32 master copies refreshed from them; for a layout
+    change to or from ZeRO-3, where DeepSpeed's own loader reads only files of its own stage."""
+    _, state, _ = read_model(tag_dir)
+    load_full_state(engine.module, state, ep_rank_of(D.rank(), cfg.expert_parallel_size))
+    if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+    return str(tag_dir)
+
+
+def _report_reshard(
+    cfg: TrainConfig, tag: str, meta: dict, world: int, ep: int, resharded: bool, saved_stage: int
+) -> None:
     if not D.is_main():
         return
     fresh = "RNG states start fresh" + (
         " and the fp16 loss scale restarts from its initial value" if cfg.precision_enabled("fp16") else ""
     )
     layout = (
-        f"resuming {tag} (saved on world size {meta['world_size']}, ep_size {meta['ep_size']}) "
-        f"on world size {world}, ep_size {ep}"
+        f"resuming {tag} (saved on world size {meta['world_size']}, ep_size {meta['ep_size']}, "
+        f"ZeRO-{saved_stage}) on world size {world}, ep_size {ep}, ZeRO-{cfg.zero_stage}"
     )
     if resharded:
         print(

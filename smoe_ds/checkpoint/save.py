@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from smoe_ds import distributed as D
-from smoe_ds import faults
+from smoe_ds import faults, zero3
 from smoe_ds.checkpoint.files import META_FILE, PARTIAL_SUFFIX, latest_tag, rng_file
 from smoe_ds.config import TrainConfig
+from smoe_ds.moe.parallel import ep_rank_of
 
 
 def save(
@@ -46,6 +47,10 @@ def save(
     engine.save_checkpoint(
         str(save_dir), tag=staging.name, client_state={"smoe_ds_config": cfg.to_dict(), **meta}, save_latest=False
     )
+    if cfg.zero_stage == 3:  # DeepSpeed's files hold partitions only: add the whole model, as other stages have it
+        scheduler = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+        extra = {"smoe_ds_config": cfg.to_dict(), **meta, "lr_scheduler": scheduler}
+        zero3.write_full_weights(engine.module, staging, ep_rank_of(D.rank(), cfg.expert_parallel_size), extra)
     torch.save(rng_states(), staging / rng_file(D.rank()))
     faults.maybe_die("save", D.rank(), step)
     D.barrier()

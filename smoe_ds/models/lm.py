@@ -170,7 +170,8 @@ def init_weights(model: SMoELM, seed: int, ep_rank: int = 0) -> None:
 def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0, for_deepspeed: bool = True) -> SMoELM:
     """Build the LM and initialise it; ``ep_rank`` is this rank's place in its expert-parallel group.
 
-    ``for_deepspeed=False`` builds it without importing DeepSpeed, for single-device inference.
+    ``for_deepspeed=False`` builds the MoE layers as plain modules, not DeepSpeed ``MoE`` instances:
+    without importing DeepSpeed for single-device inference, and for ZeRO-3 (``smoe_ds.zero3``).
     """
     model = SMoELM(cfg, moe_cfg, for_deepspeed)
     init_weights(model, cfg.init_seed, ep_rank)
@@ -180,4 +181,5 @@ def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0, for_deep
 def count_parameters(model: nn.Module, ep_size: int = 1) -> int:
     """Global parameter count: local expert parameters count ep_size times (one copy per EP rank)."""
     expert_ids = {id(p) for layer in moe_layers(model) for p in layer.deepspeed_moe.experts.parameters()}
-    return sum(p.numel() * (ep_size if id(p) in expert_ids else 1) for p in model.parameters())
+    # ds_numel: a ZeRO-3-partitioned parameter's full size (its numel() is then 0)
+    return sum(getattr(p, "ds_numel", p.numel()) * (ep_size if id(p) in expert_ids else 1) for p in model.parameters())

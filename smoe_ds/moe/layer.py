@@ -130,8 +130,9 @@ def __getattr__(name: str):  # ``from smoe_ds.moe.layer import SMoEDropoutMoE`` 
 def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int, for_deepspeed: bool = True) -> nn.Module:
     """The FFN for block ``layer_index`` of a model whose MoE blocks use ``cfg``.
 
-    ``for_deepspeed=False`` builds the same modules without DeepSpeed (single-device inference);
-    only the ``learned`` baseline, which is DeepSpeed's own layer, always needs it.
+    ``for_deepspeed=False`` builds the same modules as plain ``nn.Module``s: single-device inference
+    (no DeepSpeed import) and ZeRO-3, whose engine refuses DeepSpeed ``MoE`` layers (``smoe_ds.zero3``).
+    Only the ``learned`` baseline, which is DeepSpeed's own layer, always needs DeepSpeed.
     """
     if cfg.mode in ("smoe_dropout", "random_fixed", "thor"):  # one layer; k and routing are what differ
         return (deepspeed_moe_class() if for_deepspeed else SMoEDropoutFFN)(d_model, cfg, layer_index)

@@ -31,11 +31,11 @@ TOL = 1e-5
 CONFIG = str(REPO / "ds_configs" / "finetune_minilm_sst2.json")
 
 
-def finetune(launcher: str, out: Path, *settings: str, env: dict | None = None) -> str:
-    """Run smoe_ds.finetune on 2 ranks with the MiniLM config and ``settings``; returns stdout."""
+def finetune(launcher: str, out: Path, *settings: str, env: dict | None = None, ranks: int = 2) -> str:
+    """Run smoe_ds.finetune on ``ranks`` ranks with the MiniLM config and ``settings``; returns stdout."""
     sets = [a for s in (f"run.out_dir={out}", *settings) for a in ("--set", s)]
-    proc = run_ranks(launcher, 2, ["smoe_ds.finetune", "--config", CONFIG, *sets], module=True, timeout=420, env=env)
-    return proc.stdout
+    target = ["smoe_ds.finetune", "--config", CONFIG, *sets]
+    return run_ranks(launcher, ranks, target, module=True, timeout=420, env=env).stdout
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +90,76 @@ def test_classification_reports_accuracy_at_every_k(smoe_run):
 
 def test_export_matches_the_distributed_evaluation_at_every_k(smoe_run, sst2_small):
     """The gathered single-device model scores the dev set as the 2-rank engine did (fp32)."""
-    out, _ = smoe_run
+    assert_export_scores_as_the_engine_did(smoe_run[0], sst2_small[1])
+
+
+def test_zero3_at_ep_size_2_on_4_ranks_exports_what_the_engine_evaluated(tmp_path, sst2_small, minilm_dir):
+    """ZeRO-3: every weight partitioned (experts over their 2-rank expert-data-parallel group); the
+    export gathers them, and the single-device model scores the dev set as the engine did."""
+    train, dev = sst2_small
+    stdout = finetune(
+        "deepspeed",
+        tmp_path,
+        f"hf.model={minilm_dir}",
+        f"data.train={train}",
+        f"data.validation={dev}",
+        "train_micro_batch_size_per_gpu=4",
+        "run.max_steps=4",
+        "run.log_interval=2",
+        "scheduler.params.warmup_num_steps=1",
+        "zero_optimization.stage=3",
+        ranks=4,
+    )
+    assert "N = 8 experts, ep_size 2" in stdout
+    assert_export_scores_as_the_engine_did(tmp_path, dev)
+
+
+# A token whose k-th and (k+1)-th router logits are closer than this may pick another expert when
+# the same arithmetic runs in another order (the engine's batches and all-to-alls are not the
+# export's), and at k = 1 the "rescale" weighting multiplies the chosen expert by N. Seen: a CLS
+# token whose gap of 3.8e-6 flipped (ZeRO-3, 4 ranks); other runs' smallest gaps are 1e-5 to 7e-5
+# and compare to 1e-7. Rows with a smaller gap than this are not compared.
+NEAR_TIE = 1e-5
+
+
+def smallest_routing_margin(model, inputs: dict, k: int) -> float:
+    """The smallest gap between a real token's k-th and (k+1)-th router logits, over every layer."""
+    real = inputs["attention_mask"].reshape(-1).bool()
+    gaps = []
+
+    def record(gate, args, _out):
+        logits = torch.nn.functional.linear(args[0].float(), gate.wg.weight.float())[real]
+        top = logits.topk(k + 1, dim=-1).values
+        gaps.append((top[:, k - 1] - top[:, k]).min().item())
+
+    hooks = [ffn.gate.register_forward_hook(record) for _, ffn in converted_ffns(model)]
+    with torch.no_grad():
+        model(**inputs)
+    for h in hooks:
+        h.remove()
+    return min(gaps)
+
+
+def assert_export_scores_as_the_engine_did(out: Path, dev: Path) -> None:
+    """The export's loss and accuracy equal the engine's at every k, except where a router near-tie
+    makes the comparison ill-posed; k = N (no routing choice) is always compared."""
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model")
     assert type(model).__name__ == "BertForSequenceClassification"
-    inputs, labels = dev_inputs(sst2_small[1], out / "model")
-    for row in json.loads((out / "self_slimming.json").read_text())["results"]:
+    inputs, labels = dev_inputs(dev, out / "model")
+    rows = json.loads((out / "self_slimming.json").read_text())["results"]
+    n = max(row["k"] for row in rows)
+    compared = []
+    for row in rows:
         set_active_experts(model, row["k"])
+        if row["k"] < n and smallest_routing_margin(model, inputs, row["k"]) < NEAR_TIE:
+            continue
         with torch.no_grad():
             logits = model(**inputs).logits
         loss = torch.nn.functional.cross_entropy(logits, labels).item()
         assert abs(loss - row["loss"]) <= TOL, row
         assert int((logits.argmax(-1) == labels).sum()) == round(row["accuracy"] * len(labels)), row
+        compared.append(row["k"])
+    assert n in compared and len(compared) >= len(rows) / 2, compared
 
 
 def test_every_rank_trained_its_experts_and_the_routers_stayed_frozen(smoe_run, minilm):

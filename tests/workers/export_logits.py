@@ -13,21 +13,17 @@ import torch
 from smoe_ds import checkpoint
 from smoe_ds import distributed as D
 from smoe_ds.models.lm import build_model
-from smoe_ds.runtime import optimizer_param_groups
+from smoe_ds.runtime import initialize_engine
 from tests.workers.common import engine_logits_at_ks, start, tiny_config, train_random_steps, worker_args
 
 
 def main(out_dir: str, ep_size: int, zero_stage: int) -> None:
-    import deepspeed
-
     rank, world = start()
     zero = {"stage": zero_stage, **({"contiguous_gradients": True, "reduce_scatter": True} if zero_stage == 2 else {})}
     cfg = tiny_config(ep_size=ep_size, zero_stage=zero_stage)
     cfg.deepspeed["zero_optimization"] = zero
-    model = build_model(cfg.model, cfg.moe, ep_rank=rank % ep_size)
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=optimizer_param_groups(model, 0.1), config=cfg.deepspeed
-    )
+    model = build_model(cfg.model, cfg.moe, ep_rank=rank % ep_size, for_deepspeed=zero_stage != 3)
+    engine = initialize_engine(model, cfg)  # as the trainer does; ZeRO-3 needs its preparation
     train_random_steps(engine, 5, seed=rank)
     checkpoint.save(engine, cfg, f"{out_dir}/checkpoints", 5)
     probe, logits = engine_logits_at_ks(engine, cfg.moe.num_experts)

@@ -14,6 +14,7 @@ from pathlib import Path
 from smoe_ds import checkpoint
 from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
+from smoe_ds.results import validation_loss
 from smoe_ds.runtime import build_runtime
 from tests.workers.common import worker_args
 
@@ -23,6 +24,11 @@ def resave(dest: str, argv: list[str]) -> None:
     rt = build_runtime(cfg, training=True)
     step, _ = checkpoint.restore(rt.engine, cfg, Path(cfg.run.out_dir) / "checkpoints")
     assert step > 0, "nothing to resume"
+    # What the restored weights compute, before anything else touches them (the first step after a
+    # resume would see the same): a layout or stage change must not change it.
+    loss = validation_loss(rt.engine, rt.val_batches(2))
+    if rt.rank == 0:
+        print(f"validation loss after the restore: {loss!r}", flush=True)
     checkpoint.save(rt.engine, cfg, dest, step)
 
 

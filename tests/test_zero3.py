@@ -1,0 +1,152 @@
+"""ZeRO-3 with SMoE-Dropout layers on 4 gloo ranks at ep_size 2: every weight partitioned (experts over
+their expert-data-parallel group), training as under ZeRO-2, exact resume after a kill, and
+checkpoints that every other layout and stage can resume from."""
+
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+
+from smoe_ds.checkpoint import latest_tag, read_model, resolve_tag_dir
+from smoe_ds.config import config_from_dict
+from smoe_ds.distributed import free_port
+from smoe_ds.models.lm import build_model
+
+from .launch import REPO, kill_tree, launcher_command, rank_env, run_ranks
+from .resume_runs import args_for, losses
+
+STEPS = 20
+ZERO3 = "zero_optimization.stage=3"
+FOUR_RANKS = ["train_micro_batch_size_per_gpu=4"]  # the global batch of the 2-rank runs of tests/resume_runs
+
+
+def routers(state: dict) -> dict:
+    return {k: v for k, v in state.items() if ".gate." in k}
+
+
+@pytest.fixture(scope="module")
+def zero2_and_zero3(tmp_path_factory):
+    """The same 20 steps on 4 ranks at ep_size 2, under ZeRO-2 and under ZeRO-3."""
+    runs = {}
+    for stage, extra in ((2, []), (3, [ZERO3])):
+        out = tmp_path_factory.mktemp(f"zero{stage}")
+        proc = run_ranks("deepspeed", 4, args_for(out, f"run.max_steps={STEPS}", *FOUR_RANKS, *extra), module=True)
+        runs[stage] = (out, proc)
+    return runs
+
+
+def test_zero3_gives_the_losses_of_zero2_and_the_router_stays_bit_identical(zero2_and_zero3):
+    (out2, _), (out3, proc3) = zero2_and_zero3[2], zero2_and_zero3[3]
+    assert "ZeRO stage 3" in proc3.stdout
+    a, b = losses(out2), losses(out3)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    # The same arithmetic; ZeRO-3 reduce-scatters gradients where ZeRO-2 reduces them in buckets, so
+    # float32 sums run in another order, and that rounding compounds over the steps (seen: 5e-7).
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= 1e-5, worst
+    cfg2, state2, step2 = read_model(resolve_tag_dir(out2 / "checkpoints"))
+    cfg3, state3, step3 = read_model(resolve_tag_dir(out3 / "checkpoints"))
+    assert step2 == step3 == STEPS and state2.keys() == state3.keys()
+    initial = build_model(cfg3.model, cfg3.moe, for_deepspeed=False).state_dict()
+    r2, r3 = routers(state2), routers(state3)
+    assert len(r3) == cfg3.model.n_layers
+    assert all(torch.equal(r3[k], initial[k]) and torch.equal(r3[k], r2[k]) for k in r3)
+    # and the trained weights really are the ZeRO-2 run's, to the same rounding
+    assert max((state2[k] - state3[k]).abs().max().item() for k in state2) <= 1e-4
+
+
+def test_each_rank_holds_the_share_zero3_promises(tmp_path):
+    out = tmp_path / "shares.json"
+    run_ranks("deepspeed", 4, ["tests.workers.zero3_shares", str(out), "2"], module=True)
+    shares = {int(r): s for r, s in json.loads(out.read_text()).items()}
+    experts = [n for n, s in shares[0].items() if s["expert"]]
+    others = [n for n, s in shares[0].items() if not s["expert"]]
+    assert len(experts) == 2 * 2 and any(".gate." in n for n in others)  # w_in, w_out per layer; routers
+    for rank, mine in shares.items():
+        for name, s in mine.items():
+            if s["expert"]:  # this rank's N/ep_size experts, split over the ranks holding the same ones
+                group, numel = [rank % 2, rank % 2 + 2], s["numel"]
+            else:  # everything else, frozen routers included, over all ranks
+                group, numel = [0, 1, 2, 3], s["numel"]
+            assert s["group_ranks"] == group, (rank, name)
+            assert s["local_numel"] == math.ceil(numel / len(group)), (rank, name)
+    # an expert tensor holds only this expert-parallel rank's experts: half the global ones
+    cfg = config_from_dict({"moe": {"num_experts": 4, "d_expert": 8}, "model": {"d_model": 32}}).moe
+    w_in = next(n for n in experts if n.endswith("w_in"))
+    assert shares[0][w_in]["numel"] == cfg.num_experts // 2 * cfg.d_expert * 32
+
+
+def test_zero3_checkpoint_resumes_at_zero2_on_2_ranks_and_back_with_bit_identical_weights(tmp_path):
+    """ZeRO-3 (4 ranks) -> ZeRO-2 (2 ranks) -> ZeRO-3 (4 ranks), each resumed and saved again at once:
+    the weights are the same bits every time; the optimizer state restarts, and the run says so."""
+    from safetensors.torch import load_file
+
+    from smoe_ds.convert import convert
+
+    run = args_for(tmp_path, "run.max_steps=6", *FOUR_RANKS, ZERO3)
+    run_ranks("deepspeed", 4, run, module=True)
+    to_zero2 = [*run[1:], "--set", "zero_optimization.stage=2", "--set", "train_micro_batch_size_per_gpu=8"]
+    to_2 = run_ranks("deepspeed", 2, ["tests.workers.resave", str(tmp_path / "z2"), *to_zero2], module=True)
+    assert "ZeRO-3) on world size 2, ep_size 2, ZeRO-2" in to_2.stdout and "RESET" in to_2.stdout
+    back = [*to_zero2, "--set", f"run.out_dir={tmp_path / 'back'}", "--set", ZERO3, "--set", FOUR_RANKS[0]]
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "checkpoints").symlink_to(tmp_path / "z2")
+    to_3 = run_ranks("deepspeed", 4, ["tests.workers.resave", str(tmp_path / "z3"), *back], module=True)
+    assert "ZeRO-2) on world size 4, ep_size 2, ZeRO-3" in to_3.stdout
+    exports = []
+    for name, folder in (("a", tmp_path / "checkpoints"), ("b", tmp_path / "z2"), ("c", tmp_path / "z3")):
+        convert(resolve_tag_dir(folder), tmp_path / name)
+        exports.append(load_file(tmp_path / name / "model.safetensors"))
+    a = exports[0]
+    for other in exports[1:]:
+        assert a.keys() == other.keys() and all(torch.equal(a[key], other[key]) for key in a)
+    # and the restored engines computed with those weights from the start (the first step after a
+    # resume uses them): the same validation loss at both stages, to float32 rounding
+    after = [float(p.stdout.split("validation loss after the restore: ")[1].split()[0]) for p in (to_2, to_3)]
+    assert abs(after[0] - after[1]) <= 1e-6, after
+
+
+def test_zero3_sigkill_mid_training_then_relaunch_gives_the_uninterrupted_losses(tmp_path):
+    """40 steps with dropout and a save every 10; rank 3 is killed after step 25 and the relaunch
+    resumes from step 20 with everything (partitions, optimizer shards, RNG) restored."""
+    run = ["run.max_steps=40", "run.save_interval=10", "model.dropout=0.1", *FOUR_RANKS, ZERO3]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_ranks("deepspeed", 4, args_for(whole, *run), module=True)
+    port = free_port()
+    cmd = launcher_command("deepspeed", 4, args_for(cut, *run), port, module=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=rank_env({"SMOE_DS_INJECT_FAULT": "kill:3:train:26"}),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.wait(timeout=400) != 0
+    finally:
+        kill_tree(proc.pid)
+    assert latest_tag(cut / "checkpoints") == "step20"
+    resumed = run_ranks("deepspeed", 4, args_for(cut, *run), module=True)
+    assert "resumed from" in resumed.stdout and "step20" in resumed.stdout
+    a, b = losses(whole), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= 1e-6, worst
+
+
+def test_zero3_with_optimizer_offload_gives_the_losses_of_zero3(zero2_and_zero3, tmp_path):
+    out3, _ = zero2_and_zero3[3]
+    cpu_adam = ['zero_optimization.offload_optimizer={"device": "cpu"}', "optimizer.params.torch_adam=false"]
+    proc = run_ranks(
+        "deepspeed", 4, args_for(tmp_path, f"run.max_steps={STEPS}", *FOUR_RANKS, ZERO3, *cpu_adam), module=True
+    )
+    assert "ZeRO stage 3, DeepSpeedCPUAdam (optimizer state offloaded to the CPU)" in proc.stdout
+    # DeepSpeedCPUAdam and torch's AdamW order their float operations differently (as at ZeRO-2,
+    # tests/test_offload.py): rounding that accumulates over the steps.
+    a, b = losses(out3), losses(tmp_path)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= 1e-5, worst
