@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds import checkpoint, faults, placement
+from smoe_ds import checkpoint, faults, memory, placement
 from smoe_ds import distributed as D
 from smoe_ds.cli import run_main
 from smoe_ds.config import TrainConfig, config_cli
@@ -287,6 +287,7 @@ def train(cfg: TrainConfig) -> dict:
         "history": history,
         "val_history": val_history,
         "self_slimming": rows,
+        "memory_per_rank": memory.per_rank(rt.engine),
     }
     if D.is_main():
         write_summary(out_dir, summary)

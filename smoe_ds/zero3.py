@@ -14,7 +14,9 @@ Checkpoints: DeepSpeed writes one ``zero_pp_rank_{r}_mp_rank_00_model_states.pt`
 empty tensors in place of partitioned weights, plus the optimizer shards; that is what an exact
 resume reads. ``write_full_weights`` adds the files every other smoe-ds reader uses (the model
 file with all non-expert weights, one file per global expert), gathered from the partitions, so
-``smoe_ds.convert``, export and resuming at another layout or stage work as for ZeRO-0/1/2.
+``smoe_ds.convert``, export and resuming at another layout or stage work as for ZeRO-0/1/2. Where
+training runs in bf16/fp16 those files hold the fp32 master weights, which is what an export
+from ZeRO-1/2 takes from their shards.
 """
 
 from __future__ import annotations
@@ -158,25 +160,35 @@ def write_full_weights(model: nn.Module, tag_dir: Path, ep_rank: int, extra: dic
     # their names, and persistent buffers, as the other stages' model file has them.
     for name, t in model.state_dict(keep_vars=True).items():
         if id(t) not in expert_ids:
-            with gathered([t] if isinstance(t, nn.Parameter) else []):
-                if D.is_main():
-                    module_state[name] = t.detach().clone()
+            value = whole_value(t)
+            if D.is_main():
+                module_state[name] = value
     if D.is_main():
         torch.save({"module": module_state, **extra}, tag_dir / MODEL_FILE)
     for layer_index, (prefix, layer) in enumerate(_named_moe_layers(model)):
         writes = D.rank() == min(torch.distributed.get_process_group_ranks(expert_data_parallel_group(layer.ep_size)))
         per_expert: dict[int, dict[str, torch.Tensor]] = {}
         for pname, p in layer.deepspeed_moe.experts.named_parameters():
-            with gathered([p]):
-                if writes:
-                    first = ep_rank * p.shape[0]
-                    name = f"{prefix}.deepspeed_moe.experts.{pname}"
-                    for e in range(p.shape[0]):  # one expert at a time, to file it under its global id
-                        per_expert.setdefault(first + e, {}).update(
-                            split_stacked(name, p[e : e + 1].detach().clone(), first + e)
-                        )
+            value = whole_value(p)
+            if writes:
+                first = ep_rank * value.shape[0]
+                name = f"{prefix}.deepspeed_moe.experts.{pname}"
+                for e in range(value.shape[0]):  # one expert at a time, to file it under its global id
+                    per_expert.setdefault(first + e, {}).update(split_stacked(name, value[e : e + 1], first + e))
         for expert, state in per_expert.items():
             torch.save(state, tag_dir / expert_file(layer_index, expert))
+
+
+def whole_value(t: torch.Tensor) -> torch.Tensor:
+    """A whole copy of ``t`` on this rank (a collective over its partition group when partitioned):
+    the optimizer's fp32 master of a trainable weight when training runs in bf16/fp16, as exports
+    from ZeRO-1/2 take it from their shards; the weight itself otherwise (fp32, frozen, buffers)."""
+    if isinstance(t, nn.Parameter) and is_partitioned(t) and t.requires_grad and t.dtype != torch.float32:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(t).detach().clone()
+    with gathered([t] if isinstance(t, nn.Parameter) else []):
+        return t.detach().clone()
 
 
 def _named_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -62,3 +62,24 @@ def test_bench_e2e_runs_dense_and_smoe_dropout_with_the_overrides_and_writes_jso
         config = json.loads((out / r["mode"] / "config.json").read_text())
         assert config["run"]["log_interval"] == 1 and config["run"]["max_steps"] == 3
     assert result["wall_ratio_smoe_over_dense"] > 0
+
+
+def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3(tmp_path):
+    """2 ranks at ep_size 2 (tests/configs/e2e_tiny.json): ZeRO-3 holds half the non-expert weights of
+    ZeRO-2 on each rank, and fp32 AdamW keeps two moments the size of this rank's master partition."""
+    out = tmp_path / "memory"
+    args = ["--ranks", "2", "--steps", "1", "--variants", "ZeRO-2,ZeRO-3", "--config", "tests/configs/e2e_tiny.json"]
+    proc = run_ranks("python", 1, ["smoe_ds.bench_memory", *args, "--out", str(out)], module=True)
+    assert "model state per rank, 2 ranks" in proc.stdout and "ZeRO-3" in proc.stdout
+    ranks = json.loads((out / "bench_memory.json").read_text())["ranks"]
+    assert sorted(ranks) == ["ZeRO-2", "ZeRO-3"] and all(len(r) == 2 for r in ranks.values())
+    for variant in ranks.values():
+        for r in variant:
+            assert r["optimizer_moments"] == 2 * r["master_weights"] > 0 and r["peak_rss"] > 0
+    # Each rank's parameters: every weight under ZeRO-2 (its own experts only), and under ZeRO-3 its
+    # partition: with ep_size 2 on 2 ranks the experts are not split further (each expert-data-parallel
+    # group is one rank), so only the non-expert half goes.
+    z2, z3 = ranks["ZeRO-2"][0]["parameters"], ranks["ZeRO-3"][0]["parameters"]
+    assert z3 < z2
+    # and the master partitions are the same size at both stages (ZeRO-2 splits the optimizer the same way)
+    assert abs(ranks["ZeRO-2"][0]["master_weights"] - ranks["ZeRO-3"][0]["master_weights"]) <= 64 * 4
