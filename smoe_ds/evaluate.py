@@ -65,8 +65,9 @@ def evaluate_export(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smoe_ds import checkpoint
     from smoe_ds.cli import run_main
-    from smoe_ds.config import ConfigError, load_config
+    from smoe_ds.config import load_config
     from smoe_ds.runtime import build_runtime
 
     p = argparse.ArgumentParser(prog="smoe-evaluate", description=__doc__.split("\n\n")[0])
@@ -99,14 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.ks:
             cfg.run.eval_ks = parse_ks(args.ks)
             cfg.validate()
-        if not Path(args.checkpoint).is_dir():
-            raise ConfigError(f"checkpoint folder not found: {args.checkpoint}")
+        tag_dir = checkpoint.resolve_tag_dir(args.checkpoint)  # one line if missing or incomplete
         rt = build_runtime(cfg)
-        path, _ = rt.engine.load_checkpoint(
-            args.checkpoint, load_optimizer_states=False, load_lr_scheduler_states=False, load_module_only=True
-        )
-        if path is None:
-            raise ConfigError(f"no DeepSpeed checkpoint found in {args.checkpoint} (it has no 'latest' file)")
+        # smoe-ds's whole-model files, so any stage, world size and ep_size can evaluate any checkpoint
+        path = checkpoint.load_weights(rt.engine, cfg, tag_dir)
         report(
             rt.engine,
             rt.val_batches(cfg.run.final_eval_batches),

@@ -66,7 +66,9 @@ def test_outputs_table_json_plot_monitor_and_per_expert_checkpoint(deepspeed_run
     assert len(routers) == 2 and not any("deepspeed_experts" in k for k in module)
 
 
-def test_evaluate_cli_reloads_the_checkpoint_under_torchrun(deepspeed_run, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_evaluate_cli_reloads_the_checkpoint_under_torchrun_at_any_zero_stage(deepspeed_run, tmp_path, stage):
+    """The ZeRO-2 checkpoint evaluated by a ZeRO-2 engine and by a ZeRO-3 one: the same numbers."""
     out, _ = deepspeed_run
     proc = run_ranks(
         "torchrun",
@@ -81,6 +83,8 @@ def test_evaluate_cli_reloads_the_checkpoint_under_torchrun(deepspeed_run, tmp_p
             "1,4",
             "--set",
             f"run.out_dir={tmp_path}",
+            "--set",
+            f"zero_optimization.stage={stage}",
         ],
         module=True,
     )

@@ -29,7 +29,7 @@ from smoe_ds.checkpoint.files import (
 )
 from smoe_ds.checkpoint.read import check_resumable, read_model
 from smoe_ds.checkpoint.reshard import read_zero_state
-from smoe_ds.checkpoint.resume import restore
+from smoe_ds.checkpoint.resume import load_weights, restore
 from smoe_ds.checkpoint.save import save
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "check_resumable",
     "latest_path",
     "latest_tag",
+    "load_weights",
     "load_file",
     "read_meta",
     "read_model",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from smoe_ds import distributed as D
 from smoe_ds.checkpoint.files import MODEL_FILE, CheckpointError, latest_tag, load_file, read_meta, rng_file
-from smoe_ds.checkpoint.read import check_resumable, read_model, saved_config
+from smoe_ds.checkpoint.read import check_resumable, model_mismatch, read_model, saved_config
 from smoe_ds.checkpoint.reshard import read_zero_state, reshard_optimizer, reshard_plain_optimizer
 from smoe_ds.checkpoint.save import set_rng_states
 from smoe_ds.config import TrainConfig
@@ -50,7 +50,7 @@ def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world:
         set_rng_states(load_file(tag_dir / rng_file(D.rank())))
     else:
         if saved_cfg.zero_stage == 3 or cfg.zero_stage == 3:
-            path = _load_whole_model(engine, cfg, tag_dir)
+            path = load_weights(engine, cfg, tag_dir)
         else:
             path, _ = engine.load_checkpoint(
                 str(save_dir),
@@ -78,11 +78,15 @@ def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world:
     return meta["step"]
 
 
-def _load_whole_model(engine, cfg: TrainConfig, tag_dir: Path) -> str:
+def load_weights(engine, cfg: TrainConfig, tag_dir: Path) -> str:
     """The weights from the checkpoint's whole-model files (``read_model``) into this rank's share of
-    the engine's parameters, and the optimizer's fp32 master copies refreshed from them; for a layout
-    change to or from ZeRO-3, where DeepSpeed's own loader reads only files of its own stage."""
-    _, state, _ = read_model(tag_dir)
+    the engine's parameters, at any stage, world size and ep_size, and the optimizer's fp32 master
+    copies refreshed from them; returns the folder. Used for a layout change to or from ZeRO-3,
+    where DeepSpeed's own loader reads only files of its own stage, and by ``smoe_ds.evaluate``."""
+    saved, state, _ = read_model(tag_dir)
+    mismatch = model_mismatch(saved, cfg)
+    if mismatch:
+        raise CheckpointError(f"{tag_dir} was written by a different model ({mismatch})")
     load_full_state(engine.module, state, ep_rank_of(D.rank(), cfg.expert_parallel_size))
     if engine.optimizer is not None and hasattr(engine.optimizer, "refresh_fp32_params"):
         engine.optimizer.refresh_fp32_params()
