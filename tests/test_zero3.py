@@ -90,3 +90,15 @@ def test_zero3_with_optimizer_offload_gives_the_losses_of_zero3(zero2_and_zero3,
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     worst = max(abs(a[s] - b[s]) for s in a)
     assert worst <= 1e-5, worst
+
+
+def test_thor_two_passes_and_random_routing_under_zero3_give_the_losses_of_zero2(tmp_path):
+    """THOR runs two forwards per batch and draws its routes from the RNG: ZeRO-3's recorded fetch
+    order and the RNG stream must both hold up (2 ranks, ep_size 2, 6 steps)."""
+    thor = ["moe.mode=thor", "run.max_steps=6"]
+    run_ranks("deepspeed", 2, args_for(tmp_path / "z2", *thor), module=True)
+    run_ranks("deepspeed", 2, args_for(tmp_path / "z3", *thor, ZERO3), module=True)
+    a, b = losses(tmp_path / "z2"), losses(tmp_path / "z3")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= 1e-5, worst
