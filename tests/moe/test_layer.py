@@ -369,3 +369,22 @@ def test_expert_widths_grouped_gemms_cannot_take_fall_back_and_match_the_naive_l
     layer.deepspeed_moe.experts._compiled_op_applies = lambda x: False
     diffs = check_against_naive(layer, 3, "sparse")
     assert all(v <= TOL for v in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("name", ["w_in", "w_out"])
+def test_an_expert_weight_at_an_unaligned_address_still_matches_the_naive_loop(name):
+    """Inside a flat buffer (ZeRO-3 gathers weights into one) one stacked weight can start off a
+    16-byte boundary while the other does not: that GEMM falls back to per-expert products and the
+    other may run grouped; outputs and gradients must still be the loop's."""
+    layer = make_layer(h=16)
+    experts = layer.deepspeed_moe.experts
+    experts._compiled_op_applies = lambda x: False
+    weight = getattr(experts, name)
+    flat = torch.empty(weight.numel() + 1)
+    with torch.no_grad():
+        unaligned = flat[1:].view_as(weight).copy_(weight)
+    weight.data = unaligned  # data_ptr 4 bytes past the buffer's start
+    other = experts.w_out if name == "w_in" else experts.w_in
+    assert weight.data_ptr() % 16 != 0 and other.data_ptr() % 16 == 0
+    diffs = check_against_naive(layer, 3, "sparse")
+    assert all(v <= TOL for v in diffs.values()), diffs
