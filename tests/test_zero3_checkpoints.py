@@ -13,30 +13,38 @@ from .resume_runs import args_for, losses
 from .test_zero3 import FOUR_RANKS, ZERO3
 
 
-def test_zero3_checkpoint_resumes_at_zero2_on_2_ranks_and_back_with_bit_identical_weights(tmp_path):
-    """ZeRO-3 (4 ranks) -> ZeRO-2 (2 ranks) -> ZeRO-3 (4 ranks), each resumed and saved again at once:
-    the weights are the same bits every time; the optimizer state restarts, and the run says so."""
+def test_zero3_checkpoint_reshards_to_zero2_on_2_ranks_and_back_bit_for_bit(tmp_path):
+    """ZeRO-3 (4 ranks) -> ZeRO-2 (2 ranks) -> ZeRO-3 (4 ranks, another partitioning), each resumed and
+    saved again at once: the weights, fp32 masters and Adam moments are the same bits every time."""
     from safetensors.torch import load_file
 
+    from smoe_ds.checkpoint import read_meta, read_zero_state
+    from smoe_ds.checkpoint.read import saved_config
     from smoe_ds.convert import convert
 
     run = args_for(tmp_path, "run.max_steps=6", *FOUR_RANKS, ZERO3)
     run_ranks("deepspeed", 4, run, module=True)
     to_zero2 = [*run[1:], "--set", "zero_optimization.stage=2", "--set", "train_micro_batch_size_per_gpu=8"]
     to_2 = run_ranks("deepspeed", 2, ["tests.workers.resave", str(tmp_path / "z2"), *to_zero2], module=True)
-    assert "ZeRO-3) on world size 2, ep_size 2, ZeRO-2" in to_2.stdout and "RESET" in to_2.stdout
+    assert "ZeRO-3) on world size 2, ep_size 2, ZeRO-2: weights, fp32 master weights" in to_2.stdout
     back = [*to_zero2, "--set", f"run.out_dir={tmp_path / 'back'}", "--set", ZERO3, "--set", FOUR_RANKS[0]]
     (tmp_path / "back").mkdir()
     (tmp_path / "back" / "checkpoints").symlink_to(tmp_path / "z2")
     to_3 = run_ranks("deepspeed", 4, ["tests.workers.resave", str(tmp_path / "z3"), *back], module=True)
-    assert "ZeRO-2) on world size 4, ep_size 2, ZeRO-3" in to_3.stdout
-    exports = []
-    for name, folder in (("a", tmp_path / "checkpoints"), ("b", tmp_path / "z2"), ("c", tmp_path / "z3")):
-        convert(resolve_tag_dir(folder), tmp_path / name)
-        exports.append(load_file(tmp_path / name / "model.safetensors"))
-    a = exports[0]
-    for other in exports[1:]:
-        assert a.keys() == other.keys() and all(torch.equal(a[key], other[key]) for key in a)
+    assert "ZeRO-2) on world size 4, ep_size 2, ZeRO-3: weights, fp32 master weights" in to_3.stdout
+    folders = [resolve_tag_dir(f) for f in (tmp_path / "checkpoints", tmp_path / "z2", tmp_path / "z3")]
+    exports, states = [], []
+    for i, tag in enumerate(folders):
+        convert(tag, tmp_path / f"export{i}")
+        exports.append(load_file(tmp_path / f"export{i}" / "model.safetensors"))
+        meta = read_meta(tag)
+        states.append(read_zero_state(tag, saved_config(meta["config"], tag), meta["world_size"]))
+    for export, state in zip(exports[1:], states[1:]):
+        assert export.keys() == exports[0].keys() and all(torch.equal(export[k], exports[0][k]) for k in export)
+        for field in ("fp32", "exp_avg", "exp_avg_sq"):
+            assert state[field].keys() == states[0][field].keys() and len(state[field]) > 0, field
+            assert all(torch.equal(state[field][k], states[0][field][k]) for k in state[field]), field
+        assert torch.equal(state["step"]["step"], states[0]["step"]["step"])
     # and the restored engines computed with those weights from the start (the first step after a
     # resume uses them): the same validation loss at both stages, to float32 rounding
     after = [float(p.stdout.split("validation loss after the restore: ")[1].split()[0]) for p in (to_2, to_3)]

@@ -38,6 +38,11 @@ def expert_file(layer: int, expert: int) -> str:
     return f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 
 
+def zero3_model_file(rank: int) -> str:
+    """DeepSpeed's ZeRO-3 file of ``rank``'s weight partitions (and the parameter names and shapes)."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_rank{rank}.pt"
 

@@ -21,7 +21,8 @@ OPTIMIZER_FIELDS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 def read_zero_state(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[str, dict[str, torch.Tensor]] | None:
-    """Full fp32 master weights and Adam moments gathered from ZeRO-1/2 shards (None for ZeRO-3 ones).
+    """Full fp32 master weights and Adam moments gathered from ZeRO-1/2 shards (or ZeRO-3 ones:
+    ``smoe_ds.checkpoint.reshard_zero3``).
 
     Returns {"fp32" | "exp_avg" | "exp_avg_sq": {name: tensor}} with names in the per-expert
     layout and global expert ids, plus {"step": {"step": tensor}}; None when there are no shards.
@@ -32,8 +33,6 @@ def read_zero_state(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[st
     group spans the ranks of one expert-parallel rank e (r mod ep_size == e), and its local
     experts are global experts [e * E, (e + 1) * E).
     """
-    if cfg.zero_stage == 3:  # ZeRO-3 shards hold other structures; their state is not resharded
-        return None
     shards = {}
     for f in tag_dir.iterdir():
         m = ZERO_SHARD.match(f.name)
@@ -43,6 +42,10 @@ def read_zero_state(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[st
         return None
     if sorted(shards) != list(range(world_size)):
         raise CheckpointError(f"{tag_dir} has ZeRO shards for ranks {sorted(shards)}, expected 0..{world_size - 1}")
+    if cfg.zero_stage == 3:
+        from smoe_ds.checkpoint.reshard_zero3 import read_zero3_state
+
+        return read_zero3_state(tag_dir, shards, cfg, world_size)
     ep = cfg.expert_parallel_size
     pieces: dict[tuple[str, str, int], list[torch.Tensor]] = {}
     step = None

@@ -8,6 +8,7 @@ from smoe_ds import distributed as D
 from smoe_ds.checkpoint.files import MODEL_FILE, CheckpointError, latest_tag, load_file, read_meta, rng_file
 from smoe_ds.checkpoint.read import check_resumable, model_mismatch, read_model, saved_config
 from smoe_ds.checkpoint.reshard import read_zero_state, reshard_optimizer, reshard_plain_optimizer
+from smoe_ds.checkpoint.reshard_zero3 import reshard_zero3_optimizer
 from smoe_ds.checkpoint.save import set_rng_states
 from smoe_ds.config import TrainConfig
 from smoe_ds.moe.parallel import ep_rank_of
@@ -68,6 +69,9 @@ def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world:
         if zero_state is not None and engine.zero_optimization_stage() in (1, 2):
             reshard_optimizer(engine, cfg, zero_state)
             resharded = True
+        elif zero_state is not None and engine.zero_optimization_stage() == 3:
+            reshard_zero3_optimizer(engine, cfg, zero_state)
+            resharded = True
         else:
             resharded = zero_state is None and reshard_plain_optimizer(engine, cfg, saved_cfg, tag_dir)
         _report_reshard(cfg, tag, meta, world, ep, resharded, saved_cfg.zero_stage)
@@ -115,6 +119,6 @@ def _report_reshard(
         print(
             f"smoe-ds: warning: {layout}: model weights and the LR schedule are restored exactly; the "
             "optimizer state (Adam moments and fp32 master weights) is RESET, because it can only be "
-            f"resharded between ZeRO-1/2 runs or between fp32 ZeRO-0 runs; {fresh}",
+            f"resharded between ZeRO-1/2/3 runs or between fp32 ZeRO-0 runs; {fresh}",
             flush=True,
         )
