@@ -30,9 +30,18 @@ _STORE_MISSES_BEFORE_GIVING_UP = 2  # one miss can be a peer finishing first; tw
 class PeerWatchdog:
     """Heartbeats for ``world`` ranks; ``hosts[r]`` names rank r's machine in messages."""
 
-    def __init__(self, store, rank: int, world: int, hosts: list[str], interval_s: float, timeout_s: float):
+    def __init__(
+        self,
+        store,
+        rank: int,
+        world: int,
+        hosts: list[str],
+        interval_s: float,
+        timeout_s: float,
+        store_timeout_s: float = 5.0,
+    ):
         self.store, self.rank, self.world, self.hosts = store, rank, world, hosts
-        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.interval_s, self.timeout_s, self.store_timeout_s = interval_s, timeout_s, store_timeout_s
         self._beats = 0
         self._stopping = threading.Event()
         self._last_change: dict[int, tuple[bytes, float]] = {}
@@ -47,14 +56,15 @@ class PeerWatchdog:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop beating. The thread is joined briefly, so that at a normal exit no store call of
-        it is still running while the process group and the interpreter are torn down (seen to
-        end a rank with 'terminate called without an active exception'); a thread stuck on a
-        dead store is left behind after a second rather than delaying the exit."""
+        """Stop beating. The thread is joined, so that at a normal exit no store call of it is
+        still running while the process group and the interpreter are torn down: that ends a
+        rank with 'terminate called without an active exception'. A store call returns within
+        the store's timeout (a dead store included), so the join waits at most that long; a
+        1-second bound was seen to be too short on a loaded machine (CI, load 7)."""
         self._stopping.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=1.0)
+            thread.join(timeout=self.store_timeout_s + 1.0)
 
     # -- the thread ---------------------------------------------------------------------------
 
@@ -135,10 +145,11 @@ def start(interval_s: float, timeout_s: float) -> PeerWatchdog | None:
     # The group's own store; a clone so the thread has its own connection, with a short timeout
     # so that a dead store host is noticed in seconds.
     store = dist.distributed_c10d._get_default_store().clone()
-    store.set_timeout(timedelta(seconds=max(5.0, 2 * interval_s)))
+    store_timeout_s = max(5.0, 2 * interval_s)
+    store.set_timeout(timedelta(seconds=store_timeout_s))
     hosts: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(hosts, os.uname().nodename)
-    _active = PeerWatchdog(store, dist.get_rank(), dist.get_world_size(), hosts, interval_s, timeout_s)
+    _active = PeerWatchdog(store, dist.get_rank(), dist.get_world_size(), hosts, interval_s, timeout_s, store_timeout_s)
     _active.start()
     dist.barrier()  # every rank's first beat is in the store before anyone reads
     return _active
