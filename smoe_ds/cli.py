@@ -45,8 +45,17 @@ def run_main(job: Callable[[], None]) -> int:
     if multi_rank:
         sys.stdout.flush()
         sys.stderr.flush()
+        _finalize_mpi()  # under mpirun a rank that leaves without MPI_Finalize fails the job
         os._exit(code)
     return code
+
+
+def _finalize_mpi() -> None:
+    """MPI_Finalize, where DeepSpeed's MPI discovery initialised MPI (mpi4py finalises it at exit,
+    which ``os._exit`` skips)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def _run(job: Callable[[], None]) -> int:
