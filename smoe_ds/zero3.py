@@ -39,10 +39,6 @@ from smoe_ds.moe.parallel import (
 )
 
 
-def zero_stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for layer in moe_layers(model) for p in layer.deepspeed_moe.experts.parameters()]
 
