@@ -1,94 +1,134 @@
-"""End-to-end benchmark: SMoE-Dropout (the paper's schedule, k linear N/2 -> N) against the
-dense model with equal parameters, same data, steps and optimizer, through the real trainer.
+"""End-to-end benchmark: the trainer with SMoE-Dropout against the dense model of equal parameters,
+same data, steps and optimizer, and with more than one rank, expert parallelism against none.
 
-    python -m smoe_ds.bench_e2e [--steps 60] [--d-model 256] [--experts 16] [--d-expert 512] [--out DIR]
-        [--config ds_configs/gpu_bf16.json] [--set KEY=VALUE ...]
+    python -m smoe_ds.bench_e2e [--ranks 1] [--steps 60] [--config ds_configs/cpu_tiny.json]
+        [--d-model D] [--layers L] [--experts N] [--d-expert H] [--block-size T] [--batch B]
+        [--out DIR] [--set KEY=VALUE ...]
 
-Each run is ``python -m smoe_ds.train`` in its own process (one rank, all cores); the trainer's
-own wall time for the training steps (start-up and the final evaluation excluded) and its
-tokens/s are compared. Prints a table and writes ``DIR/bench_e2e.json``. It runs where the
-trainer does: on a GPU when there is one (e.g. with ``--config ds_configs/gpu_bf16.json``).
-``--set`` passes a trainer override to both runs (after the benchmark's own).
+Variants, each ``smoe_ds.train`` in its own processes (``smoe_ds.bench_runs``), in one run:
+- ``--ranks 1``: dense, SMoE-Dropout;
+- ``--ranks R`` (R > 1, the deepspeed launcher): dense, SMoE-Dropout at ep_size 1 (experts
+  replicated, pure data parallel) and SMoE-Dropout at ep_size R (experts sharded, all-to-all).
+Every run records its step breakdown (``run.step_breakdown``: each phase of a step and each
+collective inside it, mean over ranks, warm-up steps excluded); the table shows them side by side
+with the trainer's wall time for the training steps (start-up and the final evaluation excluded).
+
+The model is the config's unless a shape flag overrides it; ``--experts`` also sets the k
+schedule to the paper's linear N/2 -> N. Writes ``DIR/bench_e2e.json``. It runs where the
+trainer does: on a GPU with e.g. ``--config ds_configs/gpu_bf16.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_tiny.json"
+from smoe_ds.bench_runs import REPO_CONFIG, run_trainer
+from smoe_ds.step_breakdown import format_table
+
+SHAPE_FLAGS = {  # flag -> the config key it overrides
+    "d_model": "model.d_model",
+    "layers": "model.n_layers",
+    "experts": "moe.num_experts",
+    "d_expert": "moe.d_expert",
+    "block_size": "model.block_size",
+    "batch": "train_micro_batch_size_per_gpu",
+}
 
 
-def run_mode(mode: str, args, out: Path) -> dict:
-    n = args.experts
+def variants(ranks: int) -> dict[str, dict]:
+    """Variant name -> its overrides: dense and SMoE-Dropout, and for ranks > 1 both ep_sizes."""
+    dense = {"moe.mode": "dense", "moe.ep_size": 1}
+    if ranks == 1:
+        return {"dense": dense, "smoe_dropout": {"moe.mode": "smoe_dropout", "moe.ep_size": 1}}
+    return {
+        "dense": dense,
+        "smoe_dropout ep_size 1": {"moe.mode": "smoe_dropout", "moe.ep_size": 1},
+        f"smoe_dropout ep_size {ranks}": {"moe.mode": "smoe_dropout", "moe.ep_size": ranks},
+    }
+
+
+def common_overrides(args) -> dict:
+    """The benchmark's overrides for every variant: steps, no checkpoint, the shape flags given."""
     sets = {
-        "moe.mode": mode,
-        "moe.ep_size": 1,
-        "moe.num_experts": n,
-        "moe.d_expert": args.d_expert,
-        "moe.k_schedule": json.dumps({"kind": "linear", "k_min": n // 2, "k_max": n}),
-        "model.d_model": args.d_model,
-        "model.n_layers": args.layers,
-        "model.n_heads": max(1, args.d_model // 64),
-        "model.block_size": args.block_size,
-        "train_micro_batch_size_per_gpu": args.batch,
         "run.max_steps": args.steps,
         "run.eval_interval": 0,
         "run.save_checkpoint": "false",
-        "run.eval_ks": json.dumps([n]),
         "run.final_eval_batches": 2,
-        "run.eval_batches": 2,
-        "run.out_dir": str(out / mode),
+        "run.step_breakdown": "true",
     }
-    cmd = [sys.executable, "-m", "smoe_ds.train", "--config", str(args.config)]
-    for item in [f"{key}={value}" for key, value in sets.items()] + args.set:
-        cmd += ["--set", item]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / mode / "train_summary.json").read_text())
+    for flag, key in SHAPE_FLAGS.items():
+        if getattr(args, flag) is not None:
+            sets[key] = getattr(args, flag)
+    if args.d_model is not None:
+        sets["model.n_heads"] = max(1, args.d_model // 64)
+    if args.experts is not None:
+        n = args.experts
+        sets["moe.k_schedule"] = json.dumps({"kind": "linear", "k_min": n // 2, "k_max": n})
+        sets["run.eval_ks"] = json.dumps([n])
+    return sets
+
+
+def run_variant(name: str, overrides: dict, args) -> dict:
+    folder = args.out / name.replace(" ", "_")
+    summary = run_trainer(name, args.config, args.ranks, {**common_overrides(args), **overrides}, args.set, folder)
+    config = json.loads((folder / "config.json").read_text())
     return {
-        "mode": mode,
+        "name": name,
+        "mode": config["moe"]["mode"],
+        "ep_size": config["moe"]["ep_size"],
         "train_wall_s": summary["train_wall_s"],
         "tokens_per_s": summary["tokens_per_s"],
-        "final_train_loss": summary["history"][-1]["loss"],
+        "final_train_loss": summary["history"][-1]["loss"] if summary["history"] else None,
         "val_loss_at_k_N": summary["self_slimming"][-1]["loss"],
+        "step_breakdown": summary["step_breakdown"],
     }
+
+
+def ratios(rows: list[dict], ranks: int) -> dict:
+    """Wall-time ratios: the sharded (or only) SMoE-Dropout over dense and, with ranks > 1, over ep_size 1."""
+    wall = {r["name"]: r["train_wall_s"] for r in rows}
+    smoe = rows[-1]["name"]
+    out = {"wall_ratio_smoe_over_dense": wall[smoe] / wall["dense"]}
+    if ranks > 1:
+        out[f"wall_ratio_ep{ranks}_over_ep1"] = wall[smoe] / wall["smoe_dropout ep_size 1"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="smoe-bench-e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=REPO_CONFIG, help="base config (its optimizer and data are used)")
+    p.add_argument("--config", type=Path, default=REPO_CONFIG, help="base config (model, optimizer, data)")
+    p.add_argument("--ranks", type=int, default=1, help="ranks per run; > 1 adds SMoE-Dropout at ep_size 1")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--d-expert", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--layers", type=int)
+    p.add_argument("--experts", type=int)
+    p.add_argument("--d-expert", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--batch", type=int, help="micro-batch per rank")
     p.add_argument("--out", type=Path, default=Path("runs/bench_e2e"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for both runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for every run")
     args = p.parse_args(argv)
+    if args.ranks < 1:
+        p.error(f"--ranks must be >= 1, got {args.ranks}")
+    if args.steps < 2:
+        p.error(f"--steps must be >= 2 (the first step is never timed), got {args.steps}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_mode(mode, args, args.out) for mode in ("dense", "smoe_dropout")]
-    dense, smoe = rows
-    ratio = smoe["train_wall_s"] / dense["train_wall_s"]
-    print(
-        f"\nend to end, {args.steps} steps, {args.layers} layers x d_model {args.d_model}, "
-        f"{args.experts} experts x {args.d_expert} (dense d_ff {args.experts * args.d_expert}), "
-        f"k {args.experts // 2} -> {args.experts} linear"
-    )
-    print(f"{'mode':>14} {'wall s':>8} {'tokens/s':>10} {'val loss k=N':>13}")
+    rows = [run_variant(name, overrides, args) for name, overrides in variants(args.ranks).items()]
+    result_ratios = ratios(rows, args.ranks)
+    head = f"end to end, {args.ranks} rank(s), {args.steps} steps, {args.config.name}"
+    print(f"\n{head}; step breakdown, mean over ranks:")
+    print(format_table({r["name"]: r["step_breakdown"] for r in rows}))
+    print(f"\n{'variant':>24} {'wall s':>8} {'tokens/s':>10} {'val loss k=N':>13}")
     for r in rows:
-        print(f"{r['mode']:>14} {r['train_wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['val_loss_at_k_N']:>13.4f}")
-    print(f"SMoE-Dropout wall time / dense: {ratio:.3f}")
-    result = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "runs": rows,
-        "wall_ratio_smoe_over_dense": ratio,
-    }
+        print(f"{r['name']:>24} {r['train_wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['val_loss_at_k_N']:>13.4f}")
+    print(f"SMoE-Dropout wall time / dense: {result_ratios['wall_ratio_smoe_over_dense']:.3f}")
+    if args.ranks > 1:
+        ep = result_ratios[f"wall_ratio_ep{args.ranks}_over_ep1"]
+        print(f"SMoE-Dropout wall time, ep_size {args.ranks} / ep_size 1: {ep:.3f}")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = {"settings": settings, "runs": rows, **result_ratios}
     (args.out / "bench_e2e.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / 'bench_e2e.json'}")
     return 0

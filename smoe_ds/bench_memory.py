@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from smoe_ds.distributed import free_port
+from smoe_ds.bench_runs import REPO_CONFIG, run_trainer
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_tiny.json"
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
 ZERO2 = {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True}
 VARIANTS = {  # name -> (zero_optimization section, whether the optimizer is DeepSpeedCPUAdam)
@@ -43,15 +40,8 @@ def run_variant(name: str, args, out: Path) -> list[dict]:
         "run.eval_interval": 0,
         "run.save_checkpoint": "false",
         "run.final_eval_batches": 1,
-        "run.out_dir": str(folder),
     }
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks)]
-    cmd += ["--master_port", str(free_port()), "--module", "smoe_ds.train", "--config", str(args.config)]
-    for item in [f"{key}={value}" for key, value in sets.items()] + args.set:
-        cmd += ["--set", item]
-    print(f"[{name}]", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return json.loads((folder / "train_summary.json").read_text())["memory_per_rank"]
+    return run_trainer(name, args.config, args.ranks, sets, args.set, folder)["memory_per_rank"]
 
 
 def kib(n: float) -> str:

@@ -120,6 +120,7 @@ class RunConfig:
     dead_rank_timeout_s: float = 120.0  # a rank silent this long is declared dead and every rank exits
     heartbeat_interval_s: float = 2.0  # how often each rank tells the others it is alive
     max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss (fp32, bf16) before the run stops
+    step_breakdown: bool = False  # time each phase of a step and its collectives (smoe_ds.step_breakdown)
 
 
 @dataclass

@@ -20,6 +20,9 @@ from tqdm import tqdm
 from smoe_ds import distributed as D
 from smoe_ds import faults
 from smoe_ds.numerics import BadLossGuard
+from smoe_ds.step_breakdown import StepBreakdown
+
+NO_BREAKDOWN = StepBreakdown(enabled=False)  # times nothing
 
 MicroBatchLoss = Callable[[object], tuple[torch.Tensor, torch.Tensor]]
 """One micro-batch, as the data iterator yields it (on the CPU) -> (the scalar loss to
@@ -34,6 +37,7 @@ def optimizer_step(
     step: int,
     rank: int,
     last_checkpoint: Callable[[], str | None] = lambda: None,
+    breakdown: StepBreakdown = NO_BREAKDOWN,
 ) -> torch.Tensor:
     """One optimizer step of ``engine`` over gradient_accumulation_steps good micro-batches from
     ``batches``; returns the sum of their logged losses (a float32 scalar on the CPU).
@@ -41,18 +45,25 @@ def optimizer_step(
     A micro-batch whose loss is NaN/inf on any rank is skipped everywhere before backward and
     replaced by the next one (see smoe_ds.numerics), so no bad gradient reaches the weights.
     ``last_checkpoint`` names the newest checkpoint for the message when too many go bad in a row.
+    ``breakdown`` times each phase when enabled (``smoe_ds.step_breakdown``).
     """
     total, good = torch.zeros(()), 0
     while good < engine.gradient_accumulation_steps():
-        loss, logged = micro_batch_loss(next(batches))
+        with breakdown.phase("data"):
+            batch = next(batches)
+        with breakdown.phase("forward"):
+            loss, logged = micro_batch_loss(batch)
         if faults.poisoned("train", rank, step):
             loss = loss * float("nan")
-        bad = guard.bad_ranks(loss)
+        with breakdown.phase("loss check"):
+            bad = guard.bad_ranks(loss)
         if bad:
             guard.record_bad(step, bad, last_checkpoint())
             continue
-        engine.backward(loss)
-        engine.step()
+        with breakdown.phase("backward"):
+            engine.backward(loss)
+        with breakdown.phase("optimizer step"):
+            engine.step()
         total += logged.detach().float().cpu()
         good += 1
     guard.record_good()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import resource
 
 import torch
-import torch.distributed as dist
 
 from smoe_ds import distributed as D
 
@@ -63,9 +62,4 @@ def _master_copies(optimizer, basic) -> list[torch.Tensor]:
 
 def per_rank(engine) -> list[dict]:
     """``held_by_this_rank`` of every rank, in rank order (a collective: every rank calls it)."""
-    mine = held_by_this_rank(engine)
-    if D.world_size() == 1:
-        return [mine]
-    everyone: list[dict] = [{}] * D.world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
+    return D.all_gather_object(held_by_this_rank(engine))

@@ -31,8 +31,7 @@ def gather_layout(ep_size: int, num_experts: int) -> dict:
         "ep": dist.get_process_group_ranks(expert_parallel_group(ep_size)),
         "edp": dist.get_process_group_ranks(expert_data_parallel_group(ep_size)),
     }
-    everyone: list[dict] = [{}] * D.world_size()
-    dist.all_gather_object(everyone, mine)
+    everyone = D.all_gather_object(mine)
     n_local = num_experts // ep_size
     ep_rank = [m["ep"].index(r) for r, m in enumerate(everyone)]
     return {

@@ -43,6 +43,7 @@ from smoe_ds.moe.thor import thor_loss
 from smoe_ds.numerics import BadLossGuard
 from smoe_ds.results import LN2, report, validation_loss
 from smoe_ds.runtime import Runtime, build_runtime
+from smoe_ds.step_breakdown import StepBreakdown, format_table
 
 
 def expert_load_events(model: torch.nn.Module, step: int) -> list[tuple]:
@@ -182,11 +183,14 @@ def log_line(rt: Runtime, guard: BadLossGuard, bar, done: int, k: int, loss: flo
     }
 
 
-def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tuple[list, list, float]:
+def train_steps(
+    rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict
+) -> tuple[list, list, TrainClock, StepBreakdown]:
     """Steps start_step..run.max_steps with their log lines, validations and saves, then the final save.
 
-    Returns the log history, the validation history and the run's training time (s): the
-    steps of every sitting, without validations and saves (``smoe_ds.loop.TrainClock``).
+    Returns the log history, the validation history, the run's training clock (the steps of
+    every sitting, without validations and saves) and the step breakdown (off unless
+    ``run.step_breakdown``).
     """
     cfg, engine, run = rt.cfg, rt.engine, rt.cfg.run
     gas = engine.gradient_accumulation_steps()
@@ -210,6 +214,8 @@ def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tu
     guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
     guard.skipped = skipped_before
     loss_of = micro_batch_loss(rt)
+    # The first steps (a fifth of them, at most 10) warm up before the breakdown counts.
+    breakdown = StepBreakdown(run.step_breakdown, warmup_steps=min(10, (run.max_steps - start_step) // 5))
 
     def save(step: int) -> None:
         with clock.paused():  # collective: every rank calls it
@@ -223,7 +229,8 @@ def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tu
         k = active_k(cfg, step)
         set_active_experts(engine.module, k)
         faults.maybe_die("train", rt.rank, step)
-        window.add(optimizer_step(engine, batches, loss_of, guard, step, rt.rank, last_checkpoint), gas * rt.world_size)
+        step_loss = optimizer_step(engine, batches, loss_of, guard, step, rt.rank, last_checkpoint, breakdown)
+        window.add(step_loss, gas * rt.world_size)
         done = step + 1
         bar.update(1)
         if done % run.log_interval == 0 or done == run.max_steps:
@@ -235,10 +242,11 @@ def train_steps(rt: Runtime, ckpt_dir: Path, start_step: int, saved: dict) -> tu
                 val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar, clock))
         if run.save_checkpoint and run.save_interval and done % run.save_interval == 0 and done < run.max_steps:
             save(done)
+        breakdown.step_done(clock.elapsed_s())
     bar.close()
     if run.save_checkpoint and start_step < run.max_steps:
         save(run.max_steps)
-    return history, val_history, clock
+    return history, val_history, clock, breakdown
 
 
 def final_sweep(rt: Runtime, wall: float) -> list[dict]:
@@ -277,8 +285,9 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     open_run_folder(rt, out_dir)
     start_step, saved = resume(rt, ckpt_dir)
-    history, val_history, clock = train_steps(rt, ckpt_dir, start_step, saved)
+    history, val_history, clock, breakdown = train_steps(rt, ckpt_dir, start_step, saved)
     wall = clock.elapsed_s()
+    step_breakdown = breakdown.summary()  # collective
     rows = final_sweep(rt, wall)
     summary = {
         "train_wall_s": wall,  # every sitting's steps, without validations and saves
@@ -289,7 +298,12 @@ def train(cfg: TrainConfig) -> dict:
         "self_slimming": rows,
         "memory_per_rank": memory.per_rank(rt.engine),
     }
+    if step_breakdown:
+        summary["step_breakdown"] = step_breakdown
     if D.is_main():
+        if step_breakdown:
+            print(f"step breakdown, mean over ranks of {step_breakdown['measured_steps']} steps:", flush=True)
+            print(format_table({cfg.moe.mode: step_breakdown}), flush=True)
         write_summary(out_dir, summary)
         print(closing_line(summary, cfg.run.max_steps), flush=True)
     return summary

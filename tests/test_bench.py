@@ -64,6 +64,44 @@ def test_bench_e2e_runs_dense_and_smoe_dropout_with_the_overrides_and_writes_jso
     assert result["wall_ratio_smoe_over_dense"] > 0
 
 
+def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(tmp_path):
+    """dense, ep_size 1 and ep_size 2 under the deepspeed launcher (tests/configs/e2e_tiny.json: 2 MoE
+    layers). The measured phases must cover the trainer's own step time (within 10%), every
+    collective must fit inside its phase, and the dispatcher's all-to-alls must appear exactly where
+    experts are sharded: per step, per layer, one count exchange, one dispatch and one combine
+    forward, and each of the two again backward."""
+    out = tmp_path / "e2e"
+    args = ["--ranks", "2", "--steps", "12", "--config", "tests/configs/e2e_tiny.json", "--out", str(out)]
+    proc = run_ranks("python", 1, ["smoe_ds.bench_e2e", *args], module=True)
+    assert "ep_size 2 / ep_size 1" in proc.stdout and "moe_dispatch_grad" in proc.stdout
+    result = json.loads((out / "bench_e2e.json").read_text())
+    runs = {r["name"]: r for r in result["runs"]}
+    assert list(runs) == ["dense", "smoe_dropout ep_size 1", "smoe_dropout ep_size 2"]
+    layers = 2
+    for name, run in runs.items():
+        b = run["step_breakdown"]
+        assert b["measured_steps"] == 10 and b["warmup_steps"] == 2
+        measured = sum(p["total"]["ms"] for phase, p in b["phases"].items() if phase != "other")
+        assert abs(measured / b["step"]["ms"] - 1) <= 0.10, (name, measured, b["step"]["ms"])
+        for collective, c in b["collectives"].items():
+            phase = collective.split("/")[0]
+            assert 0 <= c["ms"] <= b["phases"][phase]["total"]["ms"] * 1.001, (name, collective)
+        ours = {n: c["calls_per_step"] for n, c in b["collectives"].items() if "moe_" in n}
+        if run["ep_size"] == 2:
+            assert ours == {
+                "forward/moe_counts": layers,
+                "forward/moe_dispatch": layers,
+                "forward/moe_combine": layers,
+                "backward/moe_dispatch_grad": layers,
+                "backward/moe_combine_grad": layers,
+            }
+        else:
+            assert ours == {}
+        # ZeRO-2 reduces the gradients in backward on every variant (2 ranks of data parallelism)
+        assert any(n.startswith("backward/") and "moe_" not in n for n in b["collectives"]), name
+    assert result["wall_ratio_ep2_over_ep1"] > 0 and result["wall_ratio_smoe_over_dense"] > 0
+
+
 def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3(tmp_path):
     """2 ranks at ep_size 2 (tests/configs/e2e_tiny.json): ZeRO-3 holds half the non-expert weights of
     ZeRO-2 on each rank, and fp32 AdamW keeps two moments the size of this rank's master partition."""

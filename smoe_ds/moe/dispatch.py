@@ -18,23 +18,33 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+COLLECTIVES = ("moe_counts", "moe_dispatch", "moe_combine", "moe_dispatch_grad", "moe_combine_grad")
+"""The names our collectives carry in DeepSpeed's comms logger (``smoe_ds.step_breakdown``)."""
+
+
+def _all_to_all(out: torch.Tensor, x: torch.Tensor, out_splits, in_splits, group, name: str) -> None:
+    """``all_to_all_single`` through ``deepspeed.comm``, so its comms logger can time it as ``name``."""
+    from deepspeed import comm
+
+    comm.all_to_all_single(out, x, out_splits, in_splits, group=group, log_name=name)
+
 
 class _AllToAll(torch.autograd.Function):
-    """``dist.all_to_all_single`` with uneven splits; its gradient runs the exchange backwards."""
+    """All-to-all with uneven splits; its gradient runs the exchange backwards (as ``name``_grad)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, recv_counts: list[int], send_counts: list[int], group) -> torch.Tensor:
-        ctx.counts, ctx.group = (recv_counts, send_counts), group
+    def forward(ctx, x: torch.Tensor, recv_counts: list[int], send_counts: list[int], group, name: str):
+        ctx.counts, ctx.group, ctx.name = (recv_counts, send_counts), group, name
         out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+        _all_to_all(out, x.contiguous(), recv_counts, send_counts, group, name)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         recv_counts, send_counts = ctx.counts
         grad_x = grad.new_empty((sum(send_counts), *grad.shape[1:]))
-        dist.all_to_all_single(grad_x, grad.contiguous(), send_counts, recv_counts, group=ctx.group)
-        return grad_x, None, None, None
+        _all_to_all(grad_x, grad.contiguous(), send_counts, recv_counts, ctx.group, ctx.name + "_grad")
+        return grad_x, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -64,11 +74,11 @@ def dispatch(
     dest_M, token_M = (gates_SPE != 0).any(-1).t().nonzero(as_tuple=True)  # sorted by destination rank
     send = torch.bincount(dest_M, minlength=ep_size)
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
+    _all_to_all(recv, send, None, None, group, "moe_counts")
     send_counts, recv_counts = send.tolist(), recv.tolist()
     # One message per row: the token and its gates for the destination's experts.
     payload_MX = torch.cat([x_SD.index_select(0, token_M), gates_SPE[token_M, dest_M].to(x_SD.dtype)], dim=1)
-    received_TX = _AllToAll.apply(payload_MX, recv_counts, send_counts, group)
+    received_TX = _AllToAll.apply(payload_MX, recv_counts, send_counts, group, "moe_dispatch")
     D = x_SD.shape[1]
     plan = DispatchPlan(token_M, send_counts, recv_counts, S, group)
     return received_TX[:, :D], received_TX[:, D:], plan
@@ -78,7 +88,7 @@ def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     """Return each rank's partial outputs and sum them per token -> [S, D]."""
     if plan is None:
         return y_TD
-    back_MD = _AllToAll.apply(y_TD, plan.send_counts, plan.recv_counts, plan.group)
+    back_MD = _AllToAll.apply(y_TD, plan.send_counts, plan.recv_counts, plan.group, "moe_combine")
     return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_M, back_MD)
 
 
