@@ -186,7 +186,7 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
                 if rep:
                     times[name].append(t)
         plan = layers.ours.deepspeed_moe.last_plan
-        ours_bytes = bytes_sent(plan, d, n // world, elem, rank)
+        ours_bytes = bytes_sent(plan, d, elem, rank)
         # The stock layer ships its whole [N, C, D] buffer both ways; (P-1)/P of it leaves the rank.
         capacity = int(layers.stock.deepspeed_moe.exp_counts.max())
         cap = torch.tensor([capacity])

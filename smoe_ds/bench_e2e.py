@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 from smoe_ds.bench_runs import REPO_CONFIG, run_trainer
+from smoe_ds.config import FULL_ROUTE_DISPATCH
 from smoe_ds.step_breakdown import format_table
 
 SHAPE_FLAGS = {  # flag -> the config key it overrides
@@ -37,16 +38,19 @@ SHAPE_FLAGS = {  # flag -> the config key it overrides
 }
 
 
-def variants(ranks: int) -> dict[str, dict]:
-    """Variant name -> its overrides: dense and SMoE-Dropout, and for ranks > 1 both ep_sizes."""
+def variants(ranks: int, full_route_dispatch: list[str]) -> dict[str, dict]:
+    """Variant name -> its overrides: dense and SMoE-Dropout, and for ranks > 1 both ep_sizes, the
+    sharded one once per ``full_route_dispatch`` given (none given: the config's)."""
     dense = {"moe.mode": "dense", "moe.ep_size": 1}
     if ranks == 1:
         return {"dense": dense, "smoe_dropout": {"moe.mode": "smoe_dropout", "moe.ep_size": 1}}
-    return {
-        "dense": dense,
-        "smoe_dropout ep_size 1": {"moe.mode": "smoe_dropout", "moe.ep_size": 1},
-        f"smoe_dropout ep_size {ranks}": {"moe.mode": "smoe_dropout", "moe.ep_size": ranks},
-    }
+    out = {"dense": dense, "smoe_dropout ep_size 1": {"moe.mode": "smoe_dropout", "moe.ep_size": 1}}
+    sharded = {"moe.mode": "smoe_dropout", "moe.ep_size": ranks}
+    if not full_route_dispatch:
+        out[f"smoe_dropout ep_size {ranks}"] = sharded
+    for how in full_route_dispatch:
+        out[f"smoe_dropout ep_size {ranks} {how}"] = {**sharded, "moe.full_route_dispatch": how}
+    return out
 
 
 def common_overrides(args) -> dict:
@@ -88,11 +92,16 @@ def run_variant(name: str, overrides: dict, args) -> dict:
 
 def ratios(rows: list[dict], ranks: int) -> dict:
     """Wall-time ratios: the sharded (or only) SMoE-Dropout over dense and, with ranks > 1, over ep_size 1."""
+    """Wall-time ratios of each SMoE-Dropout variant over dense and, with ranks > 1, of each sharded
+    one over ep_size 1. The first sharded variant's are also given under the plain keys."""
     wall = {r["name"]: r["train_wall_s"] for r in rows}
-    smoe = rows[-1]["name"]
-    out = {"wall_ratio_smoe_over_dense": wall[smoe] / wall["dense"]}
+    out = {f"wall_ratio {name} / dense": w / wall["dense"] for name, w in wall.items() if name != "dense"}
+    first = rows[1 if ranks == 1 else 2]["name"]
+    out["wall_ratio_smoe_over_dense"] = wall[first] / wall["dense"]
     if ranks > 1:
-        out[f"wall_ratio_ep{ranks}_over_ep1"] = wall[smoe] / wall["smoe_dropout ep_size 1"]
+        for r in rows[2:]:
+            out[f"wall_ratio {r['name']} / ep_size 1"] = r["train_wall_s"] / wall["smoe_dropout ep_size 1"]
+        out[f"wall_ratio_ep{ranks}_over_ep1"] = wall[first] / wall["smoe_dropout ep_size 1"]
     return out
 
 
@@ -107,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--d-expert", type=int)
     p.add_argument("--block-size", type=int)
     p.add_argument("--batch", type=int, help="micro-batch per rank")
+    p.add_argument(
+        "--full-route-dispatch",
+        default="",
+        help="with --ranks > 1: comma-separated moe.full_route_dispatch values, one sharded run each",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench_e2e"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for every run")
     args = p.parse_args(argv)
@@ -114,15 +128,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--ranks must be >= 1, got {args.ranks}")
     if args.steps < 2:
         p.error(f"--steps must be >= 2 (the first step is never timed), got {args.steps}")
+    how = [h.strip() for h in args.full_route_dispatch.split(",") if h.strip()]
+    unknown = [h for h in how if h not in FULL_ROUTE_DISPATCH]
+    if unknown:
+        p.error(f"unknown --full-route-dispatch {unknown[0]!r}; choose from {', '.join(FULL_ROUTE_DISPATCH)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_variant(name, overrides, args) for name, overrides in variants(args.ranks).items()]
+    rows = [run_variant(name, overrides, args) for name, overrides in variants(args.ranks, how).items()]
     result_ratios = ratios(rows, args.ranks)
     head = f"end to end, {args.ranks} rank(s), {args.steps} steps, {args.config.name}"
     print(f"\n{head}; step breakdown, mean over ranks:")
     print(format_table({r["name"]: r["step_breakdown"] for r in rows}))
-    print(f"\n{'variant':>24} {'wall s':>8} {'tokens/s':>10} {'val loss k=N':>13}")
+    w = max(len(r["name"]) for r in rows) + 2
+    print(f"\n{'variant':>{w}} {'wall s':>8} {'tokens/s':>10} {'val loss k=N':>13} {'/ dense':>8} {'/ ep_size 1':>12}")
     for r in rows:
-        print(f"{r['name']:>24} {r['train_wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['val_loss_at_k_N']:>13.4f}")
+        vs_dense = result_ratios.get(f"wall_ratio {r['name']} / dense")
+        vs_ep1 = result_ratios.get(f"wall_ratio {r['name']} / ep_size 1")
+        print(
+            f"{r['name']:>{w}} {r['train_wall_s']:>8.1f} {r['tokens_per_s']:>10.0f} {r['val_loss_at_k_N']:>13.4f}"
+            f" {_ratio(vs_dense):>8} {_ratio(vs_ep1):>12}"
+        )
     print(f"SMoE-Dropout wall time / dense: {result_ratios['wall_ratio_smoe_over_dense']:.3f}")
     if args.ranks > 1:
         ep = result_ratios[f"wall_ratio_ep{args.ranks}_over_ep1"]
@@ -132,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench_e2e.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / 'bench_e2e.json'}")
     return 0
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 OUR_SECTIONS = ("model", "moe", "data", "run")
 MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed", "thor")
+FULL_ROUTE_DISPATCH = ("all_to_all", "gather_scatter", "counted")
 SCHEDULE_KINDS = ("linear", "cosine", "exponential", "multistep")
 
 
@@ -83,6 +84,10 @@ class MoEConfig:
     # init for every Linear), which makes the softmax over the selected logits flatter.
     router_init_std: float | None = None
     capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * k * S / N)
+    # How tokens travel when every one goes to every expert-parallel rank (k > N - N/ep_size in
+    # training): "all_to_all" or "gather_scatter" (smoe_ds.moe.dispatch), or "counted" to always
+    # count and route each token as at small k.
+    full_route_dispatch: str = "all_to_all"
     k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
     k: int = 2  # fixed k of the "learned" baseline and the "random_fixed" ablation
     aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
@@ -210,6 +215,10 @@ class TrainConfig:
         _require(moe.mode in MOE_MODES, f"moe.mode must be one of {', '.join(MOE_MODES)}, got {moe.mode!r}")
         _require(moe.num_experts >= 1 and moe.d_expert >= 1, "moe.num_experts and moe.d_expert must be >= 1")
         _require(moe.ep_size >= 1, f"moe.ep_size must be >= 1, got {moe.ep_size}")
+        _require(
+            moe.full_route_dispatch in FULL_ROUTE_DISPATCH,
+            f"moe.full_route_dispatch must be one of {', '.join(FULL_ROUTE_DISPATCH)}, got {moe.full_route_dispatch!r}",
+        )
         _require(
             moe.router_init_std is None or moe.router_init_std > 0,
             f"moe.router_init_std must be positive or null (1/sqrt(d_model)), got {moe.router_init_std}",

@@ -37,6 +37,7 @@ from smoe_ds.loop import (
     write_summary,
 )
 from smoe_ds.models.lm import count_parameters
+from smoe_ds.moe.dispatch import same_tokens_on_every_rank
 from smoe_ds.moe.layer import moe_layers, set_active_experts
 from smoe_ds.moe.schedule import active_k
 from smoe_ds.moe.thor import thor_loss
@@ -75,10 +76,11 @@ def micro_batch_loss(rt: Runtime) -> MicroBatchLoss:
     def loss_of(batch):
         x, y = batch
         x, y = x.to(engine.device), y.to(engine.device)
-        out = engine(x, y)
-        loss = out.loss
-        if moe.mode == "thor":  # a second pass with fresh random routes, and their consistency
-            loss = thor_loss(out, engine(x, y), moe.thor_alpha)
+        with same_tokens_on_every_rank():  # every rank's micro-batch is [micro_batch, block_size]
+            out = engine(x, y)
+            loss = out.loss
+            if moe.mode == "thor":  # a second pass with fresh random routes, and their consistency
+                loss = thor_loss(out, engine(x, y), moe.thor_alpha)
         return loss, out.lm_loss
 
     return loss_of

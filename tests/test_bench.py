@@ -67,16 +67,19 @@ def test_bench_e2e_runs_dense_and_smoe_dropout_with_the_overrides_and_writes_jso
 def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(tmp_path):
     """dense, ep_size 1 and ep_size 2 under the deepspeed launcher (tests/configs/e2e_tiny.json: 2 MoE
     layers). The measured phases must cover the trainer's own step time (within 10%), every
-    collective must fit inside its phase, and the dispatcher's all-to-alls must appear exactly where
-    experts are sharded: per step, per layer, one count exchange, one dispatch and one combine
-    forward, and each of the two again backward."""
+    collective must fit inside its phase, and the dispatcher's collectives must appear exactly where
+    experts are sharded: per step, per layer, one count exchange ("counted": always), one dispatch
+    and one combine forward, and each of the two again backward. With full routes (k > N/2 = 2
+    from step 4 of 12 on) the count exchange is skipped."""
     out = tmp_path / "e2e"
     args = ["--ranks", "2", "--steps", "12", "--config", "tests/configs/e2e_tiny.json", "--out", str(out)]
+    args += ["--full-route-dispatch", "counted,gather_scatter"]
     proc = run_ranks("python", 1, ["smoe_ds.bench_e2e", *args], module=True)
     assert "ep_size 2 / ep_size 1" in proc.stdout and "moe_dispatch_grad" in proc.stdout
     result = json.loads((out / "bench_e2e.json").read_text())
     runs = {r["name"]: r for r in result["runs"]}
-    assert list(runs) == ["dense", "smoe_dropout ep_size 1", "smoe_dropout ep_size 2"]
+    sharded = ["smoe_dropout ep_size 2 counted", "smoe_dropout ep_size 2 gather_scatter"]
+    assert list(runs) == ["dense", "smoe_dropout ep_size 1", *sharded]
     layers = 2
     for name, run in runs.items():
         b = run["step_breakdown"]
@@ -88,8 +91,9 @@ def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(t
             assert 0 <= c["ms"] <= b["phases"][phase]["total"]["ms"] * 1.001, (name, collective)
         ours = {n: c["calls_per_step"] for n, c in b["collectives"].items() if "moe_" in n}
         if run["ep_size"] == 2:
+            counts = ours.pop("forward/moe_counts", 0)
+            assert counts == layers if name.endswith("counted") else 0 < counts < layers
             assert ours == {
-                "forward/moe_counts": layers,
                 "forward/moe_dispatch": layers,
                 "forward/moe_combine": layers,
                 "backward/moe_dispatch_grad": layers,
@@ -100,6 +104,7 @@ def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(t
         # ZeRO-2 reduces the gradients in backward on every variant (2 ranks of data parallelism)
         assert any(n.startswith("backward/") and "moe_" not in n for n in b["collectives"]), name
     assert result["wall_ratio_ep2_over_ep1"] > 0 and result["wall_ratio_smoe_over_dense"] > 0
+    assert all(result[f"wall_ratio {n} / ep_size 1"] > 0 for n in sharded)
 
 
 def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3(tmp_path):

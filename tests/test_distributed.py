@@ -48,6 +48,19 @@ def test_ep2_layer_matches_naive_loop_with_uneven_tokens(ep_result, k, path):
         assert row[key] <= TOL, (key, row)
 
 
+@pytest.mark.parametrize("collective", ["all_to_all", "gather_scatter"])
+@pytest.mark.parametrize("k", ["3", "4"])
+def test_ep2_full_routes_match_naive_loop_without_counting(ep_result, k, collective):
+    """k > N - E = 2 with the same token count on both ranks: every token goes to both ranks in
+    fixed splits, uncounted, by the chosen collective; outputs and gradients as the naive loop."""
+    row = ep_result["full_route"][collective][k]
+    assert row["out_norm"] > 1.0
+    assert not row["counted"] and row["gathered"] == (collective == "gather_scatter")
+    assert row["rows_sent"] == [row["tokens"], row["tokens"]]
+    for key in ("out", "grad_x", "grad_w_in", "grad_w_out"):
+        assert row[key] <= TOL, (key, row)
+
+
 def test_capacity_factor_drops_without_hanging_and_full_capacity_is_exact(ep_result):
     cap = ep_result["capacity"]
     assert cap["full_capacity_equals_dropless"]

@@ -7,12 +7,22 @@ payload columns. The whole legend is in ``smoe_ds.moe``.
 DeepSpeed's stock layer sends a token once per chosen expert, padded to a fixed capacity.
 Here a token goes at most once to each rank that holds any of its chosen experts, together
 with its gates for that rank's experts; the rank sums its experts' weighted outputs and
-sends one row back. At k = N every token goes to every rank once, which is the traffic of an
-all-gather plus a reduce-scatter. Variable split sizes keep it dropless with no padding.
+sends one row back. Variable split sizes keep it dropless with no padding. Per layer this is
+a count exchange and two all-to-alls forward, two all-to-alls backward.
+
+**Full routes.** When k > N - E, every token has chosen at least one expert on every rank (it
+chose k experts and only N - E lie elsewhere), so every token goes to every rank. If every rank
+also has the same number of tokens (``same_tokens_on_every_rank``, which the trainer promises
+for its fixed-shape micro-batches), every split is S and nothing needs counting: the count
+exchange is skipped and the rows need no gathering by index. Two collectives can then carry it
+(``FULL_ROUTE_COLLECTIVES``): the same all-to-alls with fixed splits, or an all-gather of
+(token, all N gates) and a reduce-scatter of the partial outputs, whose gradients are each other.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +30,24 @@ import torch.distributed as dist
 
 COLLECTIVES = ("moe_counts", "moe_dispatch", "moe_combine", "moe_dispatch_grad", "moe_combine_grad")
 """The names our collectives carry in DeepSpeed's comms logger (``smoe_ds.step_breakdown``)."""
+
+FULL_ROUTE_COLLECTIVES = ("all_to_all", "gather_scatter")
+"""How full routes travel: fixed-split all-to-alls, or an all-gather and a reduce-scatter."""
+
+_same_tokens = False  # inside same_tokens_on_every_rank()
+
+
+@contextlib.contextmanager
+def same_tokens_on_every_rank() -> Iterator[None]:
+    """Promise, for the forwards run inside, that every rank of each expert-parallel group passes
+    the same number of tokens through each MoE layer, which lets full routes skip the count
+    exchange. Breaking the promise makes the collectives' sizes disagree across ranks."""
+    global _same_tokens
+    before, _same_tokens = _same_tokens, True
+    try:
+        yield
+    finally:
+        _same_tokens = before
 
 
 def _all_to_all(out: torch.Tensor, x: torch.Tensor, out_splits, in_splits, group, name: str) -> None:
@@ -47,40 +75,111 @@ class _AllToAll(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+class _AllGather(torch.autograd.Function):
+    """[S, X] on each of the group's P ranks -> [P * S, X] in group-rank order; its gradient is the
+    reduce-scatter (sum) of the gathered rows' gradients."""
+
+    @staticmethod
+    def forward(ctx, x_SX: torch.Tensor, group, name: str):
+        ctx.group, ctx.name = group, name
+        return _all_gather(x_SX, group, name)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _reduce_scatter(grad, ctx.group, ctx.name + "_grad"), None, None
+
+
+def _all_gather(x: torch.Tensor, group, name: str) -> torch.Tensor:
+    """[S, X] on each rank -> [P * S, X], rank r's rows in block r."""
+    from deepspeed import comm
+
+    out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+    comm.all_gather_into_tensor(out, x.contiguous(), group=group, log_name=name)
+    return out
+
+
+def _reduce_scatter(y: torch.Tensor, group, name: str) -> torch.Tensor:
+    """[P * S, D] on each rank -> [S, D]: the sum over ranks of this rank's block of rows."""
+    from deepspeed import comm
+
+    out = y.new_empty((y.shape[0] // dist.get_world_size(group), *y.shape[1:]))
+    comm.reduce_scatter_tensor(out, y.contiguous(), group=group, log_name=name)
+    return out
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """[P * S, D] -> [S, D] summed over ranks; its gradient is the all-gather of the output's."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, group, name: str):
+        ctx.group, ctx.name = group, name
+        return _reduce_scatter(y, group, name)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_gather(grad, ctx.group, ctx.name + "_grad"), None, None
+
+
 @dataclass(frozen=True)
 class DispatchPlan:
     """What ``combine`` needs to return each rank's results to the tokens that asked for them."""
 
-    token_M: torch.Tensor  # [M] local token index of every row sent, grouped by destination rank
+    token_M: torch.Tensor | None  # [M] local token of every row sent, by destination; None: full routes
     send_counts: list[int]  # rows sent to each rank of the group
     recv_counts: list[int]  # rows received from each rank of the group
     num_tokens: int  # S
     group: dist.ProcessGroup | None
+    gate_columns: int  # gates sent with each row: E, or all N when gathered
+    gathered: bool = False  # full routes by all-gather and reduce-scatter
+
+
+def full_routes(k: int, num_experts: int, ep_size: int) -> bool:
+    """Whether every token goes to every rank and the splits are known without counting: k > N - E
+    inside ``same_tokens_on_every_rank()``. The same answer on every rank (k is the same)."""
+    return _same_tokens and ep_size > 1 and k > num_experts - num_experts // ep_size
 
 
 def dispatch(
-    x_SD: torch.Tensor, gates_SN: torch.Tensor, group: dist.ProcessGroup | None, ep_size: int
+    x_SD: torch.Tensor,
+    gates_SN: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    ep_size: int,
+    full_route: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan | None]:
     """Send each token once to every rank holding one of its routed experts.
 
     Returns ``x_TD``, ``gates_TE`` (the gates for this rank's E experts) and the plan; with
-    ep_size 1 nothing moves and the plan is None.
+    ep_size 1 nothing moves and the plan is None. ``full_route`` (one of ``FULL_ROUTE_COLLECTIVES``,
+    only where ``full_routes`` holds) sends every token everywhere with that collective, uncounted.
     """
     S, N = gates_SN.shape
     if ep_size == 1:
         return x_SD, gates_SN, None
-    E = N // ep_size
+    E, D = N // ep_size, x_SD.shape[1]
     gates_SPE = gates_SN.view(S, ep_size, E)
-    dest_M, token_M = (gates_SPE != 0).any(-1).t().nonzero(as_tuple=True)  # sorted by destination rank
-    send = torch.bincount(dest_M, minlength=ep_size)
-    recv = torch.empty_like(send)
-    _all_to_all(recv, send, None, None, group, "moe_counts")
-    send_counts, recv_counts = send.tolist(), recv.tolist()
-    # One message per row: the token and its gates for the destination's experts.
-    payload_MX = torch.cat([x_SD.index_select(0, token_M), gates_SPE[token_M, dest_M].to(x_SD.dtype)], dim=1)
+    if full_route == "gather_scatter":
+        payload_SX = torch.cat([x_SD, gates_SN.to(x_SD.dtype)], dim=1)  # every rank takes its own E gates
+        gathered_TX = _AllGather.apply(payload_SX, group, "moe_dispatch")
+        first = D + dist.get_rank(group) * E
+        plan = DispatchPlan(None, [S] * ep_size, [S] * ep_size, S, group, N, gathered=True)
+        return gathered_TX[:, :D], gathered_TX[:, first : first + E], plan
+    if full_route == "all_to_all":
+        token_M = None
+        send_counts = recv_counts = [S] * ep_size
+        gates_ME = gates_SPE.transpose(0, 1).reshape(ep_size * S, E)
+        payload_MX = torch.cat([x_SD.repeat(ep_size, 1), gates_ME.to(x_SD.dtype)], dim=1)
+    elif full_route is None:
+        dest_M, token_M = (gates_SPE != 0).any(-1).t().nonzero(as_tuple=True)  # sorted by destination rank
+        send = torch.bincount(dest_M, minlength=ep_size)
+        recv = torch.empty_like(send)
+        _all_to_all(recv, send, None, None, group, "moe_counts")
+        send_counts, recv_counts = send.tolist(), recv.tolist()
+        # One message per row: the token and its gates for the destination's experts.
+        payload_MX = torch.cat([x_SD.index_select(0, token_M), gates_SPE[token_M, dest_M].to(x_SD.dtype)], dim=1)
+    else:
+        raise ValueError(f"full_route must be one of {FULL_ROUTE_COLLECTIVES} or None, got {full_route!r}")
     received_TX = _AllToAll.apply(payload_MX, recv_counts, send_counts, group, "moe_dispatch")
-    D = x_SD.shape[1]
-    plan = DispatchPlan(token_M, send_counts, recv_counts, S, group)
+    plan = DispatchPlan(token_M, send_counts, recv_counts, S, group, E)
     return received_TX[:, :D], received_TX[:, D:], plan
 
 
@@ -88,14 +187,18 @@ def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     """Return each rank's partial outputs and sum them per token -> [S, D]."""
     if plan is None:
         return y_TD
+    if plan.gathered:
+        return _ReduceScatter.apply(y_TD, plan.group, "moe_combine")
     back_MD = _AllToAll.apply(y_TD, plan.send_counts, plan.recv_counts, plan.group, "moe_combine")
+    if plan.token_M is None:  # full routes: rank r's block of S rows answers all S tokens
+        return back_MD.view(len(plan.send_counts), plan.num_tokens, -1).sum(0)
     return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_M, back_MD)
 
 
-def bytes_sent(plan: DispatchPlan | None, d_model: int, num_local_experts: int, elem_size: int, rank: int) -> int:
+def bytes_sent(plan: DispatchPlan | None, d_model: int, elem_size: int, rank: int) -> int:
     """Bytes this rank put on the wire for one forward (tokens out plus results back), self excluded."""
     if plan is None:
         return 0
     rows_out = sum(c for r, c in enumerate(plan.send_counts) if r != rank)
     rows_back = sum(c for r, c in enumerate(plan.recv_counts) if r != rank)
-    return (rows_out * (d_model + num_local_experts) + rows_back * d_model) * elem_size
+    return (rows_out * (d_model + plan.gate_columns) + rows_back * d_model) * elem_size

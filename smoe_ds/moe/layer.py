@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from smoe_ds.config import MoEConfig
-from smoe_ds.moe.dispatch import combine, dispatch
+from smoe_ds.moe.dispatch import combine, dispatch, full_routes
 from smoe_ds.moe.experts import FeedForward, GroupedExperts
 from smoe_ds.moe.parallel import expert_group_name
 from smoe_ds.moe.router import FrozenRandomGate
@@ -34,9 +34,13 @@ class SMoEDropoutDispatcher(nn.Module):
     balance loss) and ``exp_counts`` (routes per expert on this rank) are set, as MOELayer does.
     """
 
-    def __init__(self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int) -> None:
+    def __init__(
+        self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int, full_route_dispatch: str = "all_to_all"
+    ) -> None:
         super().__init__()
         self.gate, self.experts, self.ep_size = gate, experts, ep_size
+        # the collective for full routes (smoe_ds.moe.dispatch), None to always count and route
+        self.full_route = None if full_route_dispatch == "counted" else full_route_dispatch
         self.ep_group = None
         self.l_aux = torch.zeros(())
         self.exp_counts = None
@@ -49,7 +53,8 @@ class SMoEDropoutDispatcher(nn.Module):
             raise NotImplementedError("SMoE-Dropout routes every token; used_token masks are not supported")
         x_SD = x.reshape(-1, x.shape[-1])
         gates_SN = self.gate(x_SD)
-        x_TD, gates_TE, plan = dispatch(x_SD, gates_SN, self.ep_group, self.ep_size)
+        full = full_routes(self.gate.k, self.gate.num_experts, self.ep_size)
+        x_TD, gates_TE, plan = dispatch(x_SD, gates_SN, self.ep_group, self.ep_size, self.full_route if full else None)
         y_TD = self.experts(x_TD, gates_TE)
         out_SD = combine(y_TD, plan)
         self.l_aux, self.exp_counts, self.last_plan = (
@@ -80,17 +85,21 @@ class SMoEDropoutFFN(nn.Module):
             **(dict(weighting="uniform", routing="random") if cfg.mode == "thor" else {}),
         )
         experts = GroupedExperts(cfg.num_experts // cfg.ep_size, d_model, cfg.d_expert, expert_group_name(cfg.ep_size))
-        self._init_parts(gate, experts, cfg.ep_size)
+        self._init_parts(gate, experts, cfg.ep_size, cfg.full_route_dispatch)
 
     @classmethod
-    def from_parts(cls, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int = 1):
+    def from_parts(
+        cls, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int = 1, full_route_dispatch: str = "all_to_all"
+    ):
         """The FFN around a given router and this rank's experts (e.g. slices of a pretrained FFN);
         ``experts`` must be built with ``group_name=expert_group_name(ep_size)``."""
         self = cls.__new__(cls)
-        self._init_parts(gate, experts, ep_size)
+        self._init_parts(gate, experts, ep_size, full_route_dispatch)
         return self
 
-    def _init_parts(self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int) -> None:
+    def _init_parts(
+        self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int, full_route_dispatch: str
+    ) -> None:
         nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate and N deep-copied experts
         self.use_residual = False
         self.enable_expert_tensor_parallelism = False
@@ -98,7 +107,7 @@ class SMoEDropoutFFN(nn.Module):
         self.expert_group_name = expert_group_name(ep_size)
         self.num_experts = gate.num_experts
         self.num_local_experts = experts.num_local_experts
-        self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, ep_size)
+        self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, ep_size, full_route_dispatch)
 
     def forward(self, hidden_states: torch.Tensor, used_token=None):
         out = self.deepspeed_moe(hidden_states, used_token)

@@ -12,12 +12,15 @@ Model: the whole LM at ep_size 2 (each rank half the batch) against the same LM 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from smoe_ds import distributed as D
 from smoe_ds.config import MoEConfig
 from smoe_ds.models.lm import build_model
+from smoe_ds.moe.dispatch import same_tokens_on_every_rank
 from smoe_ds.moe.layer import SMoEDropoutMoE, moe_layers, set_active_experts
 from tests.reference import naive_moe
 from tests.workers.common import all_gather_cat, finish, start, tiny_config, worker_args
@@ -25,13 +28,15 @@ from tests.workers.common import all_gather_cat, finish, start, tiny_config, wor
 D_MODEL, N, D_EXPERT = 16, 4, 8
 
 
-def layer_check(rank: int, path: str | None) -> dict:
+def layer_check(rank: int, path: str | None, full_route: str | None = None) -> dict:
     """Max abs differences per k for output, input grad and expert-weight grads.
 
     ``path`` forces the experts' compute path ("sparse" or "dense"); None lets the rule choose.
     A "_python" suffix keeps to the Python paths that GPUs use instead of the compiled CPU ops.
+    ``full_route`` (a ``moe.full_route_dispatch``) checks the full-route paths instead: both
+    ranks hold the same number of tokens, inside ``same_tokens_on_every_rank()``, at every k > N/2.
     """
-    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2)
+    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2, full_route_dispatch=full_route or "all_to_all")
     cfg.k_schedule.k_max = N
     layer = SMoEDropoutMoE(D_MODEL, cfg, layer_index=0)
     layer.set_deepspeed_parallelism()
@@ -48,18 +53,21 @@ def layer_check(rank: int, path: str | None) -> dict:
             experts.w_out[i].copy_(torch.randn(experts.w_out[i].shape, generator=g) * 0.3)
     w_in_all, w_out_all = all_gather_cat(experts.w_in.detach()), all_gather_cat(experts.w_out.detach())
     gen = torch.Generator().manual_seed(7 + rank)
-    n_tokens = 37 if rank == 0 else 53  # ranks hold different token counts
+    token_counts = (41, 41) if full_route else (37, 53)  # else ranks hold different token counts
+    n_tokens = token_counts[rank]
     x = torch.randn(n_tokens, D_MODEL, generator=gen)
     cot = torch.randn(n_tokens, D_MODEL, generator=gen)
     x_all, cot_all = all_gather_cat(x), all_gather_cat(cot)
-    offset = 0 if rank == 0 else 37
+    offset = sum(token_counts[:rank])
     router = layer.deepspeed_moe.gate.wg.weight.detach()
     rows = {}
-    for k in range(1, N + 1):
+    promise = same_tokens_on_every_rank if full_route else contextlib.nullcontext
+    for k in range(N // 2 + 1 if full_route else 1, N + 1):
         layer.zero_grad()
         set_active_experts(layer, k)
         xr = x.clone().requires_grad_(True)
-        out, _, _ = layer(xr.unsqueeze(0))
+        with promise():
+            out, _, _ = layer(xr.unsqueeze(0))
         (out.squeeze(0) * cot).sum().backward()
 
         ref_x = x_all.clone().requires_grad_(True)
@@ -90,6 +98,8 @@ def layer_check(rank: int, path: str | None) -> dict:
             "out_norm": float(out.norm()),
             "rows_sent": plan.send_counts,
             "tokens": n_tokens,
+            "counted": plan.token_M is not None,
+            "gathered": plan.gathered,
         }
     return rows
 
@@ -164,6 +174,7 @@ def main(out_path: str) -> None:
         out_path,
         {
             "layer": {str(p): layer_check(rank, p) for p in (None, "sparse", "dense", "sparse_python", "dense_python")},
+            "full_route": {c: layer_check(rank, None, c) for c in ("all_to_all", "gather_scatter")},
             "capacity": capacity_check(rank),
             "model": model_check(rank),
         },
