@@ -2,12 +2,14 @@
 end to end under the deepspeed launcher, with seeds, and every table, plot, config and verdict
 comes out (the claims themselves need --scale overparam; tiny only proves the pipeline)."""
 
+import copy
 import json
 import math
 
 import pytest
 
 from smoe_ds.config import config_from_dict
+from smoe_ds.experiments import factors
 from smoe_ds.experiments.corpus import cut_at_break, write_slice
 from smoe_ds.experiments.methods import SCALES, build_config, methods
 from smoe_ds.experiments.report import compare
@@ -53,6 +55,36 @@ def test_the_paper_scale_is_table_1s_model_and_batch():
     assert s["model"] == {"d_model": 256, "n_layers": 4, "n_heads": 8, "block_size": 512}
     assert (s["moe"]["num_experts"], s["moe"]["d_expert"], s["micro_batch"], s["lr"]) == (16, 512, 22, 2.5e-4)
     assert s["steps"] == 400_000
+
+
+def test_each_factor_changes_only_its_keys_of_the_default_job_and_methods_differ_only_in_mode():
+    base = {m: factors.build_config("base", m, "corpus.txt", "out", seed=1) for m in factors.METHODS}
+    assert base["smoe_dropout_linear"]["moe"]["mode"] == "smoe_dropout" and base["dense"]["moe"]["mode"] == "dense"
+    assert base["smoe_dropout_linear"]["moe"]["router_seed"] == 1235 and base["dense"]["model"]["init_seed"] == 1
+    for factor, overrides in factors.FACTORS.items():
+        for method in factors.METHODS:
+            raw = factors.build_config(factor, method, "corpus.txt", "out", seed=1)
+            cfg = config_from_dict(copy.deepcopy(raw)).resolve()  # a valid trainer config
+            changed = {
+                key
+                for key in ("moe.d_expert", "model.dropout", "run.max_steps", "moe.ep_size")
+                if _get(raw, key) != _get(base[method], key)
+            }
+            assert changed == set(overrides), (factor, method, changed)
+            steps = cfg.run.max_steps
+            if method == "smoe_dropout_linear":  # k 4 -> 8 over the whole run, whatever its length
+                assert active_k(cfg, 0) == 4 and active_k(cfg, steps - 1) == 8
+            assert cfg.run.eval_interval == steps // factors.EVALUATIONS and cfg.data.path == "corpus.txt"
+    assert factors.FACTORS["all"] == {
+        k: v for f in ("width", "dropout", "length", "ep_size") for k, v in factors.FACTORS[f].items()
+    }
+
+
+def _get(raw: dict, dotted: str):
+    node = raw
+    for part in dotted.split("."):
+        node = node.get(part, {}) if isinstance(node, dict) else None
+    return node
 
 
 def test_the_corpus_slice_ends_at_a_paragraph_break_and_is_at_most_the_limit(tmp_path):
