@@ -107,6 +107,16 @@ def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(t
     assert all(result[f"wall_ratio {n} / ep_size 1"] > 0 for n in sharded)
 
 
+def test_bench_overlap_times_every_mode_on_two_spawned_ranks_and_writes_json(tmp_path):
+    out = tmp_path / "overlap"
+    args = ["--tokens", "16", "--columns", "8", "--compute-ms", "0.2", "--iters", "3", "--rounds", "1"]
+    proc = run_ranks("python", 1, ["smoe_ds.bench_overlap", *args, "--out", str(out)], module=True)
+    assert "overlapped / in turn" in proc.stdout
+    ms = json.loads((out / "bench_overlap.json").read_text())["ms"]
+    assert set(ms) == {"all_to_all", "compute", "in turn", "overlapped", "all_gather + reduce_scatter"}
+    assert all(v > 0 for v in ms.values())
+
+
 def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3(tmp_path):
     """2 ranks at ep_size 2 (tests/configs/e2e_tiny.json): ZeRO-3 holds half the non-expert weights of
     ZeRO-2 on each rank, and fp32 AdamW keeps two moments the size of this rank's master partition."""
