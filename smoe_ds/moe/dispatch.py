@@ -75,20 +75,6 @@ class _AllToAll(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-class _AllGather(torch.autograd.Function):
-    """[S, X] on each of the group's P ranks -> [P * S, X] in group-rank order; its gradient is the
-    reduce-scatter (sum) of the gathered rows' gradients."""
-
-    @staticmethod
-    def forward(ctx, x_SX: torch.Tensor, group, name: str):
-        ctx.group, ctx.name = group, name
-        return _all_gather(x_SX, group, name)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter(grad, ctx.group, ctx.name + "_grad"), None, None
-
-
 def _all_gather(x: torch.Tensor, group, name: str) -> torch.Tensor:
     """[S, X] on each rank -> [P * S, X], rank r's rows in block r."""
     from deepspeed import comm
@@ -107,17 +93,18 @@ def _reduce_scatter(y: torch.Tensor, group, name: str) -> torch.Tensor:
     return out
 
 
-class _ReduceScatter(torch.autograd.Function):
-    """[P * S, D] -> [S, D] summed over ranks; its gradient is the all-gather of the output's."""
+class _AdjointPair(torch.autograd.Function):
+    """``forward_op`` on the input, its adjoint ``backward_op`` on the gradient (logged as
+    ``name``_grad): all-gather and reduce-scatter (sum) are each other's adjoints."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, group, name: str):
-        ctx.group, ctx.name = group, name
-        return _reduce_scatter(y, group, name)
+    def forward(ctx, x: torch.Tensor, forward_op, backward_op, group, name: str):
+        ctx.backward_op, ctx.group, ctx.name = backward_op, group, name
+        return forward_op(x, group, name)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _all_gather(grad, ctx.group, ctx.name + "_grad"), None, None
+        return ctx.backward_op(grad, ctx.group, ctx.name + "_grad"), None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -159,7 +146,7 @@ def dispatch(
     gates_SPE = gates_SN.view(S, ep_size, E)
     if full_route == "gather_scatter":
         payload_SX = torch.cat([x_SD, gates_SN.to(x_SD.dtype)], dim=1)  # every rank takes its own E gates
-        gathered_TX = _AllGather.apply(payload_SX, group, "moe_dispatch")
+        gathered_TX = _AdjointPair.apply(payload_SX, _all_gather, _reduce_scatter, group, "moe_dispatch")
         first = D + dist.get_rank(group) * E
         plan = DispatchPlan(None, [S] * ep_size, [S] * ep_size, S, group, N, gathered=True)
         return gathered_TX[:, :D], gathered_TX[:, first : first + E], plan
@@ -188,7 +175,7 @@ def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     if plan is None:
         return y_TD
     if plan.gathered:
-        return _ReduceScatter.apply(y_TD, plan.group, "moe_combine")
+        return _AdjointPair.apply(y_TD, _reduce_scatter, _all_gather, plan.group, "moe_combine")
     back_MD = _AllToAll.apply(y_TD, plan.send_counts, plan.recv_counts, plan.group, "moe_combine")
     if plan.token_M is None:  # full routes: rank r's block of S rows answers all S tokens
         return back_MD.view(len(plan.send_counts), plan.num_tokens, -1).sum(0)
