@@ -29,6 +29,7 @@ from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
 from smoe_ds.hf.finetune_config import FinetuneConfig
+from smoe_ds.hf.mwp_task import MathWordProblemTask
 from smoe_ds.hf.surgery import dense_config
 from smoe_ds.hf.tasks import TASK_CLASSES, Task
 from smoe_ds.loop import LossWindow, optimizer_step, progress_bar, write_run_config, write_summary
@@ -38,6 +39,8 @@ from smoe_ds.moe.schedule import active_k
 from smoe_ds.numerics import BadLossGuard
 from smoe_ds.results import format_rows, write_results
 from smoe_ds.runtime import initialize_engine
+
+TASKS = {**TASK_CLASSES, "math_word_problem": MathWordProblemTask}
 
 
 def quiet_libraries(rank: int) -> None:
@@ -57,15 +60,19 @@ def load_pretrained_for_task(cfg: FinetuneConfig, task, ep_rank: int):
     from smoe_ds.hf.surgery import convert_model
 
     torch.manual_seed(cfg.run.seed)  # a new head (e.g. the classifier) starts the same on every rank
-    model = task.model_class().from_pretrained(cfg.hf.model, **task.model_kwargs())
-    if task.tokenizer.pad_token_id is not None and model.config.pad_token_id is None:
-        model.config.pad_token_id = task.tokenizer.pad_token_id  # classification heads find the last real token by it
+    model = task.load_model(cfg.hf.model)
     if cfg.uses_moe:
         m = cfg.moe
         # ZeRO-3 takes the plain layers (its engine refuses DeepSpeed MoE ones; smoe_ds.zero3)
         zero3_plain = cfg.zero_stage == 3
         convert_model(
-            model, m.num_experts, cfg.hf.weighting, m.router_seed, m.ep_size, ep_rank, for_deepspeed=not zero3_plain
+            task.hf_part(model),
+            m.num_experts,
+            cfg.hf.weighting,
+            m.router_seed,
+            m.ep_size,
+            ep_rank,
+            for_deepspeed=not zero3_plain,
         )
     return model
 
@@ -81,13 +88,16 @@ def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
     from smoe_ds.hf.export import save_smoe
     from smoe_ds.hf.gather import single_device_copy
 
+    hf_model = task.hf_part(engine.module)
     with zero3.gathered_module(engine.module):  # ZeRO-3: every weight whole for the copy (else a no-op)
         if cfg.uses_moe:
-            model = single_device_copy(engine.module, cfg.moe.ep_size, cfg.moe.num_experts)
+            model = single_device_copy(hf_model, cfg.moe.ep_size, cfg.moe.num_experts)
             if model is not None:
                 save_smoe(model, out)
         elif D.is_main():
-            engine.module.save_pretrained(out)
+            hf_model.save_pretrained(out)
+        if D.is_main():
+            task.save_extra(engine.module, out)
     if not D.is_main():
         return None
     task.tokenizer.save_pretrained(out)
@@ -107,7 +117,7 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
     preflight.check_precision(cfg)
     dense_config(cfg.hf.model, convertible=cfg.uses_moe)  # a wrong model path or architecture fails before the data
     micro, gas = cfg.micro_batch_size(world), cfg.grad_accum_steps(world)
-    task = TASK_CLASSES[cfg.hf.task](cfg, world, micro)
+    task = TASKS[cfg.hf.task](cfg, world, micro)
     train_steps_per_epoch(len(task.train), micro, world, gas)  # one step's worth of data, or a ConfigError now
     return rank, world, task
 
@@ -184,13 +194,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
     rank, world, task = check_inputs(cfg)
     watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
     model = load_pretrained_for_task(cfg, task, ep_rank=ep_rank_of(rank, cfg.moe.ep_size))
-    engine = initialize_engine(model, cfg)
+    new = task.new_weights(model)
+    engine = initialize_engine(model, cfg, lr_of={id(p): cfg.hf.new_weights_lr for p in new if cfg.hf.new_weights_lr})
     out_dir = Path(cfg.run.out_dir)
     if D.is_main():
         write_run_config(out_dir, cfg)
         print(describe(cfg, model, task, world), flush=True)
     history, val_history, wall = finetune_steps(engine, cfg, task, rank, world)
     rows = [task.evaluate(engine, kk, rank) for kk in cfg.run.eval_ks]
+    if D.is_main():
+        task.write_predictions(out_dir)
     exported = export(engine, cfg, task, out_dir / "model")
     summary = {"train_wall_s": wall, "history": history, "val_history": val_history, "self_slimming": rows}
     if D.is_main():

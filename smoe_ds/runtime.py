@@ -33,8 +33,14 @@ class Runtime:
         return eval_batches(self.corpus.val_blocks, self.micro_batch, self.rank, self.world_size, max_batches)
 
 
-def optimizer_param_groups(model: torch.nn.Module, weight_decay: float, split_experts: bool = True) -> list[dict]:
+def optimizer_param_groups(
+    model: torch.nn.Module, weight_decay: float, split_experts: bool = True, lr_of: dict | None = None
+) -> list[dict]:
     """AdamW groups: decay on matrices, none on norms; frozen routers in no group at all.
+
+    ``lr_of`` (parameter id -> learning rate) puts those parameters in groups of their own with
+    that rate (e.g. a fine-tune's new head); DeepSpeed's optimizer and LR schedule keep a group's
+    own ``lr``, and the schedule scales it like the others.
 
     With ``split_experts`` the groups are then split by DeepSpeed so that expert parameters form
     their own groups, which is what lets ZeRO-0/1/2 reduce them over the expert-data-parallel group
@@ -43,23 +49,29 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float, split_ex
     """
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    decay, no_decay = [], []
+    lr_of = lr_of or {}
+    by_key: dict[tuple[bool, float | None], list] = {}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    groups = [g for g in groups if g["params"]]
+            by_key.setdefault((p.dim() >= 2, lr_of.get(id(p))), []).append(p)
+    groups = []
+    for (decays, lr), params in sorted(by_key.items(), key=lambda kv: (not kv[0][0], kv[0][1] is not None)):
+        group = {"params": params, "weight_decay": weight_decay if decays else 0.0}
+        group["name"] = ("decay" if decays else "no_decay") + ("" if lr is None else f"_lr{lr:g}")
+        if lr is not None:
+            group["lr"] = lr
+        groups.append(group)
     return split_params_into_different_moe_groups_for_optimizer(groups) if split_experts else groups
 
 
-def initialize_engine(model: torch.nn.Module, cfg: TrainConfig) -> "deepspeed.DeepSpeedEngine":  # noqa: F821
+def initialize_engine(
+    model: torch.nn.Module, cfg: TrainConfig, lr_of: dict | None = None
+) -> "deepspeed.DeepSpeedEngine":  # noqa: F821
     """The DeepSpeed engine of ``model`` with the config's DeepSpeed section and our param groups.
 
     Under ZeRO-3 ``model``'s MoE layers must be the plain ones (``build_model(for_deepspeed=False)``);
-    they are readied for ZeRO-3's partitioning here (``smoe_ds.zero3``).
+    they are readied for ZeRO-3's partitioning here (``smoe_ds.zero3``). ``lr_of``: see
+    ``optimizer_param_groups``.
     """
     import deepspeed
 
@@ -67,7 +79,7 @@ def initialize_engine(model: torch.nn.Module, cfg: TrainConfig) -> "deepspeed.De
     if zero3:
         zero3_prepare(model, cfg.moe.ep_size)
     weight_decay = cfg.deepspeed.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    groups = optimizer_param_groups(model, weight_decay, split_experts=not zero3)
+    groups = optimizer_param_groups(model, weight_decay, split_experts=not zero3, lr_of=lr_of)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg.deepspeed)
     return engine
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 from smoe_ds.config import ConfigError, DataConfig, TrainConfig, _require
 from smoe_ds.hf.surgery import HF_WEIGHTINGS
 
-TASKS = ("classification", "causal_lm")
+TASKS = ("classification", "causal_lm", "math_word_problem")
 # THOR and the learned router are trained from scratch in the paper; here they have no pretrained counterpart.
 FINETUNE_MODES = ("smoe_dropout", "random_fixed", "dense")
 
@@ -31,9 +31,12 @@ FINETUNE_MODES = ("smoe_dropout", "random_fixed", "dense")
 @dataclass
 class HFSection:
     model: str | None = None  # a local model directory or a hub name (required)
-    task: str = "classification"  # "classification" or "causal_lm"
+    task: str = "classification"  # "classification", "causal_lm" or "math_word_problem"
     weighting: str = "rescale"  # "rescale" (function-preserving at k = N) or "softmax" (the paper's)
-    max_length: int = 128  # classification: tokens per example (longer ones are truncated); causal LM: block size
+    # tokens per example, longer ones truncated (classification, math word problems); causal LM: the block size
+    max_length: int = 128
+    # learning rate of the weights the pretrained model lacks (math word problems' decoder), null = the optimizer's
+    new_weights_lr: float | None = None
 
 
 @dataclass
@@ -76,6 +79,10 @@ class FinetuneConfig(TrainConfig):
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(data, key)
             _require(value is None or value >= 1, f"data.{key} must be >= 1 or null, got {value}")
+        lr = hf.new_weights_lr
+        _require(lr is None or lr > 0, f"hf.new_weights_lr must be > 0 or null, got {lr}")
+        if hf.task == "math_word_problem":
+            _require(bool(data.validation), "math_word_problem needs data.validation, a CSV file like data.train")
         if hf.task == "causal_lm" and data.validation is not None:
             raise ConfigError(
                 "data.validation is for classification; causal_lm holds out data.val_fraction of data.train"

@@ -19,7 +19,9 @@ decoder's scores.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,11 @@ class EquationDecoder(nn.Module):
         return torch.where((index_B >= V).unsqueeze(-1), self.slot_input(slot), fixed)
 
 
+@dataclass
+class SolverOutput:
+    loss: torch.Tensor  # scalar: what the fine-tuning loop backpropagates and logs
+
+
 class MathWordProblemModel(nn.Module):
     """encoder + ``EquationDecoder``. ``forward`` returns the teacher-forced loss; ``solve`` decodes."""
 
@@ -131,7 +138,7 @@ class MathWordProblemModel(nn.Module):
         slots_BMH = enc_BLH[torch.arange(B).unsqueeze(-1), slot_positions_BM.clamp(min=0)]
         return enc_BLH, attention_mask.bool(), slots_BMH, slot_mask_BM
 
-    def forward(self, input_ids, attention_mask, slot_positions, targets) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, slot_positions, targets) -> SolverOutput:
         """Mean cross-entropy of the equations ``targets`` [B, T] (output indices, IGNORE-padded)."""
         enc, enc_mask, slots, slot_mask = self._encode(input_ids, attention_mask, slot_positions)
         h, inputs = self.decoder.start(enc)
@@ -142,7 +149,7 @@ class MathWordProblemModel(nn.Module):
             scores.append(s)
             inputs = self.decoder.input_of(targets[:, t].clamp(min=0), slots)
         scores_BTK = torch.stack(scores, dim=1)
-        return F.cross_entropy(scores_BTK.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        return SolverOutput(F.cross_entropy(scores_BTK.flatten(0, 1), targets.flatten(), ignore_index=IGNORE))
 
     @torch.no_grad()
     def solve(self, input_ids, attention_mask, slot_positions, max_tokens: int = 15) -> list[list[str]]:
@@ -199,3 +206,35 @@ def equation_targets(vocab: EquationVocab, problems: list[Problem]) -> torch.Ten
     for b, e in enumerate(encoded):
         targets[b, : len(e)] = torch.tensor(e, dtype=torch.long)
     return targets
+
+
+SOLVER_CONFIG = "solver.json"
+SOLVER_WEIGHTS = "solver.safetensors"
+
+
+def save_solver(model: MathWordProblemModel, settings: dict, out: Path) -> None:
+    """Beside the encoder's Hugging Face files in ``out``: the decoder's weights and what rebuilds it
+    (the vocabulary's constants and ``settings``: max_slots, max_length, max_tokens)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.decoder.state_dict().items()}
+    save_file(state, out / SOLVER_WEIGHTS)
+    config = {"constants": list(model.decoder.vocab.constants), **settings}
+    (out / SOLVER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_solver(path: str | Path) -> tuple[MathWordProblemModel, dict]:
+    """A solver exported by ``smoe_ds.finetune`` (hf.task math_word_problem) on one device, and its
+    settings. The encoder loads through transformers' AutoModel (after ``import smoe_ds`` for an
+    SMoE-Dropout one, which then takes ``set_active_experts``)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    import smoe_ds  # noqa: F401  (registers the SMoE-Dropout model type with the Auto classes)
+
+    path = Path(path)
+    settings = json.loads((path / SOLVER_CONFIG).read_text())
+    vocab = EquationVocab(tuple(settings.pop("constants")))
+    model = MathWordProblemModel(AutoModel.from_pretrained(path), vocab)
+    model.decoder.load_state_dict(load_file(path / SOLVER_WEIGHTS))
+    return model.eval(), settings

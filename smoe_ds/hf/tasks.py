@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,28 @@ class Task:
         """This rank's micro-batches of training item indices [B] (``smoe_ds.data.train_order``)."""
         seed = self.cfg.data.seed
         return train_order(len(self.train), self.micro_batch, rank, self.world_size, seed, grad_accum, start_step)
+
+    def load_model(self, path: str) -> torch.nn.Module:
+        """The pretrained model with the task's head (not yet converted)."""
+        model = self.model_class().from_pretrained(path, **self.model_kwargs())
+        if self.tokenizer.pad_token_id is not None and model.config.pad_token_id is None:
+            # classification heads find the last real token by it
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        return model
+
+    def hf_part(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The Hugging Face model inside the task's model: what is converted and exported as such."""
+        return model
+
+    def new_weights(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Weights the pretrained model lacks, trained at hf.new_weights_lr when it is set."""
+        return []
+
+    def save_extra(self, model: torch.nn.Module, out: Path) -> None:
+        """Rank 0, after the export of ``hf_part``: whatever else the task's model needs to load."""
+
+    def write_predictions(self, out_dir: Path) -> None:
+        """Rank 0, after the final evaluation: the task's per-example outputs, if it keeps any."""
 
 
 class ClassificationTask(Task):

@@ -77,7 +77,7 @@ def test_the_solver_learns_the_fixture_problems_with_teacher_forcing(minilm):
     opt = torch.optim.Adam(groups)
     losses = []
     for _ in range(40):
-        loss = model(**inputs, targets=targets)
+        loss = model(**inputs, targets=targets).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
