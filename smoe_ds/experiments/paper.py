@@ -35,13 +35,14 @@ def ranks_per_node() -> int:
     return torch.cuda.device_count() or 2
 
 
-def train_method(name: str, config_path: Path, run_dir: Path, nproc: int) -> None:
-    """Train one method under the deepspeed launcher, echoing its output and keeping train.log."""
+def train_method(name: str, config_path: Path, run_dir: Path, nproc: int, module: str = "smoe_ds.train") -> None:
+    """Train one method (``module``: the trainer, or ``smoe_ds.finetune``) under the deepspeed
+    launcher, echoing its output and keeping train.log."""
     from smoe_ds.distributed import free_port
 
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port())]
-    cmd += ["--module", "smoe_ds.train", "--config", str(config_path)]
+    cmd += ["--module", module, "--config", str(config_path)]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def train_method(name: str, config_path: Path, run_dir: Path, nproc: int) -> Non
         if proc.wait() != 0:
             raise SystemExit(
                 f"smoe-ds: error: {name} failed (exit {proc.returncode}); its log is {run_dir / 'train.log'}. "
-                "Run the same command again to continue from its last checkpoint."
+                "Run the same command again to continue: finished runs are skipped."
             )
 
 
