@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
 
 from smoe_ds.config import KScheduleConfig, ModelConfig, MoEConfig
 
@@ -56,7 +56,10 @@ class SMoEConfig(PretrainedConfig):
         return MoEConfig(**moe)
 
 
-class SMoEForCausalLM(PreTrainedModel, GenerationMixin):
+class _SMoEPreTrained(PreTrainedModel):
+    """The built-in LM (``self.lm``, every expert, one device) inside a Hugging Face model: what the
+    causal-LM and the classification models share, so both load the same exported weights."""
+
     config_class = SMoEConfig
     base_model_prefix = "lm"
     _tied_weights_keys = {"lm.lm_head.weight": "lm.tok_emb.weight"}
@@ -69,8 +72,6 @@ class SMoEForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm = build_model(config.model_config(), config.moe_config(), for_deepspeed=False)
         for experts in self.expert_modules():
             experts.use_stacked_state_dict()
-        self.set_active_experts(config.active_experts)
-        self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         pass  # build_model already initialised everything; from_pretrained overwrites it anyway
@@ -94,6 +95,13 @@ class SMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.lm.tok_emb
 
+
+class SMoEForCausalLM(_SMoEPreTrained, GenerationMixin):
+    def __init__(self, config: SMoEConfig) -> None:
+        super().__init__(config)
+        self.set_active_experts(config.active_experts)
+        self.post_init()
+
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm.lm_head
 
@@ -114,11 +122,56 @@ class SMoEForCausalLM(PreTrainedModel, GenerationMixin):
         return {"input_ids": input_ids}
 
 
+class SMoEForSequenceClassification(_SMoEPreTrained):
+    """The built-in LM with a classification head: a pretrained export (``smoe_ds.convert``) loads
+    into it with ``AutoModelForSequenceClassification.from_pretrained(dir, num_labels=...)``, the
+    head (``score``) new.
+
+    Pooling is the last real token's final hidden state: the LM is causal, so only the last
+    position has read the whole sequence (a mean would mix in states that saw only a prefix).
+    Sequences are right-padded; ``attention_mask`` [B, T] marks the real tokens.
+    """
+
+    def __init__(self, config: SMoEConfig) -> None:
+        super().__init__(config)
+        self.score = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self.set_active_experts(config.active_experts)
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if module is getattr(self, "score", None):  # the new head; the LM's weights come from the export
+            torch.nn.init.normal_(module.weight, std=0.02)
+            torch.nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        """input_ids [B, T] (right-padded) -> logits [B, num_labels]; with labels [B], cross-entropy."""
+        if input_ids.shape[1] > self.lm.cfg.block_size:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds the model's block_size {self.lm.cfg.block_size}"
+            )
+        hidden_BTD, _ = self.lm.hidden_states(input_ids)
+        if attention_mask is None:
+            last_B = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:
+            last_B = attention_mask.long().sum(-1).clamp(min=1) - 1
+        pooled_BD = hidden_BTD[torch.arange(input_ids.shape[0], device=input_ids.device), last_B]
+        logits = self.score(pooled_BD)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 def register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     AutoConfig.register(SMoEConfig.model_type, SMoEConfig, exist_ok=True)
     AutoModelForCausalLM.register(SMoEConfig, SMoEForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(SMoEConfig, SMoEForSequenceClassification, exist_ok=True)
 
 
 register()  # on import: see smoe_ds/__init__.py

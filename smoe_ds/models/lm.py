@@ -106,6 +106,16 @@ class SMoELM(nn.Module):
         self.lm_head.weight = self.tok_emb.weight  # tied: one V x D matrix
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
+        x, aux_total = self.hidden_states(idx)
+        logits = self.lm_head(x)  # (B, L, V)
+        if targets is None:
+            return LMOutput(logits, None, None, aux_total)
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        loss = lm_loss + self.moe_cfg.aux_loss_coef * aux_total if self.moe_cfg.mode == "learned" else lm_loss
+        return LMOutput(logits, loss, lm_loss, aux_total)
+
+    def hidden_states(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, L] -> (the final LayerNorm's output [B, L, D], the summed balance loss)."""
         B, L = idx.shape
         if L > self.cfg.block_size:
             raise ValueError(f"sequence length {L} exceeds model.block_size {self.cfg.block_size}")
@@ -120,12 +130,7 @@ class SMoELM(nn.Module):
         for block in self.blocks:
             x, aux = block(x, rope)
             aux_total = aux_total + aux
-        logits = self.lm_head(self.ln_f(x))  # (B, L, V)
-        if targets is None:
-            return LMOutput(logits, None, None, aux_total)
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        loss = lm_loss + self.moe_cfg.aux_loss_coef * aux_total if self.moe_cfg.mode == "learned" else lm_loss
-        return LMOutput(logits, loss, lm_loss, aux_total)
+        return self.ln_f(x), aux_total
 
     @property
     def num_experts(self) -> int:

@@ -1,0 +1,48 @@
+"""The built-in LM with a classification head (``SMoEForSequenceClassification``): an exported LM
+loads into it through transformers' Auto class, single process."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import smoe_ds  # noqa: F401  (registers the smoe_lm model type with the Auto classes)
+from smoe_ds.models.hf import SMoEConfig, SMoEForCausalLM, SMoEForSequenceClassification
+
+MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 16, "init_seed": 3}
+MOE = {"mode": "smoe_dropout", "num_experts": 4, "d_expert": 16}
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm_export")
+    SMoEForCausalLM(SMoEConfig(model=MODEL, moe=MOE)).save_pretrained(path)
+    return path
+
+
+def test_an_exported_lm_loads_with_a_new_head_and_every_lm_weight_from_the_export(export_dir):
+    lm = AutoModelForCausalLM.from_pretrained(export_dir)
+    clf = AutoModelForSequenceClassification.from_pretrained(export_dir, num_labels=3)
+    assert isinstance(clf, SMoEForSequenceClassification) and clf.score.out_features == 3
+    lm_state, clf_state = lm.state_dict(), clf.state_dict()
+    assert {k for k in clf_state if not k.startswith("lm.")} == {"score.weight", "score.bias"}
+    for name, value in lm_state.items():
+        assert torch.equal(clf_state[name], value), name
+    assert clf.score.weight.std() > 0 and torch.equal(clf.score.bias, torch.zeros(3))
+
+
+def test_pooling_takes_the_last_real_token_so_right_padding_changes_nothing(export_dir):
+    clf = AutoModelForSequenceClassification.from_pretrained(export_dir, num_labels=2).eval()
+    gen = torch.Generator().manual_seed(0)
+    short, long = torch.randint(0, 256, (1, 5), generator=gen), torch.randint(0, 256, (1, 9), generator=gen)
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0, :5], batch[1] = short[0], long[0]
+    mask = (torch.arange(9) < torch.tensor([[5], [9]])).long()
+    labels = torch.tensor([1, 0])
+    for k in (1, 2, 4):
+        clf.set_active_experts(k)
+        out = clf(batch, attention_mask=mask, labels=labels)
+        alone = torch.cat([clf(short).logits, clf(long).logits])
+        assert torch.allclose(out.logits, alone, atol=1e-5), k
+        assert torch.isclose(out.loss, torch.nn.functional.cross_entropy(alone, labels), atol=1e-5)
+    hidden, _ = clf.lm.hidden_states(short)
+    assert torch.allclose(clf(short).logits, clf.score(hidden[:, -1]), atol=1e-6)
