@@ -62,6 +62,10 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(cfg.data.tokenizer).save_pretrained(out)
+    else:  # the trainer's UTF-8 bytes, as a Hugging Face tokenizer (smoe_ds.models.byte_tokenizer)
+        from smoe_ds.models.byte_tokenizer import SMoEByteTokenizer
+
+        SMoEByteTokenizer().save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if torch.is_tensor(t)})

@@ -62,7 +62,7 @@ def test_convert_cli_writes_safetensors_and_the_training_config_and_summarises(e
     assert len(summary) == 1 and "MiB on disk" in summary[0], proc.stdout
     assert abs(float(summary[0].split("MiB")[0].split()[-1]) - size_mib) <= 0.1
     files = {p.name for p in (tmp_path / "export").iterdir()}
-    assert {"model.safetensors", "config.json"} <= files
+    assert {"model.safetensors", "config.json", "tokenizer_config.json"} <= files  # the byte tokenizer too
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())
     assert cfg["model_type"] == "smoe_lm" and cfg["moe"]["num_experts"] == 4
     assert cfg["moe"]["router_seed"] == 1234 and cfg["moe"]["k_schedule"]["kind"] == "linear"

@@ -167,9 +167,12 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
 
 
 def register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from smoe_ds.models.byte_tokenizer import SMoEByteTokenizer
 
     AutoConfig.register(SMoEConfig.model_type, SMoEConfig, exist_ok=True)
+    AutoTokenizer.register(SMoEConfig, slow_tokenizer_class=SMoEByteTokenizer, exist_ok=True)
     AutoModelForCausalLM.register(SMoEConfig, SMoEForCausalLM, exist_ok=True)
     AutoModelForSequenceClassification.register(SMoEConfig, SMoEForSequenceClassification, exist_ok=True)
 

@@ -46,3 +46,20 @@ def test_pooling_takes_the_last_real_token_so_right_padding_changes_nothing(expo
         assert torch.isclose(out.loss, torch.nn.functional.cross_entropy(alone, labels), atol=1e-5)
     hidden, _ = clf.lm.hidden_states(short)
     assert torch.allclose(clf(short).logits, clf.score(hidden[:, -1]), atol=1e-6)
+
+
+def test_byte_level_exports_carry_a_tokenizer_that_matches_the_trainers_bytes(export_dir):
+    from transformers import AutoTokenizer
+
+    from smoe_ds.data import ByteTokenizer
+    from smoe_ds.models.byte_tokenizer import SMoEByteTokenizer
+
+    SMoEByteTokenizer().save_pretrained(export_dir)  # what smoe_ds.convert writes for a byte-level run
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    assert isinstance(tokenizer, SMoEByteTokenizer)
+    text = "naïve café ✓, 42"
+    ids = tokenizer(text)["input_ids"]
+    assert ids == ByteTokenizer().encode_batch([text])[0].tolist() and tokenizer.decode(ids) == text
+    batch = tokenizer(["ab", "abcd"], padding=True, truncation=True, max_length=3, return_tensors="pt")
+    assert batch["input_ids"].tolist() == [[97, 98, 0], [97, 98, 99]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
