@@ -50,8 +50,8 @@ class SMoEConfig(PretrainedConfig):
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.model)
 
-    def moe_config(self) -> MoEConfig:
-        moe = {**self.moe, "ep_size": 1}
+    def moe_config(self, ep_size: int = 1) -> MoEConfig:
+        moe = {**self.moe, "ep_size": ep_size}
         moe["k_schedule"] = KScheduleConfig(**moe.get("k_schedule", {}))
         return MoEConfig(**moe)
 
@@ -65,13 +65,16 @@ class _SMoEPreTrained(PreTrainedModel):
     _tied_weights_keys = {"lm.lm_head.weight": "lm.tok_emb.weight"}
     _supports_cache_class = False
 
-    def __init__(self, config: SMoEConfig) -> None:
+    def __init__(self, config: SMoEConfig, ep_size: int = 1, ep_rank: int = 0, for_deepspeed: bool = False) -> None:
+        """Every expert on one device by default; ``ep_size``/``ep_rank``/``for_deepspeed`` build this
+        rank's share for expert-parallel training instead (see ``from_export_sharded``)."""
         super().__init__(config)
         from smoe_ds.models.lm import build_model
 
-        self.lm = build_model(config.model_config(), config.moe_config(), for_deepspeed=False)
-        for experts in self.expert_modules():
-            experts.use_stacked_state_dict()
+        self.lm = build_model(config.model_config(), config.moe_config(ep_size), ep_rank, for_deepspeed)
+        if ep_size == 1 and not for_deepspeed:
+            for experts in self.expert_modules():
+                experts.use_stacked_state_dict()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         pass  # build_model already initialised everything; from_pretrained overwrites it anyway
@@ -95,10 +98,38 @@ class _SMoEPreTrained(PreTrainedModel):
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.lm.tok_emb
 
+    @classmethod
+    def from_export_sharded(cls, path, ep_size: int, ep_rank: int, for_deepspeed: bool = True, **config_kwargs):
+        """This rank's share of an exported LM (``smoe_ds.convert``'s directory) for expert-parallel
+        training: the experts of ``ep_rank`` (N / ``ep_size`` of them, sliced from the stacked
+        tensors), every other weight whole; a head the export lacks (a classifier's) stays as drawn.
+        ``config_kwargs`` go to the config (e.g. ``num_labels``). Call it after seeding torch the
+        same on every rank, so that a new head starts the same everywhere."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        from smoe_ds.moe.experts import is_stacked_expert_param
+
+        config = SMoEConfig.from_pretrained(path, **config_kwargs)
+        model = cls(config, ep_size=ep_size, ep_rank=ep_rank, for_deepspeed=for_deepspeed)
+        state = load_file(Path(path) / "model.safetensors")
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name not in state:
+                    continue  # the new head
+                full = state[name]
+                if is_stacked_expert_param(name):
+                    full = full[ep_rank * p.shape[0] : (ep_rank + 1) * p.shape[0]]
+                if full.shape != p.shape:
+                    raise ValueError(f"{path}: {name} has shape {tuple(full.shape)}, the model {tuple(p.shape)}")
+                p.copy_(full)
+        return model
+
 
 class SMoEForCausalLM(_SMoEPreTrained, GenerationMixin):
-    def __init__(self, config: SMoEConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: SMoEConfig, **sharding) -> None:
+        super().__init__(config, **sharding)
         self.set_active_experts(config.active_experts)
         self.post_init()
 
@@ -132,8 +163,8 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
     Sequences are right-padded; ``attention_mask`` [B, T] marks the real tokens.
     """
 
-    def __init__(self, config: SMoEConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: SMoEConfig, **sharding) -> None:
+        super().__init__(config, **sharding)
         self.score = torch.nn.Linear(config.hidden_size, config.num_labels)
         self.set_active_experts(config.active_experts)
         self.post_init()

@@ -63,3 +63,29 @@ def test_byte_level_exports_carry_a_tokenizer_that_matches_the_trainers_bytes(ex
     batch = tokenizer(["ab", "abcd"], padding=True, truncation=True, max_length=3, return_tensors="pt")
     assert batch["input_ids"].tolist() == [[97, 98, 0], [97, 98, 99]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+def test_each_expert_parallel_rank_takes_its_slice_of_the_exported_experts_and_every_other_weight(export_dir):
+    full = SMoEForSequenceClassification.from_pretrained(export_dir, num_labels=2)
+    full_state = dict(full.named_parameters())
+    seen = set()
+    for ep_rank in (0, 1):
+        torch.manual_seed(7)  # the head is drawn from torch's RNG: the same on every rank
+        shard = SMoEForSequenceClassification.from_export_sharded(
+            export_dir, ep_size=2, ep_rank=ep_rank, for_deepspeed=False, num_labels=2
+        )
+        assert shard.lm.moe_cfg.ep_size == 2
+        for name, p in shard.named_parameters():
+            if name.startswith("score."):
+                continue
+            if ".experts." in name:  # [N/2, ...] of the stacked [N, ...]
+                half = full_state[name].shape[0] // 2
+                assert torch.equal(p, full_state[name][ep_rank * half : (ep_rank + 1) * half]), name
+                seen.add(name)
+            else:
+                assert torch.equal(p, full_state[name]), name
+        if ep_rank == 0:
+            head = shard.score.weight.clone()
+        else:
+            assert torch.equal(shard.score.weight, head)
+    assert len(seen) == 2 * MODEL["n_layers"]  # w_in and w_out of every MoE layer
