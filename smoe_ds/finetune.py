@@ -28,8 +28,10 @@ from smoe_ds import faults, preflight, watchdog, zero3
 from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
+from smoe_ds.hf import smoe_export
 from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.mwp_task import MathWordProblemTask
+from smoe_ds.hf.smoe_export import is_smoe_lm_export
 from smoe_ds.hf.surgery import dense_config
 from smoe_ds.hf.tasks import TASK_CLASSES, Task
 from smoe_ds.loop import LossWindow, optimizer_step, progress_bar, write_run_config, write_summary
@@ -60,6 +62,9 @@ def load_pretrained_for_task(cfg: FinetuneConfig, task, ep_rank: int):
     from smoe_ds.hf.surgery import convert_model
 
     torch.manual_seed(cfg.run.seed)  # a new head (e.g. the classifier) starts the same on every rank
+    if is_smoe_lm_export(cfg.hf.model):  # pretrained here: already experts (or dense), nothing to convert
+        # ZeRO-3 takes the plain layers (its engine refuses DeepSpeed MoE ones; smoe_ds.zero3)
+        return task.load_smoe_export(cfg.hf.model, cfg.moe.ep_size, ep_rank, for_deepspeed=cfg.zero_stage != 3)
     model = task.load_model(cfg.hf.model)
     if cfg.uses_moe:
         m = cfg.moe
@@ -90,7 +95,11 @@ def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
 
     hf_model = task.hf_part(engine.module)
     with zero3.gathered_module(engine.module):  # ZeRO-3: every weight whole for the copy (else a no-op)
-        if cfg.uses_moe:
+        if is_smoe_lm_export(cfg.hf.model):
+            model = smoe_export.single_device_copy(hf_model, cfg.expert_parallel_size, cfg.moe.num_experts)
+            if model is not None:
+                model.save_pretrained(out)
+        elif cfg.uses_moe:
             model = single_device_copy(hf_model, cfg.moe.ep_size, cfg.moe.num_experts)
             if model is not None:
                 save_smoe(model, out)
@@ -115,7 +124,10 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
     cfg.validate_for_world(world)
     preflight.check_out_dir(cfg.run.out_dir)
     preflight.check_precision(cfg)
-    dense_config(cfg.hf.model, convertible=cfg.uses_moe)  # a wrong model path or architecture fails before the data
+    if is_smoe_lm_export(cfg.hf.model):
+        smoe_export.check_export(cfg.hf.model, cfg.moe, cfg.hf.max_length)
+    else:
+        dense_config(cfg.hf.model, convertible=cfg.uses_moe)  # a wrong model path or architecture fails before the data
     micro, gas = cfg.micro_batch_size(world), cfg.grad_accum_steps(world)
     task = TASKS[cfg.hf.task](cfg, world, micro)
     train_steps_per_epoch(len(task.train), micro, world, gas)  # one step's worth of data, or a ConfigError now

@@ -62,6 +62,11 @@ class Task:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         return model
 
+    def load_smoe_export(self, path: str, ep_size: int, ep_rank: int, for_deepspeed: bool) -> torch.nn.Module:
+        """This rank's share of a model pretrained by smoe_ds.train, with the task's head
+        (``smoe_ds.hf.smoe_export``)."""
+        raise ConfigError(f"hf.task {self.cfg.hf.task} cannot start from a smoe-ds export ({path})")
+
     def hf_part(self, model: torch.nn.Module) -> torch.nn.Module:
         """The Hugging Face model inside the task's model: what is converted and exported as such."""
         return model
@@ -99,6 +104,13 @@ class ClassificationTask(Task):
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification
+
+    def load_smoe_export(self, path: str, ep_size: int, ep_rank: int, for_deepspeed: bool) -> torch.nn.Module:
+        from smoe_ds.models.hf import SMoEForSequenceClassification
+
+        return SMoEForSequenceClassification.from_export_sharded(
+            path, ep_size, ep_rank, for_deepspeed, **self.model_kwargs()
+        )
 
     def model_kwargs(self) -> dict:
         names = self.label_names
@@ -159,6 +171,11 @@ class CausalLMTask(Task):
 
     def model_kwargs(self) -> dict:
         return {}
+
+    def load_smoe_export(self, path: str, ep_size: int, ep_rank: int, for_deepspeed: bool) -> torch.nn.Module:
+        from smoe_ds.models.hf import SMoEForCausalLM
+
+        return SMoEForCausalLM.from_export_sharded(path, ep_size, ep_rank, for_deepspeed)
 
     def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
         for idx in self.train_order(rank, grad_accum, start_step):

@@ -1,0 +1,71 @@
+"""Fine-tuning a model pretrained here: an export of ``smoe_ds.train`` (``smoe_ds.convert``'s directory,
+model_type ``smoe_lm``) as ``hf.model``.
+
+The export is already a mixture of experts (or the dense baseline), so nothing is converted: each
+rank loads its share (``from_export_sharded``: its N / ep_size experts, every other weight whole)
+into the built-in LM with the task's head. The fine-tune's ``moe.mode`` and ``moe.num_experts``
+must be the pretrained run's, so that the schedule and evaluation speak of the same experts;
+``moe.ep_size`` is free. At the end ``single_device_copy`` gathers the experts into one model for
+the export, as ``smoe_ds.hf.gather`` does for converted Hugging Face models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from smoe_ds.config import ConfigError
+from smoe_ds.hf.gather import _gather_experts
+from smoe_ds.moe.experts import is_stacked_expert_param
+
+MODEL_TYPE = "smoe_lm"
+FINETUNABLE_MODES = ("smoe_dropout", "random_fixed", "dense")
+
+
+def is_smoe_lm_export(path: str) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    except (OSError, ValueError):
+        return False
+
+
+def check_export(path: str, moe, max_length: int) -> None:
+    """ConfigError unless the fine-tune's ``moe`` section matches the export's mode and N, and its
+    examples (``hf.max_length`` tokens) fit the model's context."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    block = config.get("model", {}).get("block_size")
+    if block is not None and max_length > block:
+        raise ConfigError(
+            f"hf.max_length {max_length} exceeds {path}'s context of {block} tokens; set hf.max_length <= {block}"
+        )
+    saved = config.get("moe", {})
+    mode, n = saved.get("mode", "smoe_dropout"), saved.get("num_experts")
+    if mode not in FINETUNABLE_MODES:
+        modes = ", ".join(FINETUNABLE_MODES)
+        raise ConfigError(f"{path} was pretrained with moe.mode {mode!r}; fine-tuning takes {modes}")
+    if moe.mode != mode or (mode != "dense" and moe.num_experts != n):
+        raise ConfigError(
+            f"{path} was pretrained with moe.mode={mode}, moe.num_experts={n}: "
+            f"set the same (--set moe.mode={mode} --set moe.num_experts={n})"
+        )
+
+
+def single_device_copy(module, ep_size: int, k: int):
+    """Every rank calls this together; rank 0 gets the whole model (all experts, at ``k``), fp32,
+    the others None. ``module`` is the engine's model (an ``SMoEFor...`` built by ``from_export_sharded``)."""
+    params = dict(module.named_parameters())
+    experts = {name: _gather_experts(p, ep_size) for name, p in params.items() if is_stacked_expert_param(name)}
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    copy = type(module)(module.config)  # every expert on one device
+    with torch.no_grad():
+        for name, p in copy.named_parameters():
+            p.copy_(experts.get(name, params[name]).detach().float())
+    copy.set_active_experts(k)
+    return copy.eval()

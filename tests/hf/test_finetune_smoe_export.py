@@ -1,0 +1,99 @@
+"""Fine-tuning a model pretrained here (issue 15): the built-in LM, pretrained by smoe_ds.train (2
+ranks, ep_size 2, ZeRO-2) and exported by smoe_ds.convert, fine-tuned for classification by
+smoe_ds.finetune (2 ranks, ep_size 2) on the sentiment fixture, all under the deepspeed launcher."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import smoe_ds  # noqa: F401  (registers smoe_lm with the Auto classes)
+from smoe_ds.models.hf import SMoEForSequenceClassification
+
+from ..corpora import SENTIMENT
+from ..launch import REPO, run_ranks
+
+TOL = 1e-5
+CONFIG = str(REPO / "ds_configs" / "finetune_minilm_sst2.json")  # max_length 64, ep_size 2, ZeRO-2
+FIT = ["moe.num_experts=4", "moe.k_schedule.k_min=2", "moe.k_schedule.k_max=4"]  # tests/configs/e2e_tiny.json's N
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain")
+    sets = ["run.max_steps=20", "run.eval_interval=0", f"run.out_dir={out}"]
+    target = ["smoe_ds.train", "--config", str(REPO / "tests" / "configs" / "e2e_tiny.json")]
+    run_ranks("deepspeed", 2, [*target, *[a for s in sets for a in ("--set", s)]], module=True, timeout=420)
+    run_ranks("python", 1, ["smoe_ds.convert", str(out / "checkpoints"), str(out / "export")], module=True)
+    return out / "export"
+
+
+def finetune(out: Path, model: Path, *settings: str, ranks: int = 2, launcher: str = "deepspeed", check: bool = True):
+    sets = [f"hf.model={model}", f"data.train={SENTIMENT / 'train.tsv'}", f"data.validation={SENTIMENT / 'dev.tsv'}"]
+    sets += [*FIT, "train_micro_batch_size_per_gpu=8", "scheduler.params.warmup_num_steps=2", f"run.out_dir={out}"]
+    args = [a for s in (*sets, *settings) for a in ("--set", s)]
+    target = ["smoe_ds.finetune", "--config", CONFIG, *args]
+    return run_ranks(launcher, ranks, target, module=True, timeout=420, check=check)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, pretrained) -> Path:
+    out = tmp_path_factory.mktemp("ft")
+    finetune(out, pretrained, "run.max_steps=100", "run.log_interval=10", "optimizer.params.lr=3e-3")
+    return out
+
+
+def test_the_classifier_learns_from_the_pretrained_lm(finetuned):
+    summary = json.loads((finetuned / "train_summary.json").read_text())
+    losses = [h["loss"] for h in summary["history"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2 - 0.03, losses
+    assert {r["k"] for r in summary["self_slimming"]} == {1, 2, 4}
+
+
+def test_the_export_scores_the_dev_set_as_the_engine_did_at_every_k(finetuned):
+    model = AutoModelForSequenceClassification.from_pretrained(finetuned / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(finetuned / "model")
+    assert isinstance(model, SMoEForSequenceClassification)
+    with open(SENTIMENT / "dev.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    labels = torch.tensor([model.config.label2id[r["label"]] for r in rows])
+    batch = tokenizer([r["sentence"] for r in rows], truncation=True, max_length=64, padding=True, return_tensors="pt")
+    engine_rows = {r["k"]: r for r in json.loads((finetuned / "train_summary.json").read_text())["self_slimming"]}
+    for k, row in engine_rows.items():
+        model.set_active_experts(k)
+        with torch.no_grad():
+            logits = model(**batch).logits.float()
+        assert abs(F.cross_entropy(logits, labels).item() - row["loss"]) <= TOL, k
+        assert (logits.argmax(-1) == labels).float().mean().item() == pytest.approx(row["accuracy"], abs=1e-9), k
+
+
+def test_every_pretrained_weight_reaches_the_engine(tmp_path, pretrained):
+    """At learning rate 0 (AdamW's decay is lr x weight_decay, so 0 too) nothing moves: the export
+    after two steps holds exactly the pretrained export's LM weights, gathered back from both ranks."""
+    finetune(tmp_path, pretrained, "run.max_steps=2", "optimizer.params.lr=0")
+    before, after = load_file(pretrained / "model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    assert {k for k in after if not k.startswith("lm.")} == {"score.weight", "score.bias"}
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("moe.num_experts=8", "pretrained with moe.mode=smoe_dropout, moe.num_experts=4: set the same"),
+        ("hf.max_length=100", "hf.max_length 100 exceeds"),
+    ],
+)
+def test_a_fine_tune_that_does_not_fit_the_pretrained_model_is_refused_in_one_line(
+    tmp_path, pretrained, setting, message
+):
+    proc = finetune(tmp_path / "out", pretrained, setting, "moe.ep_size=1", ranks=1, launcher="python", check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
