@@ -125,7 +125,9 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
     preflight.check_out_dir(cfg.run.out_dir)
     preflight.check_precision(cfg)
     if is_smoe_lm_export(cfg.hf.model):
-        smoe_export.check_export(cfg.hf.model, cfg.moe, cfg.hf.max_length)
+        # causal LM feeds blocks of hf.max_length + 1 tokens (the model shifts the labels itself)
+        tokens = cfg.hf.max_length + (cfg.hf.task == "causal_lm")
+        smoe_export.check_export(cfg.hf.model, cfg.moe, tokens)
     else:
         dense_config(cfg.hf.model, convertible=cfg.uses_moe)  # a wrong model path or architecture fails before the data
     micro, gas = cfg.micro_batch_size(world), cfg.grad_accum_steps(world)

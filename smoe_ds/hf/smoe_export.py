@@ -35,14 +35,14 @@ def is_smoe_lm_export(path: str) -> bool:
         return False
 
 
-def check_export(path: str, moe, max_length: int) -> None:
+def check_export(path: str, moe, tokens: int) -> None:
     """ConfigError unless the fine-tune's ``moe`` section matches the export's mode and N, and its
-    examples (``hf.max_length`` tokens) fit the model's context."""
+    inputs (``tokens`` long at most) fit the model's context."""
     config = json.loads((Path(path) / "config.json").read_text())
     block = config.get("model", {}).get("block_size")
-    if block is not None and max_length > block:
+    if block is not None and tokens > block:
         raise ConfigError(
-            f"hf.max_length {max_length} exceeds {path}'s context of {block} tokens; set hf.max_length <= {block}"
+            f"hf.max_length makes inputs of {tokens} tokens, beyond {path}'s context of {block}; lower hf.max_length"
         )
     saved = config.get("moe", {})
     mode, n = saved.get("mode", "smoe_dropout"), saved.get("num_experts")

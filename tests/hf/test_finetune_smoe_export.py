@@ -88,7 +88,7 @@ def test_every_pretrained_weight_reaches_the_engine(tmp_path, pretrained):
     "setting, message",
     [
         ("moe.num_experts=8", "pretrained with moe.mode=smoe_dropout, moe.num_experts=4: set the same"),
-        ("hf.max_length=100", "hf.max_length 100 exceeds"),
+        ("hf.max_length=100", "hf.max_length makes inputs of 100 tokens, beyond"),
     ],
 )
 def test_a_fine_tune_that_does_not_fit_the_pretrained_model_is_refused_in_one_line(
@@ -97,3 +97,27 @@ def test_a_fine_tune_that_does_not_fit_the_pretrained_model_is_refused_in_one_li
     proc = finetune(tmp_path / "out", pretrained, setting, "moe.ep_size=1", ranks=1, launcher="python", check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_continued_pretraining_of_the_exported_lm_runs_and_exports_a_causal_lm(tmp_path, pretrained):
+    """causal_lm on a text file: blocks of hf.max_length + 1 = 64 tokens, the pretrained context."""
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(600)))
+    out = tmp_path / "out"
+    finetune(
+        out,
+        pretrained,
+        "hf.task=causal_lm",
+        f"data.train={text}",
+        "data.validation=null",
+        "hf.max_length=63",
+        "data.val_fraction=0.2",
+        "run.max_steps=4",
+        "run.log_interval=2",
+    )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(model).__name__ == "SMoEForCausalLM" and model.num_experts == 4
+    rows = json.loads((out / "train_summary.json").read_text())["self_slimming"]
+    assert [r["k"] for r in rows] == [1, 2, 4] and all(r["loss"] > 0 for r in rows)
