@@ -124,6 +124,8 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
     cfg.validate_for_world(world)
     preflight.check_out_dir(cfg.run.out_dir)
     preflight.check_precision(cfg)
+    if smoe_export.is_checkpoint(cfg.hf.model):  # smoe_ds.train's checkpoint: its export, made once
+        cfg.hf.model = str(smoe_export.export_checkpoint(cfg.hf.model, Path(cfg.run.out_dir) / "pretrained"))
     if is_smoe_lm_export(cfg.hf.model):
         # causal LM feeds blocks of hf.max_length + 1 tokens (the model shifts the labels itself)
         tokens = cfg.hf.max_length + (cfg.hf.task == "causal_lm")

@@ -1,5 +1,6 @@
 """Fine-tuning a model pretrained here: an export of ``smoe_ds.train`` (``smoe_ds.convert``'s directory,
-model_type ``smoe_lm``) as ``hf.model``.
+model_type ``smoe_lm``) as ``hf.model``, or its DeepSpeed checkpoint folder, which is converted
+first into ``run.out_dir/pretrained``.
 
 The export is already a mixture of experts (or the dense baseline), so nothing is converted: each
 rank loads its share (``from_export_sharded``: its N / ep_size experts, every other weight whole)
@@ -33,6 +34,30 @@ def is_smoe_lm_export(path: str) -> bool:
         return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
     except (OSError, ValueError):
         return False
+
+
+def is_checkpoint(path: str) -> bool:
+    """A DeepSpeed checkpoint folder of smoe_ds.train (with ``latest``) or one tag folder in it."""
+    p = Path(path)
+    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("*model_states.pt")))
+
+
+def export_checkpoint(path: str, out: Path) -> Path:
+    """Convert a checkpoint to an export in ``out`` (rank 0; kept for a rerun) and return ``out``.
+    A collective: a conversion error reaches every rank as the same ConfigError."""
+    from smoe_ds import distributed as D
+    from smoe_ds.convert import convert
+
+    error = None
+    if D.is_main() and not (out / "config.json").is_file():
+        try:
+            convert(path, out)
+        except ConfigError as e:
+            error = str(e)
+    first_error = D.all_gather_object(error)[0]
+    if first_error:
+        raise ConfigError(first_error)
+    return out
 
 
 def check_export(path: str, moe, tokens: int) -> None:

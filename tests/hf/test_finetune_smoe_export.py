@@ -121,3 +121,16 @@ def test_continued_pretraining_of_the_exported_lm_runs_and_exports_a_causal_lm(t
     assert type(model).__name__ == "SMoEForCausalLM" and model.num_experts == 4
     rows = json.loads((out / "train_summary.json").read_text())["self_slimming"]
     assert [r["k"] for r in rows] == [1, 2, 4] and all(r["loss"] > 0 for r in rows)
+
+
+def test_a_training_checkpoint_folder_is_converted_first_and_fine_tuned(tmp_path, pretrained):
+    out = tmp_path / "out"
+    proc = finetune(
+        out, pretrained.parent / "checkpoints", "run.max_steps=2", "moe.ep_size=1", ranks=1, launcher="python"
+    )
+    assert (out / "pretrained" / "model.safetensors").is_file() and "(SMoEForSequenceClassification)" in proc.stdout
+    converted, exported = (
+        load_file(out / "pretrained" / "model.safetensors"),
+        load_file(pretrained / "model.safetensors"),
+    )
+    assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
