@@ -134,3 +134,27 @@ def test_a_training_checkpoint_folder_is_converted_first_and_fine_tuned(tmp_path
         load_file(pretrained / "model.safetensors"),
     )
     assert converted.keys() == exported.keys() and all(torch.equal(converted[k], exported[k]) for k in exported)
+
+
+def test_the_transfer_experiment_fine_tunes_each_pretrained_model_alike_and_tables_them(tmp_path, pretrained):
+    """Two pretrained models (here the export and, as a second name, a copy of it), one seed each,
+    at k = N throughout (the paper's transfer setting); the table has every k of each."""
+    import shutil
+
+    twin = tmp_path / "twin"
+    shutil.copytree(pretrained, twin)
+    out = tmp_path / "transfer"
+    args = ["--pretrained", str(pretrained), str(twin), "--train", str(SENTIMENT / "train.tsv")]
+    args += ["--validation", str(SENTIMENT / "dev.tsv"), "--out", str(out), "--seeds", "0", "--steps", "3"]
+    args += ["--set", "train_micro_batch_size_per_gpu=8", "--set", "scheduler.params.warmup_num_steps=1"]
+    run_ranks("python", 1, ["smoe_ds.experiments.transfer", *args], module=True, timeout=600)
+    found = json.loads((out / "results.json").read_text())
+    assert sorted(found) == ["pretrain0", "twin"]
+    config = json.loads((out / "configs" / "twin_seed0.json").read_text())
+    assert config["moe"]["k_schedule"] == {"kind": "linear", "k_min": 4, "k_max": 4} and config["run"]["max_steps"] == 3
+    table = (out / "results.md").read_text()
+    assert all(f"| twin | 1 | {k} |" in table for k in (1, 2, 4))
+    # same weights, same seed, same data: the two fine-tunes agree
+    a, b = (found[n][0]["rows"] for n in ("pretrain0", "twin"))
+    assert all(abs(x["loss"] - y["loss"]) <= TOL for x, y in zip(a, b))
+    assert (out / "accuracy_vs_k.png").stat().st_size > 0

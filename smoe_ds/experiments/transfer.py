@@ -1,0 +1,163 @@
+"""Transfer: fine-tune several models pretrained by smoe_ds.train on one labelled task, with the same
+budget and seeds, and compare them at every k (the paper's Table 2 question: does SMoE-Dropout
+pretraining transfer better than dense pretraining?).
+
+    python -m smoe_ds.experiments.transfer --pretrained DIR1 DIR2 ... --train TRAIN --validation DEV
+        --out OUT [--seeds 0,1] [--steps 300] [--config ds_configs/finetune_minilm_sst2.json]
+        [--set KEY=VALUE ...]
+
+Each DIR is an export (``smoe_ds.convert``) or a checkpoint folder of ``smoe_ds.train``; each is
+fine-tuned by ``smoe_ds.finetune`` (classification) under the deepspeed launcher with its own
+``moe.mode`` and N (read from it) and the config's everything else. As in the paper's transfer
+runs, k is constant at N unless ``--set moe.k_schedule...`` says otherwise. OUT receives
+``configs/``, ``runs/NAME/seedS/`` (NAME: the folder's name, or its parent's for ``checkpoints``
+and ``export``), ``results.md`` (accuracy and loss at every k, mean ± sd over seeds),
+``results.json`` and ``accuracy_vs_k.png``. Interrupted, it continues: finished runs are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from smoe_ds.config import apply_override
+from smoe_ds.experiments.paper import parse_seeds, ranks_per_node, train_method
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "finetune_minilm_sst2.json"
+
+
+def pretrained_moe(path: Path) -> dict:
+    """The pretrained run's ``moe`` section: from the export's config.json, or the checkpoint's run config."""
+    config = path / "config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("moe", {})
+    run_config = path.parent / "config.json"  # a checkpoints folder sits in its run folder
+    if (path / "latest").is_file() and run_config.is_file():
+        return json.loads(run_config.read_text())["moe"]
+    raise SystemExit(f"smoe-ds: error: {path} is neither a smoe-ds export nor a smoe_ds.train checkpoint folder")
+
+
+def model_name(path: Path) -> str:
+    return path.parent.name if path.name in ("checkpoints", "export") else path.name
+
+
+def build_config(args, pretrained: Path, run_dir: Path, seed: int) -> dict:
+    raw = json.loads(args.config.read_text())
+    moe = pretrained_moe(pretrained)
+    n = moe.get("num_experts", 1)
+    mode = moe.get("mode", "smoe_dropout")
+    raw["hf"].update(model=str(pretrained.absolute()), task="classification")
+    raw["moe"].update(mode=mode, num_experts=n, k_schedule={"kind": "linear", "k_min": n, "k_max": n})
+    raw["moe"].pop("k", None)
+    if mode == "dense" or raw["moe"].get("ep_size", 1) > n:
+        raw["moe"]["ep_size"] = 1
+    raw["data"].update(train=str(args.train.absolute()), validation=str(args.validation.absolute()), seed=seed)
+    raw["run"].update(out_dir=str(run_dir), seed=seed, max_steps=args.steps)
+    for item in args.set:
+        apply_override(raw, item)
+    return raw
+
+
+def collect(out: Path) -> dict:
+    """name -> [{"seed", "rows": the self-slimming rows}] for every finished run."""
+    found: dict = {}
+    for summary in sorted((out / "runs").glob("*/seed*/train_summary.json")):
+        run = summary.parent
+        rows = json.loads(summary.read_text())["self_slimming"]
+        found.setdefault(run.parent.name, []).append({"seed": int(run.name.removeprefix("seed")), "rows": rows})
+    return found
+
+
+def results_table(found: dict) -> str:
+    lines = [
+        "Validation accuracy (loss) of each pretrained model after the same fine-tuning, mean ± sd over seeds, "
+        "at k active experts (a dense model has one width).",
+        "",
+        "| pretrained model | seeds | k | accuracy | loss |",
+        "|---|---|---|---|---|",
+    ]
+    for name, runs in found.items():
+        ks = sorted({r["k"] for run in runs for r in run["rows"]})
+        for k in ks:
+            acc = [r["accuracy"] for run in runs for r in run["rows"] if r["k"] == k]
+            loss = [r["loss"] for run in runs for r in run["rows"] if r["k"] == k]
+            lines.append(f"| {name} | {len(runs)} | {k} | {_mean_sd(acc, 4)} | {_mean_sd(loss, 4)} |")
+    return "\n".join(lines)
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return mean if len(values) < 2 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
+
+
+def write_plot(found: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (name, runs) in enumerate(found.items()):
+        ks = sorted({r["k"] for run in runs for r in run["rows"]})
+        means = [statistics.fmean(r["accuracy"] for run in runs for r in run["rows"] if r["k"] == k) for k in ks]
+        if len(ks) == 1:
+            ax.axhline(means[0], linestyle="--", color=f"C{i}", label=f"{name} (one width)")
+        else:
+            ax.plot(ks, means, marker="o", color=f"C{i}", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("active experts k at evaluation")
+    ax.set_ylabel("validation accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smoe_ds.experiments.transfer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained", nargs="+", required=True, type=Path, help="exports or checkpoint folders")
+    p.add_argument("--train", required=True, type=Path)
+    p.add_argument("--validation", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every run")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the fine-tuning config every run starts from")
+    p.add_argument("--nproc", type=int, default=None, help="ranks (default: every GPU, or 2 on a CPU machine)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override for every run")
+    args = p.parse_args(argv)
+    for path in (*args.pretrained, args.train, args.validation, args.config):
+        if not path.exists():
+            p.error(f"{path} does not exist")
+    names = [model_name(path) for path in args.pretrained]
+    if len(set(names)) != len(names):
+        p.error(f"two pretrained models share a name ({', '.join(names)}); give folders with distinct names")
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    seeds = parse_seeds(args.seeds)
+    out = args.out.absolute()
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    runs = [(seed, name, path) for seed in seeds for name, path in zip(names, args.pretrained)]
+    for i, (seed, name, path) in enumerate(runs, 1):
+        run_dir = out / "runs" / name / f"seed{seed}"
+        label = f"[{i}/{len(runs)}] {name} seed {seed}"
+        if (run_dir / "train_summary.json").is_file():
+            print(f"{label}: done already, skipped", flush=True)
+            continue
+        config_path = out / "configs" / f"{name}_seed{seed}.json"
+        config_path.write_text(json.dumps(build_config(args, path, run_dir, seed), indent=2) + "\n")
+        print(f"{label}: fine-tuning", flush=True)
+        train_method(f"{name}/{seed}", config_path, run_dir, args.nproc or ranks_per_node(), module="smoe_ds.finetune")
+    found = collect(out)
+    (out / "results.json").write_text(json.dumps(found, indent=2) + "\n")
+    (out / "results.md").write_text(results_table(found) + "\n")
+    write_plot(found, out / "accuracy_vs_k.png")
+    for f in ("results.md", "results.json", "accuracy_vs_k.png"):
+        print(f"wrote {out / f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
