@@ -25,7 +25,7 @@ from pathlib import Path
 
 from smoe_ds.config import apply_override
 from smoe_ds.experiments.paper import parse_seeds, ranks_per_node, train_method
-from smoe_ds.experiments.report import compare
+from smoe_ds.experiments.report import compare, finish_k_axes, plot_against_k, write_outputs
 
 CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "finetune_minilm_mwp.json"
 DATASETS = {  # name -> (folder under --data, number of folds; None: one train/dev split)
@@ -163,15 +163,8 @@ def write_plot(found: dict, path: Path) -> None:
         for i, (method, runs) in enumerate(found[name].items()):
             ks = sorted({k for r in runs for k in r["by_k"]})
             means = [statistics.fmean(r["by_k"][k] for r in runs if k in r["by_k"]) for k in ks]
-            if len(ks) == 1:
-                ax.axhline(means[0], linestyle="--", color="black", label=f"{method} (k = N)")
-            else:
-                ax.plot(ks, means, marker="o", color=f"C{i}", label=method)
-        ax.set_xscale("log", base=2)
-        ax.set_title(name)
-        ax.set_xlabel("active experts k")
-        ax.set_ylabel("value accuracy (%)")
-        ax.legend(fontsize=8)
+            plot_against_k(ax, method, ks, means, f"C{i}")
+        finish_k_axes(ax, "value accuracy (%)", title=name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -221,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {steps} steps", flush=True)
         train_method(f"{name}/{fold}/{method}/{seed}", config_path, run_dir, nproc, module="smoe_ds.finetune")
     found = collect(out)
-    (out / "results.json").write_text(json.dumps(found, indent=2) + "\n")
-    (out / "results.md").write_text(results_table(found) + "\n")
-    write_plot(found, out / "accuracy_vs_k.png")
-    for f in ("results.md", "results.json", "accuracy_vs_k.png"):
-        print(f"wrote {out / f}")
+    write_outputs(out, found, results_table(found), write_plot)
     return 0
 
 

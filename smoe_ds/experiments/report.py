@@ -299,3 +299,30 @@ def _save(fig, ax, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def write_outputs(out: Path, found: dict, table: str, plot) -> None:
+    """An experiment's ``results.json`` (``found``), ``results.md`` (``table``) and
+    ``accuracy_vs_k.png`` (``plot(found, path)``), each announced on stdout."""
+    (out / "results.json").write_text(json.dumps(found, indent=2) + "\n")
+    (out / "results.md").write_text(table + "\n")
+    plot(found, out / "accuracy_vs_k.png")
+    for name in ("results.md", "results.json", "accuracy_vs_k.png"):
+        print(f"wrote {out / name}")
+
+
+def plot_against_k(ax, label: str, ks: list[int], values: list[float], color: str) -> None:
+    """One model's figure against k on ``ax``: a line, or a dashed level for a model of one width."""
+    if len(ks) == 1:
+        ax.axhline(values[0], linestyle="--", color=color, label=f"{label} (one width)")
+    else:
+        ax.plot(ks, values, marker="o", color=color, label=label)
+
+
+def finish_k_axes(ax, ylabel: str, title: str | None = None) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("active experts k at evaluation")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)

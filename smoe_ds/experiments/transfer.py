@@ -25,6 +25,7 @@ from pathlib import Path
 
 from smoe_ds.config import apply_override
 from smoe_ds.experiments.paper import parse_seeds, ranks_per_node, train_method
+from smoe_ds.experiments.report import finish_k_axes, plot_against_k, write_outputs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "finetune_minilm_sst2.json"
 
@@ -103,14 +104,8 @@ def write_plot(found: dict, path: Path) -> None:
     for i, (name, runs) in enumerate(found.items()):
         ks = sorted({r["k"] for run in runs for r in run["rows"]})
         means = [statistics.fmean(r["accuracy"] for run in runs for r in run["rows"] if r["k"] == k) for k in ks]
-        if len(ks) == 1:
-            ax.axhline(means[0], linestyle="--", color=f"C{i}", label=f"{name} (one width)")
-        else:
-            ax.plot(ks, means, marker="o", color=f"C{i}", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("active experts k at evaluation")
-    ax.set_ylabel("validation accuracy")
-    ax.legend(fontsize=8)
+        plot_against_k(ax, name, ks, means, f"C{i}")
+    finish_k_axes(ax, "validation accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -151,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: fine-tuning", flush=True)
         train_method(f"{name}/{seed}", config_path, run_dir, args.nproc or ranks_per_node(), module="smoe_ds.finetune")
     found = collect(out)
-    (out / "results.json").write_text(json.dumps(found, indent=2) + "\n")
-    (out / "results.md").write_text(results_table(found) + "\n")
-    write_plot(found, out / "accuracy_vs_k.png")
-    for f in ("results.md", "results.json", "accuracy_vs_k.png"):
-        print(f"wrote {out / f}")
+    write_outputs(out, found, results_table(found), write_plot)
     return 0
 
 
