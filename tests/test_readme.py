@@ -114,7 +114,8 @@ def check_config(module: str, args: argparse.Namespace) -> None:
     from smoe_ds.config import TrainConfig, load_config
     from smoe_ds.hf.finetune_config import FinetuneConfig
 
-    cls = FinetuneConfig if module == "smoe_ds.finetune" else TrainConfig
+    # the transfer experiment's --config is a fine-tuning config too
+    cls = FinetuneConfig if module in ("smoe_ds.finetune", "smoe_ds.experiments.transfer") else TrainConfig
     load_config(args.config, args.set, cls=cls).resolve()
 
 
