@@ -109,13 +109,13 @@ def parse_module(module: str, argv: list[str]) -> argparse.Namespace:
 
 def check_config(module: str, args: argparse.Namespace) -> None:
     """A ``--config``/``--set`` command: load and validate the config it names, as the run does first."""
-    if not getattr(args, "config", None):
+    # The transfer experiment's --config is the base that each of its runs completes (model, data).
+    if not getattr(args, "config", None) or module == "smoe_ds.experiments.transfer":
         return
     from smoe_ds.config import TrainConfig, load_config
     from smoe_ds.hf.finetune_config import FinetuneConfig
 
-    # the transfer experiment's --config is a fine-tuning config too
-    cls = FinetuneConfig if module in ("smoe_ds.finetune", "smoe_ds.experiments.transfer") else TrainConfig
+    cls = FinetuneConfig if module == "smoe_ds.finetune" else TrainConfig
     load_config(args.config, args.set, cls=cls).resolve()
 
 
