@@ -68,9 +68,9 @@ def factors_table(out: Path, factors: list[str]) -> str:
     columns.append("SMoE-Dropout best")
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for factor in factors:
-        if not (out / factor / "runs").is_dir():
+        results = collect(out / factor) if (out / factor / "runs").is_dir() else {}
+        if not results:  # nothing finished yet
             continue
-        results = collect(out / factor)
         final = {m: [r["final_val_bpb"] for r in results.get(m, {}).values()] for m in METHODS}
         best = {m: [r["best_val_bpb"] for r in results.get(m, {}).values()] for m in METHODS}
         cmp = compare(final["smoe_dropout_linear"], final["dense"])
