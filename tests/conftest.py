@@ -22,12 +22,18 @@ def deepspeed_ops_built():
 # instead of a long file starting last and running alone at the end.
 LONGEST_FILES = (
     "test_reshard.py",
+    "test_zero3_checkpoints.py",
+    "test_zero3.py",
     "test_paper_experiment.py",
     "test_resume.py",
     "test_faults.py",
     "test_checkpoint_export.py",
+    "hf/test_finetune_smoe_export.py",
     "test_train_e2e.py",
     "hf/test_finetune.py",
+    "test_bench.py",
+    "hf/test_mwp_finetune.py",
+    "hf/test_mwp_experiment.py",
 )
 
 
