@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 from smoe_ds.config import ConfigError
 from smoe_ds.hf.gather import _gather_experts
+from smoe_ds.models.hf import SMoEConfig
 from smoe_ds.moe.experts import is_stacked_expert_param
 
-MODEL_TYPE = "smoe_lm"
 FINETUNABLE_MODES = ("smoe_dropout", "random_fixed", "dense")
 
 
@@ -31,15 +31,18 @@ def is_smoe_lm_export(path: str) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+        return json.loads(config.read_text()).get("model_type") == SMoEConfig.model_type
     except (OSError, ValueError):
         return False
 
 
 def is_checkpoint(path: str) -> bool:
-    """A DeepSpeed checkpoint folder of smoe_ds.train (with ``latest``) or one tag folder in it."""
+    """A DeepSpeed checkpoint folder of smoe_ds.train (with ``latest``) or one tag folder in it: the
+    two things ``smoe_ds.checkpoint.resolve_tag_dir`` accepts, told by the same files."""
+    from smoe_ds.checkpoint.files import MODEL_FILE
+
     p = Path(path)
-    return p.is_dir() and ((p / "latest").is_file() or any(p.glob("*model_states.pt")))
+    return (p / MODEL_FILE).is_file() or (p / "latest").is_file()
 
 
 def export_checkpoint(path: str, out: Path) -> Path:

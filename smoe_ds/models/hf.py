@@ -182,11 +182,7 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
         **kwargs,
     ) -> SequenceClassifierOutput:
         """input_ids [B, T] (right-padded) -> logits [B, num_labels]; with labels [B], cross-entropy."""
-        if input_ids.shape[1] > self.lm.cfg.block_size:
-            raise ValueError(
-                f"sequence length {input_ids.shape[1]} exceeds the model's block_size {self.lm.cfg.block_size}"
-            )
-        hidden_BTD, _ = self.lm.hidden_states(input_ids)
+        hidden_BTD, _ = self.lm.hidden_states(input_ids)  # refuses inputs longer than block_size
         if attention_mask is None:
             last_B = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         else:
