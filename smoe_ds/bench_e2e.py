@@ -91,7 +91,6 @@ def run_variant(name: str, overrides: dict, args) -> dict:
 
 
 def ratios(rows: list[dict], ranks: int) -> dict:
-    """Wall-time ratios: the sharded (or only) SMoE-Dropout over dense and, with ranks > 1, over ep_size 1."""
     """Wall-time ratios of each SMoE-Dropout variant over dense and, with ranks > 1, of each sharded
     one over ep_size 1. The first sharded variant's are also given under the plain keys."""
     wall = {r["name"]: r["train_wall_s"] for r in rows}
