@@ -17,7 +17,6 @@ finished runs are skipped, an unfinished one resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -58,7 +57,7 @@ def build_config(factor: str, method: str, data: str | None, out_dir: str, seed:
         save_interval=max(1, steps // 4),
         eval_ks=[raw["moe"]["num_experts"]] if method == "dense" else None,
     )
-    return copy.deepcopy(raw)
+    return raw
 
 
 def factors_table(out: Path, factors: list[str]) -> str:
