@@ -2,7 +2,7 @@
 budget and seeds, and compare them at every k (the paper's Table 2 question: does SMoE-Dropout
 pretraining transfer better than dense pretraining?).
 
-    python -m smoe_ds.experiments.transfer --pretrained DIR1 DIR2 ... --train TRAIN --validation DEV
+    python -m smoe_ds.experiments.transfer --pretrained [NAME=]DIR1 [NAME=]DIR2 ... --train TRAIN --validation DEV
         --out OUT [--seeds 0,1] [--steps 300] [--config ds_configs/finetune_minilm_sst2.json]
         [--set KEY=VALUE ...]
 
@@ -10,8 +10,8 @@ Each DIR is an export (``smoe_ds.convert``) or a checkpoint folder of ``smoe_ds.
 fine-tuned by ``smoe_ds.finetune`` (classification) under the deepspeed launcher with its own
 ``moe.mode`` and N (read from it) and the config's everything else. As in the paper's transfer
 runs, k is constant at N unless ``--set moe.k_schedule...`` says otherwise. OUT receives
-``configs/``, ``runs/NAME/seedS/`` (NAME: the folder's name, or its parent's for ``checkpoints``
-and ``export``), ``results.md`` (accuracy and loss at every k, mean ± sd over seeds),
+``configs/``, ``runs/NAME/seedS/`` (NAME: given, or the run folder's name, so that
+``runs/dense/seed0/checkpoints`` is ``dense_seed0``), ``results.md`` (accuracy and loss at every k, mean ± sd over seeds),
 ``results.json`` and ``accuracy_vs_k.png``. Interrupted, it continues: finished runs are skipped.
 """
 
@@ -42,7 +42,24 @@ def pretrained_moe(path: Path) -> dict:
 
 
 def model_name(path: Path) -> str:
-    return path.parent.name if path.name in ("checkpoints", "export") else path.name
+    """A readable name for a pretrained folder: ``runs/dense/seed0/checkpoints`` -> ``dense_seed0``.
+
+    ``checkpoints`` and ``export`` name nothing, so their run folder does; a run folder called
+    ``seedN`` (the experiments' layout) is prefixed by its method's folder, so that the same seed of
+    two methods gets two names."""
+    if path.name in ("checkpoints", "export"):
+        path = path.parent
+    if path.name.startswith("seed") and path.name[4:].isdigit() and path.parent.name:
+        return f"{path.parent.name}_{path.name}"
+    return path.name
+
+
+def parse_pretrained(item: str) -> tuple[str, Path]:
+    """``NAME=DIR`` or ``DIR`` (named by :func:`model_name`)."""
+    name, sep, folder = item.partition("=")
+    if sep and name and "/" not in name:
+        return name, Path(folder)
+    return model_name(Path(item).absolute()), Path(item)
 
 
 def build_config(args, pretrained: Path, run_dir: Path, seed: int) -> dict:
@@ -113,7 +130,10 @@ def write_plot(found: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smoe_ds.experiments.transfer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--pretrained", nargs="+", required=True, type=Path, help="exports or checkpoint folders")
+    p.add_argument(
+        "--pretrained", nargs="+", required=True, metavar="[NAME=]DIR",
+        help="exports or checkpoint folders, each optionally named (default name: the run folder's)",
+    )
     p.add_argument("--train", required=True, type=Path)
     p.add_argument("--validation", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
@@ -123,18 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: every GPU, or 2 on a CPU machine)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override for every run")
     args = p.parse_args(argv)
-    for path in (*args.pretrained, args.train, args.validation, args.config):
+    names, folders = zip(*(parse_pretrained(item) for item in args.pretrained))
+    for path in (*folders, args.train, args.validation, args.config):
         if not path.exists():
             p.error(f"{path} does not exist")
-    names = [model_name(path) for path in args.pretrained]
     if len(set(names)) != len(names):
-        p.error(f"two pretrained models share a name ({', '.join(names)}); give folders with distinct names")
+        p.error(f"two pretrained models share a name ({', '.join(names)}); name them with NAME=DIR")
     if args.steps < 1:
         p.error("--steps must be >= 1")
     seeds = parse_seeds(args.seeds)
     out = args.out.absolute()
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    runs = [(seed, name, path) for seed in seeds for name, path in zip(names, args.pretrained)]
+    runs = [(seed, name, path) for seed in seeds for name, path in zip(names, folders)]
     for i, (seed, name, path) in enumerate(runs, 1):
         run_dir = out / "runs" / name / f"seed{seed}"
         label = f"[{i}/{len(runs)}] {name} seed {seed}"

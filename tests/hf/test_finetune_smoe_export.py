@@ -151,3 +151,13 @@ def test_the_transfer_experiment_fine_tunes_each_pretrained_model_alike_and_tabl
     a, b = (found[n][0]["rows"] for n in ("pretrain0", "twin"))
     assert all(abs(x["loss"] - y["loss"]) <= TOL for x, y in zip(a, b))
     assert (out / "accuracy_vs_k.png").stat().st_size > 0
+
+
+def test_pretrained_models_are_named_by_their_run_folder_or_by_name_equals_dir():
+    from smoe_ds.experiments.transfer import model_name, parse_pretrained
+
+    assert model_name(Path("runs/dense/seed0/checkpoints")) == "dense_seed0"
+    assert model_name(Path("runs/smoe/seed12/export")) == "smoe_seed12"
+    assert model_name(Path("out/my_lm/export")) == "my_lm" and model_name(Path("exported")) == "exported"
+    assert parse_pretrained("base=runs/x/seed0/checkpoints") == ("base", Path("runs/x/seed0/checkpoints"))
+    assert parse_pretrained("runs/dense/seed1/checkpoints")[0] == "dense_seed1"
