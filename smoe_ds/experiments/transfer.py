@@ -11,8 +11,8 @@ fine-tuned by ``smoe_ds.finetune`` (classification) under the deepspeed launcher
 ``moe.mode`` and N (read from it) and the config's everything else. As in the paper's transfer
 runs, k is constant at N unless ``--set moe.k_schedule...`` says otherwise. OUT receives
 ``configs/``, ``runs/NAME/seedS/`` (NAME: given, or the run folder's name, so that
-``runs/dense/seed0/checkpoints`` is ``dense_seed0``), ``results.md`` (accuracy and loss at every k, mean ± sd over seeds),
-``results.json`` and ``accuracy_vs_k.png``. Interrupted, it continues: finished runs are skipped.
+``runs/dense/seed0/checkpoints`` is ``dense_seed0``), ``results.md`` (accuracy and loss at every k,
+mean ± sd over seeds), ``results.json`` and ``accuracy_vs_k.png``. Interrupted, it continues: finished runs are skipped.
 """
 
 from __future__ import annotations
