@@ -131,7 +131,10 @@ def write_plot(found: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smoe_ds.experiments.transfer", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--pretrained", nargs="+", required=True, metavar="[NAME=]DIR",
+        "--pretrained",
+        nargs="+",
+        required=True,
+        metavar="[NAME=]DIR",
         help="exports or checkpoint folders, each optionally named (default name: the run folder's)",
     )
     p.add_argument("--train", required=True, type=Path)
