@@ -11,8 +11,9 @@ fine-tuned by ``smoe_ds.finetune`` (classification) under the deepspeed launcher
 ``moe.mode`` and N (read from it) and the config's everything else. As in the paper's transfer
 runs, k is constant at N unless ``--set moe.k_schedule...`` says otherwise. OUT receives
 ``configs/``, ``runs/NAME/seedS/`` (NAME: given, or the run folder's name, so that
-``runs/dense/seed0/checkpoints`` is ``dense_seed0``), ``results.md`` (accuracy and loss at every k,
-mean ± sd over seeds), ``results.json`` and ``accuracy_vs_k.png``. Interrupted, it continues: finished runs are skipped.
+``runs/dense/seed0/checkpoints`` is ``dense_seed0``), ``results.md`` (accuracy and loss at every
+k, mean ± sd over seeds, and every model at full width against the first one given),
+``results.json`` and ``accuracy_vs_k.png``. Interrupted, it continues: finished runs are skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from smoe_ds.config import apply_override
 from smoe_ds.experiments.paper import parse_seeds, ranks_per_node, train_method
-from smoe_ds.experiments.report import finish_k_axes, plot_against_k, write_outputs
+from smoe_ds.experiments.report import compare, finish_k_axes, plot_against_k, write_outputs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "finetune_minilm_sst2.json"
 
@@ -89,7 +90,8 @@ def collect(out: Path) -> dict:
     return found
 
 
-def results_table(found: dict) -> str:
+def results_table(found: dict, baseline: str | None = None) -> str:
+    """The markdown table of every model at every k; with ``baseline``, each other model against it."""
     lines = [
         "Validation accuracy (loss) of each pretrained model after the same fine-tuning, mean ± sd over seeds, "
         "at k active experts (a dense model has one width).",
@@ -103,7 +105,31 @@ def results_table(found: dict) -> str:
             acc = [r["accuracy"] for run in runs for r in run["rows"] if r["k"] == k]
             loss = [r["loss"] for run in runs for r in run["rows"] if r["k"] == k]
             lines.append(f"| {name} | {len(runs)} | {k} | {_mean_sd(acc, 4)} | {_mean_sd(loss, 4)} |")
+    if baseline in found:
+        lines += ["", *full_width_comparisons(found, baseline)]
     return "\n".join(lines)
+
+
+def full_width_accuracies(runs: list[dict]) -> list[float]:
+    """Each seed's accuracy at the model's largest k (every expert: the paper's transfer setting)."""
+    return [max(run["rows"], key=lambda r: r["k"])["accuracy"] for run in runs]
+
+
+def full_width_comparisons(found: dict, baseline: str) -> list[str]:
+    """One line per other model: its accuracy at full width minus the baseline's, with the verdict
+    of ``compare`` (a difference counts beyond twice its standard error over fine-tuning seeds)."""
+    base = full_width_accuracies(found[baseline])
+    lines = [f"At full width, against `{baseline}` (a difference counts beyond twice its standard error):", ""]
+    for name, runs in found.items():
+        if name == baseline:
+            continue
+        c = compare(full_width_accuracies(runs), base)
+        if c["se"] is None:
+            verdict = "one seed on a side: no verdict"
+        else:
+            verdict = f"2 se = {2 * c['se']:.4f}: " + ("a real difference" if c["significant"] else "inconclusive")
+        lines.append(f"- `{name}`: {c['diff']:+.4f} accuracy ({verdict})")
+    return lines
 
 
 def _mean_sd(values: list[float], digits: int) -> str:
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: fine-tuning", flush=True)
         train_method(f"{name}/{seed}", config_path, run_dir, args.nproc or ranks_per_node(), module="smoe_ds.finetune")
     found = collect(out)
-    write_outputs(out, found, results_table(found), write_plot)
+    write_outputs(out, found, results_table(found, baseline=names[0]), write_plot)
     return 0
 
 

@@ -161,3 +161,22 @@ def test_pretrained_models_are_named_by_their_run_folder_or_by_name_equals_dir()
     assert model_name(Path("out/my_lm/export")) == "my_lm" and model_name(Path("exported")) == "exported"
     assert parse_pretrained("base=runs/x/seed0/checkpoints") == ("base", Path("runs/x/seed0/checkpoints"))
     assert parse_pretrained("runs/dense/seed1/checkpoints")[0] == "dense_seed1"
+
+
+def test_the_transfer_table_compares_each_model_at_full_width_with_the_first_given():
+    from smoe_ds.experiments.transfer import results_table
+
+    def runs(accuracies_at_full_width, full_k):  # a slimmable model also has a poor k = 1 row
+        narrow = [{"k": 1, "accuracy": 0.1, "loss": 1.0}] if full_k > 1 else []
+        return [
+            {"seed": s, "rows": [*narrow, {"k": full_k, "accuracy": a, "loss": 0.5}]}
+            for s, a in enumerate(accuracies_at_full_width)
+        ]
+
+    found = {"smoe": runs([0.70, 0.72], 8), "dense": runs([0.60, 0.61], 1), "close": runs([0.605, 0.59], 8)}
+    table = results_table(found, baseline="dense")
+    assert "against `dense`" in table
+    assert "- `smoe`: +0.1050 accuracy (2 se = " in table and "a real difference" in table.split("`smoe`")[-1]
+    assert "- `close`: -0.0075 accuracy" in table and "inconclusive" in table.split("`close`")[-1].split("\n")[0]
+    one_seed = results_table({"dense": runs([0.6], 1), "smoe": runs([0.7], 8)}, baseline="dense")
+    assert "- `smoe`: +0.1000 accuracy (one seed on a side: no verdict)" in one_seed
