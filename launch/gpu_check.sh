@@ -8,13 +8,16 @@
 # timeout and all of them under GPU_CHECK_BUDGET_S (default 450 s), so one hang cannot eat the
 # machine's time; a failed step is recorded and the next one runs:
 #   install   .whl/ into a temporary folder on PYTHONPATH (pip --no-index --no-deps --target)
-#   fusedadam JIT-build DeepSpeed's FusedAdam with the machine's nvcc, timed, beside the tests;
+#   fusedadam JIT-build DeepSpeed's FusedAdam with the machine's nvcc (smoe_ds.deepspeed_ops
+#             --fused-adam, which fixes TORCH_CUDA_ARCH_LIST for DeepSpeed), timed, beside the tests;
 #             if it fails or times out, the trainer steps use torch's fused AdamW instead
 #   pytest    pytest -m gpu tests/gpu: the layer against the naive loop (fp32, bf16, each path),
 #             unaligned grouped GEMMs, the router on GPU and CPU, a 1-GPU bf16 ZeRO-2 engine and
 #             its export, peak memory against the dense FFN
 #   bench     smoe_ds.bench, bf16: d_model 2048, 16 experts x 512, 16k tokens; then the paper's
-#             shape (d_model 256, 16 x 512, 22 x 512 tokens); ours / stock DeepSpeed MoE / dense
+#             shape (d_model 256, 16 x 512, 22 x 512 tokens); ours / stock DeepSpeed MoE / dense,
+#             and ours with each compute path forced (--each-path); the profiler's table of ours
+#             at the paper's shape (--profile, in the log)
 #   e2e       smoe_ds.bench_e2e with ds_configs/gpu_bf16.json: dense against SMoE-Dropout
 #   train     launch/local.sh ds_configs/gpu_bf16.json for 300 steps on the GPU(s), then convert
 #             and the self-slimming evaluation of the export on one GPU
@@ -79,7 +82,8 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PATH="$SITE/bin:$PATH"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SMOE_DS_GPU_TEST_DEVICE=$DEVICE
 
 # FusedAdam builds beside the tests (which use torch's Adam), and the trainer steps wait for it.
-(step fusedadam 240 "$PYTHON" -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()") \
+echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST-(unset)}"
+(step fusedadam 240 "$PYTHON" -m smoe_ds.deepspeed_ops --fused-adam) \
   >"$WORK/fusedadam.log" 2>&1 &
 BUILD=$!
 
@@ -94,9 +98,9 @@ if ! grep -q $'^fusedadam\tok' "$WORK/steps.tsv"; then
 fi
 
 step bench 150 "$PYTHON" -m smoe_ds.bench --device "$DEVICE" --dtype bfloat16 --d-model 2048 --experts 16 \
-  --d-expert 512 --tokens 16384 --no-ep --out "$OUT/bench_d2048.json"
+  --d-expert 512 --tokens 16384 --no-ep --each-path --out "$OUT/bench_d2048.json"
 step bench_paper 90 "$PYTHON" -m smoe_ds.bench --device "$DEVICE" --dtype bfloat16 --d-model 256 --experts 16 \
-  --d-expert 512 --tokens 11264 --no-ep --out "$OUT/bench_paper.json"
+  --d-expert 512 --tokens 11264 --no-ep --each-path --profile --out "$OUT/bench_paper.json"
 
 step e2e 150 "$PYTHON" -m smoe_ds.bench_e2e --config ds_configs/gpu_bf16.json --steps 200 --d-model 512 \
   --layers 8 --experts 16 --d-expert 256 --block-size 512 --batch 32 --out "$WORK/e2e" "${ADAM[@]}" &&
@@ -148,12 +152,17 @@ for name in ("bench_d2048", "bench_paper"):
     path = out / f"{name}.json"
     if path.is_file():
         shape = json.loads(path.read_text())["shapes"][0]
-        summary[name] = {r["k"]: {"ours": r["ours_vs_dense"], "stock": r["stock_vs_dense"]} for r in shape["rows"]}
+        summary[name] = {r["k"]: {"ours": r["ours_vs_dense"], "stock": r["stock_vs_dense"],
+                                  "dense_path": r.get("ours_dense_path_vs_dense"),
+                                  "sparse_path": r.get("ours_sparse_path_vs_dense")} for r in shape["rows"]}
         print(f"\n{name}: d_model {shape['d_model']}, {shape['experts']} x {shape['d_expert']}, "
               f"{shape['tokens']} tokens, fwd+bwd time / dense FFN")
         print("   k " + " ".join(f"{r['k']:>6}" for r in shape["rows"]))
         print("ours " + " ".join(f"{r['ours_vs_dense']:>6.3f}" for r in shape["rows"]))
         print("stock" + " ".join(f"{r['stock_vs_dense']:>6.3f}" for r in shape["rows"]))
+        if "ours_dense_path_vs_dense" in shape["rows"][0]:
+            print("dpath" + " ".join(f"{r['ours_dense_path_vs_dense']:>6.3f}" for r in shape["rows"]))
+            print("spath" + " ".join(f"{r['ours_sparse_path_vs_dense']:>6.3f}" for r in shape["rows"]))
 e2e = out / "bench_e2e.json"
 if e2e.is_file():
     result = json.loads(e2e.read_text())

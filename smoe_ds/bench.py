@@ -14,6 +14,7 @@ Prints a table and writes JSON (``--out``, default bench_results.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -121,7 +122,56 @@ def time_in_rounds(layers: Layers, x, grad, device, repeats: int) -> dict[str, f
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
-def bench_shape(label: str, d: int, n: int, h: int, tokens: int, dtype, device, repeats: int) -> dict:
+@contextlib.contextmanager
+def forced_path(layer, path: str):
+    """Our layer with its experts held to one compute path ("dense" or "sparse"), whatever the density."""
+    experts = layer.deepspeed_moe.experts
+    experts.forward = getattr(experts, f"forward_{path}")  # an instance attribute shadows the method
+    try:
+        yield layer
+    finally:
+        del experts.forward
+
+
+def time_each_path(layer, x, grad, device, repeats: int) -> dict[str, float]:
+    """Median seconds of our layer with each compute path forced, one untimed call first."""
+    times = {}
+    for path in ("dense", "sparse"):
+        with forced_path(layer, path):
+            time_once(layer, x, grad, device)
+            times[path] = statistics.median(time_once(layer, x, grad, device) for _ in range(repeats))
+    return times
+
+
+def profile_table(layer, x, grad, device, rows: int = 15) -> str:
+    """torch.profiler's table of our layer's forward + backward, 5 calls, by self time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fwd_bwd(layer, x, grad)
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            fwd_bwd(layer, x, grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def bench_shape(
+    label: str,
+    d: int,
+    n: int,
+    h: int,
+    tokens: int,
+    dtype,
+    device,
+    repeats: int,
+    each_path: bool = False,
+    profile: bool = False,
+) -> dict:
+    """Every k of one shape: ours, stock and dense timed side by side (and, with ``each_path``,
+    ours with each compute path forced; with ``profile``, the profiler's table at k = 1 and N)."""
     torch.manual_seed(0)
     layers = build_layers(d, n, h, 1, device, dtype)
     x = torch.randn(1, tokens, d, device=device, dtype=dtype, requires_grad=True)
@@ -145,6 +195,12 @@ def bench_shape(label: str, d: int, n: int, h: int, tokens: int, dtype, device, 
                 "max_abs_diff_vs_stock": diff,
             }
         )
+        if each_path:
+            paths = time_each_path(layers.ours, x, grad, device, repeats)
+            rows[-1].update({f"ours_{p}_path_vs_dense": paths[p] / t["dense"] for p in paths})
+        if profile and k in (1, n):
+            print(f"profile of ours at k = {k} (d_model {d}, {n} x {h}, {tokens} tokens):")
+            print(profile_table(layers.ours, x, grad, device), flush=True)
     return {"shape": label, "d_model": d, "experts": n, "d_expert": h, "tokens": tokens, "rows": rows}
 
 
@@ -234,11 +290,14 @@ def format_shape(result: dict) -> str:
         f"shape {result['shape']}: d_model {result['d_model']}, {result['experts']} experts x {result['d_expert']}, "
         f"{result['tokens']} tokens (fwd+bwd time / dense FFN of equal parameters)"
     )
-    lines = [head, f"{'k':>4} {'ideal':>7} {'ours':>7} {'stock':>7} {'stock/ours':>11} {'|ours-stock|':>13}"]
+    paths = "ours_dense_path_vs_dense" in result["rows"][0]
+    extra = f" {'dense path':>11} {'sparse path':>12}" if paths else ""
+    lines = [head, f"{'k':>4} {'ideal':>7} {'ours':>7} {'stock':>7} {'stock/ours':>11} {'|ours-stock|':>13}{extra}"]
     for r in result["rows"]:
+        extra = f" {r['ours_dense_path_vs_dense']:>11.3f} {r['ours_sparse_path_vs_dense']:>12.3f}" if paths else ""
         lines.append(
             f"{r['k']:>4} {r['ideal']:>7.3f} {r['ours_vs_dense']:>7.3f} {r['stock_vs_dense']:>7.3f} "
-            f"{r['speedup_vs_stock']:>10.2f}x {r['max_abs_diff_vs_stock']:>13.2e}"
+            f"{r['speedup_vs_stock']:>10.2f}x {r['max_abs_diff_vs_stock']:>13.2e}{extra}"
         )
     return "\n".join(lines)
 
@@ -268,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all cores)")
     p.add_argument("--repeats", type=int, default=9, help="timed calls per layer and k (median is kept)")
     p.add_argument("--no-ep", action="store_true", help="skip the 2-rank expert-parallel part")
+    p.add_argument("--each-path", action="store_true", help="also time ours with each compute path forced")
+    p.add_argument("--profile", action="store_true", help="print the profiler's table of ours at k = 1 and N")
     p.add_argument("--out", default="bench_results.json")
     args = p.parse_args(argv)
 
@@ -288,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     # glibc's allocator settings change CPU timings a lot (see README, Performance): record them.
     results["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     for label, s in shapes.items():
-        r = bench_shape(label, s["d_model"], s["experts"], s["d_expert"], s["tokens"], dtype, device, args.repeats)
+        dims = (s["d_model"], s["experts"], s["d_expert"], s["tokens"])
+        r = bench_shape(label, *dims, dtype, device, args.repeats, args.each_path, args.profile)
         results["shapes"].append(r)
         print(format_shape(r) + "\n", flush=True)
     if not args.no_ep and device.type == "cpu":

@@ -16,6 +16,12 @@ into torch's extensions folder (``$TORCH_EXTENSIONS_DIR``, default
 smoe_ds's own CPU ops, the built-in experts' compute paths (``smoe_ds.moe.cpu_experts``), are
 JIT-built into the same folder on first use, and :func:`prebuild` builds them up front too.
 What both kinds of op share (the folder, the lock watch) is ``smoe_ds.jit_build``.
+
+On GPUs DeepSpeed JIT-builds FusedAdam when the engine starts. DeepSpeed 0.19.8 cannot parse
+the architecture-specific targets that ``TORCH_CUDA_ARCH_LIST`` may name on Hopper and later
+(``9.0a``, ``10.0f``): its builder fails with ``invalid literal for int() with base 10: '0a'``
+(seen on the H200 of ``make gpu-check``; DeepSpeed issue 7589, fix proposed in PR 8619).
+:func:`deepspeed_arch_list` rewrites them to the plain targets FusedAdam needs.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,6 +39,7 @@ from smoe_ds.jit_build import LockWatchdog, build_lock, extensions_dir
 SHM_COMM_OP = "ShareMemCommBuilder"
 SHM_COMM_OP_NAME = "deepspeed_shm_comm"  # its folder in the extensions folder
 SHM_DIR = Path("/dev/shm")
+ARCH_VARIANT = re.compile(r"^(\d+\.\d+)[a-z]+(\+PTX)?$")  # 9.0a, 10.0f+PTX: the suffix is the variant
 
 
 def lock_watchdog(after_s: float = 120.0) -> LockWatchdog:
@@ -76,17 +84,56 @@ def without_shm_allreduce():
             os.environ["LOCAL_SIZE"] = saved
 
 
+def deepspeed_arch_list(arch_list: str) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` as DeepSpeed 0.19.8's op builder can parse it: variant targets
+    (``9.0a``, ``10.0f+PTX``) become their plain form (``9.0``, ``10.0+PTX``), duplicates go, the
+    order stays. The variants only add instructions FusedAdam does not use."""
+    kept: list[str] = []
+    for entry in arch_list.replace(";", " ").split():
+        m = ARCH_VARIANT.match(entry)
+        plain = m.group(1) + (m.group(2) or "") if m else entry
+        if plain not in kept:
+            kept.append(plain)
+    return ";".join(kept)
+
+
+def fix_cuda_arch_list_for_deepspeed() -> None:
+    """Rewrite ``TORCH_CUDA_ARCH_LIST`` in this process (see :func:`deepspeed_arch_list`), saying so,
+    before DeepSpeed builds a CUDA op; nothing happens when it has no variant target."""
+    current = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not current:
+        return
+    fixed = deepspeed_arch_list(current)
+    if fixed != current.strip():
+        print(f"smoe_ds: TORCH_CUDA_ARCH_LIST={current!r} -> {fixed!r} for DeepSpeed's op builder", file=sys.stderr)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+
+
+def build_fused_adam() -> None:
+    """JIT-build DeepSpeed's CUDA FusedAdam now, in this process (what the engine would do at start-up)."""
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    fix_cuda_arch_list_for_deepspeed()
+    FusedAdamBuilder().load(verbose=False)
+
+
 def shm_buffers(master_port: int | str) -> list[Path]:
     """The /dev/shm buffers DeepSpeed's shm op made for the job on ``master_port`` (should be none)."""
     return sorted(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{master_port}_*"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(
+    p = argparse.ArgumentParser(
         prog="python -m smoe_ds.deepspeed_ops",
         description="Compile DeepSpeed's CPU shm op and smoe_ds's CPU experts ops once, now.",
-    ).parse_args(argv)
+    )
+    p.add_argument("--fused-adam", action="store_true", help="instead, build DeepSpeed's CUDA FusedAdam (GPU machines)")
+    args = p.parse_args(argv)
     start = time.time()
+    if args.fused_adam:
+        build_fused_adam()
+        print(f"smoe_ds: DeepSpeed's FusedAdam ready ({time.time() - start:.0f}s)")
+        return 0
     print(
         f"smoe_ds: building DeepSpeed's and smoe_ds's CPU ops into {extensions_dir()} (about a minute the first time)"
     )

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .deepspeed_ops import lock_watchdog, without_shm_allreduce
+from .deepspeed_ops import fix_cuda_arch_list_for_deepspeed, lock_watchdog, without_shm_allreduce
 
 
 def backend_name() -> str:
@@ -43,6 +43,7 @@ def init_distributed(master_port: int = 29500, timeout_s: float = 600.0) -> None
         # device, which is cuda:0 for every rank until the engine sets it, and the watchdog's
         # all_gather_object runs before the engine exists.
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+        fix_cuda_arch_list_for_deepspeed()  # before the engine JIT-builds FusedAdam
     # On CPU this may compile DeepSpeed's shm op (see smoe_ds.deepspeed_ops): say so if it stalls,
     # and keep the op's allreduce off.
     with lock_watchdog(after_s=min(timeout_s, 120.0)), without_shm_allreduce():

@@ -45,9 +45,13 @@ class FeedForward(nn.Module):
 # fwd+bwd times cross with the compiled CPU ops (`python -m smoe_ds.bench` at k near N; the
 # figures are in the README's Performance section): near k/N = 0.8 for narrow experts (H <= D),
 # and above 15/16 for wide ones, whose dense-masked path runs a GEMM pair per expert (see
-# ``forward_dense``). Re-measure them when either path changes.
+# ``forward_dense``). Re-measure them when either path changes. GPUs have their own threshold:
+# there the dense-masked path is one concatenated GEMM pair for every width, and the sparse path
+# pays a fixed cost per layer (host syncs for the route counts, a dozen small kernels) that a
+# dense FFN does not (`make gpu-check`, bench_paths.json; the README's GPU section).
 DENSE_PATH_MIN_DENSITY_NARROW = 0.8
 DENSE_PATH_MIN_DENSITY_WIDE = 0.95
+DENSE_PATH_MIN_DENSITY_GPU = 0.5
 
 
 _GROUPED_MM_FAILED: set = set()  # (device type, dtype) pairs whose backend refused torch._grouped_mm
@@ -139,14 +143,19 @@ class GroupedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
         """sum_e gates_TE[t, e] * expert_e(x_TD[t]) -> [T, D]; zero gates cost nothing on the sparse path."""
         density = float((gates_TE != 0).sum()) / max(gates_TE.numel(), 1)
-        if density >= self.dense_path_min_density():
+        if density >= self.dense_path_min_density(x_TD.device):
             return self.forward_dense(x_TD, gates_TE)
         return self.forward_sparse(x_TD, gates_TE)
 
-    def dense_path_min_density(self) -> float:
-        """The share of non-zero gates from which ``forward`` takes the dense-masked path."""
-        narrow = self.d_hidden <= self.d_model
-        return DENSE_PATH_MIN_DENSITY_NARROW if narrow else DENSE_PATH_MIN_DENSITY_WIDE
+    def dense_path_min_density(self, device: torch.device) -> float:
+        """The share of non-zero gates from which ``forward`` takes the dense-masked path on ``device``."""
+        if device.type != "cpu":
+            return DENSE_PATH_MIN_DENSITY_GPU
+        return DENSE_PATH_MIN_DENSITY_NARROW if self.concatenates(device) else DENSE_PATH_MIN_DENSITY_WIDE
+
+    def concatenates(self, device: torch.device) -> bool:
+        """Whether the dense-masked path runs all experts as one concatenated GEMM pair (see ``forward_dense``)."""
+        return self.d_hidden <= self.d_model or device.type != "cpu"
 
     def _hidden(
         self, project: Callable[[torch.Tensor], torch.Tensor], w: dict, b_in: torch.Tensor | None
@@ -172,20 +181,22 @@ class GroupedExperts(nn.Module):
     def forward_dense(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, weighted by the gates (zero gates included): no dispatch.
 
-        Narrow experts (H <= D): one GEMM over the concatenated experts, each expert's H hidden
-        units scaled by its gate; the built-in experts run it on the CPU as a compiled op, in
-        token blocks that stay in cache (shape B of the bench at k = N: 0.98-1.03 x the dense
-        FFN on a quiet machine, the Python form 0.99-1.08; with memory busy, 0.84 against
-        1.05). Wide experts (H > D): one GEMM pair per expert over
-        all tokens, scaling the D-wide outputs, which is less memory traffic than the hidden
-        units (shape A at k = N: 0.86 x dense, against 0.94 for the compiled op in blocks).
+        Narrow experts (H <= D), and every width on a GPU: one GEMM over the concatenated
+        experts, each expert's H hidden units scaled by its gate; the built-in experts run it on
+        the CPU as a compiled op, in token blocks that stay in cache (shape B of the bench at
+        k = N: 0.98-1.03 x the dense FFN on a quiet machine, the Python form 0.99-1.08; with
+        memory busy, 0.84 against 1.05). Wide experts (H > D) on the CPU: one GEMM pair per
+        expert over all tokens, scaling the D-wide outputs, which is less memory traffic than
+        the hidden units (shape A at k = N: 0.86 x dense, against 0.94 for the compiled op in
+        blocks). On a GPU that loop's 16 small GEMM pairs cost 9.5 x the dense FFN (the paper's
+        shape on an H200, bf16), launch-bound, where the concatenated pair is one large GEMM each.
         """
         T, E, H = x_TD.shape[0], self.num_local_experts, self.d_hidden
         if H <= self.d_model and self._compiled_op_applies(x_TD):
             return dense_gelu_experts(x_TD, self.w_in, self.w_out, gates_TE)
         gates_TE = gates_TE.to(x_TD.dtype)
         w, b = self._stacked(), self.b_in
-        if H <= self.d_model:
+        if self.concatenates(x_TD.device):
             project = lambda m: x_TD @ m.view(E * H, -1).t()  # noqa: E731
             b_in = None if b is None else b.view(E * H)
             if self.activation is F.gelu and self.w_gate is None:  # the built-in LM's experts: fused

@@ -66,6 +66,15 @@ def test_layer_matches_the_naive_loop_for_each_path_and_dtype(k, path, dtype):
     assert all(e <= REL_TOL[dtype] for e in errors.values()), errors
 
 
+# Wide experts (H > D): on a GPU the dense-masked path runs them as one concatenated GEMM pair
+# too (on the CPU it loops over the experts), so that branch is checked here at k < N and k = N.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k", [3, 8])
+def test_wide_experts_on_the_dense_path_match_the_naive_loop(k, dtype):
+    errors = layer_against_naive(make_layer(8, 32, 64, dtype), k, "dense", tokens=96)
+    assert all(e <= REL_TOL[dtype] for e in errors.values()), errors
+
+
 # Widths and token counts that are not multiples of 8 or 16, and experts that get no tokens:
 # torch._grouped_mm wants 16-byte aligned rows on CUDA; grouped_matmul must either satisfy it or
 # fall back to per-expert GEMMs, never return a wrong result.

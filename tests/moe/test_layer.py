@@ -252,7 +252,8 @@ def test_path_choice_follows_the_documented_density_rule(h, monkeypatch):
         set_active_experts(layer, k)
         layer(torch.randn(1, 16, 24))
     rule = experts_mod.DENSE_PATH_MIN_DENSITY_NARROW if h <= 24 else experts_mod.DENSE_PATH_MIN_DENSITY_WIDE
-    assert ex.dense_path_min_density() == rule
+    assert ex.dense_path_min_density(torch.device("cpu")) == rule
+    assert ex.dense_path_min_density(torch.device("cuda")) == experts_mod.DENSE_PATH_MIN_DENSITY_GPU
     assert chosen == ["sparse" if k / 8 < rule else "dense" for k in ks]
     assert chosen[-2:] == (["dense", "dense"] if h <= 24 else ["sparse", "dense"])  # 7 of 8: 0.875
 
