@@ -38,6 +38,7 @@ from smoe_ds.loop import LossWindow, optimizer_step, progress_bar, write_run_con
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.parallel import ep_rank_of
 from smoe_ds.moe.schedule import active_k
+from smoe_ds.moe.thor import thor_loss
 from smoe_ds.numerics import BadLossGuard
 from smoe_ds.results import format_rows, write_results
 from smoe_ds.runtime import initialize_engine
@@ -96,7 +97,8 @@ def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
     hf_model = task.hf_part(engine.module)
     with zero3.gathered_module(engine.module):  # ZeRO-3: every weight whole for the copy (else a no-op)
         if is_smoe_lm_export(cfg.hf.model):
-            model = smoe_export.single_device_copy(hf_model, cfg.expert_parallel_size, cfg.moe.num_experts)
+            k = cfg.moe.k if cfg.moe.mode == "learned" else cfg.moe.num_experts  # as smoe_ds.convert exports
+            model = smoe_export.single_device_copy(hf_model, cfg.expert_parallel_size, k)
             if model is not None:
                 model.save_pretrained(out)
         elif cfg.uses_moe:
@@ -131,6 +133,7 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
         tokens = cfg.hf.max_length + (cfg.hf.task == "causal_lm")
         smoe_export.check_export(cfg.hf.model, cfg.moe, tokens)
     else:
+        cfg.check_mode_for_hf_model()
         dense_config(cfg.hf.model, convertible=cfg.uses_moe)  # a wrong model path or architecture fails before the data
     micro, gas = cfg.micro_batch_size(world), cfg.grad_accum_steps(world)
     task = TASKS[cfg.hf.task](cfg, world, micro)
@@ -172,9 +175,12 @@ def finetune_steps(engine, cfg: FinetuneConfig, task: Task, rank: int, world: in
     history, val_history, window, t0 = [], [], LossWindow(), time.perf_counter()
     guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
 
-    def loss_of(batch: dict):  # the task's tensors by name; the model's loss is both backpropagated and logged
-        loss = engine(**{key: t.to(engine.device) for key, t in batch.items()}).loss
-        return loss, loss
+    def loss_of(batch: dict):  # the task's tensors by name -> (the loss to backpropagate, the loss to log)
+        inputs = {key: t.to(engine.device) for key, t in batch.items()}
+        out = engine(**inputs)
+        if cfg.moe.mode == "thor":  # a second pass with fresh random routes, and their consistency (as the trainer)
+            return thor_loss(out, engine(**inputs), cfg.moe.thor_alpha), out.loss
+        return out.loss, out.loss
 
     for step in range(run.max_steps):
         k = active_k(cfg, step)

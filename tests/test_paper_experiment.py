@@ -1,12 +1,14 @@
 """The paper experiment: its method table follows the paper's recipe, and at --scale tiny it runs
 end to end under the deepspeed launcher, with seeds, and every table, plot, config and verdict
-comes out (the claims themselves need --scale overparam; tiny only proves the pipeline)."""
+comes out (the claims themselves need --scale overparam; tiny only proves the pipeline). Its
+learned and THOR checkpoints are then fine-tuned in their own mode (issue 15)."""
 
 import copy
 import json
 import math
 
 import pytest
+import torch
 
 from smoe_ds.config import config_from_dict
 from smoe_ds.experiments import factors
@@ -16,6 +18,7 @@ from smoe_ds.experiments.report import compare
 from smoe_ds.moe.schedule import active_k
 
 from .corpora import write_stdlib_text
+from .hf.smoe_finetune_runs import TOL, engine_rows, export_losses_on_dev, finetune
 from .launch import run_ranks
 
 FILES = ("results.md", "results.json", "self_slimming.png", "val_vs_time.png", "loss_vs_step.png")
@@ -104,16 +107,25 @@ def test_a_difference_counts_only_beyond_two_standard_errors():
     assert compare([1.0], [2.0])["se"] is None and not compare([1.0], [2.0])["significant"]
 
 
-@pytest.mark.slow
-def test_tiny_scale_runs_with_seeds_writes_every_file_and_resumes_by_skipping(tmp_path):
-    data = write_stdlib_text(tmp_path / "text.txt", 300_000)
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny experiment, one run per mode (2 ranks, ep_size 2, ZeRO-2), then smoe_dropout_linear
+    again with seeds 0 and 1: (its folder, the launches' outputs, the first launch's arguments)."""
+    tmp = tmp_path_factory.mktemp("paper")
+    data = write_stdlib_text(tmp / "text.txt", 300_000)
+    out = tmp / "out"
     base = ["smoe_ds.experiments.paper", "--out", str(out), "--scale", "tiny", "--data", str(data)]
     first = base + ["--methods", ",".join(ONE_PER_MODE), "--max-bytes", "100000"]
     proc = run_ranks("python", 1, first, module=True, timeout=900)
+    seeds = run_ranks("python", 1, base + ["--methods", "smoe_dropout_linear", "--seeds", "0,1"], module=True)
+    return out, proc, seeds, first
+
+
+@pytest.mark.slow
+def test_tiny_scale_runs_with_seeds_writes_every_file_and_resumes_by_skipping(tiny_run):
+    out, proc, seeds, first = tiny_run
     assert "[5/5] smoe_dropout_linear seed 0: training" in proc.stdout
     assert "corpus: the first " in proc.stdout and (out / "corpus.txt").stat().st_size <= 100_000
-    seeds = run_ranks("python", 1, base + ["--methods", "smoe_dropout_linear", "--seeds", "0,1"], module=True)
     assert seeds.stdout.count("done already, skipped") == 1 and "[2/2] smoe_dropout_linear seed 1" in seeds.stdout
     for name in FILES:
         assert (out / name).stat().st_size > 0, name
@@ -146,3 +158,37 @@ def test_tiny_scale_runs_with_seeds_writes_every_file_and_resumes_by_skipping(tm
 
     again = run_ranks("python", 1, first, module=True, timeout=300)
     assert again.stdout.count("done already, skipped") == len(ONE_PER_MODE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["learned", "thor"])
+def test_learned_and_thor_checkpoints_fine_tune_sharded_and_export_whole(tmp_path, tiny_run, mode):
+    """The paper's two other routers, pretrained above, fine-tuned (2 ranks, ep_size 2) in their own
+    mode: the learned baseline is DeepSpeed's own MoE, whose experts are numbered per rank (rank 1's
+    expert 0 is global expert 2), and THOR trains on two passes with their consistency loss.
+
+    At learning rate 0 nothing moves, so the export, gathered back from both ranks, must hold exactly
+    the pretrained weights; and it must score the dev set as the engine did (THOR at k = N only,
+    where its routing is not random)."""
+    from safetensors.torch import load_file
+
+    ckpt = tiny_run[0] / "runs" / mode / "seed0" / "checkpoints"
+    out = tmp_path / "ft"  # given the checkpoint folder, the fine-tune exports it into ft/pretrained first
+    finetune(out, ckpt, f"moe.mode={mode}", "run.max_steps=2", "optimizer.params.lr=0")
+
+    before = load_file(out / "pretrained" / "model.safetensors")
+    after = load_file(out / "model" / "model.safetensors")
+    assert {k for k in after if not k.startswith("lm.")} == {"score.weight", "score.bias"}
+    assert set(before) <= set(after)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    if mode == "learned":
+        assert any(".deepspeed_experts.3." in name for name in before)  # experts 2 and 3 came from rank 1
+
+    rows = engine_rows(out)
+    history = json.loads((out / "train_summary.json").read_text())["history"]
+    assert history and all(math.isfinite(h["loss"]) for h in history)
+    checked = [k for k in rows if mode == "learned" or k == 4]
+    assert checked
+    for k, (loss, _) in export_losses_on_dev(out / "model", checked).items():
+        assert abs(loss - rows[k]["loss"]) <= TOL, k

@@ -6,8 +6,10 @@ Like the trainer's config it is one DeepSpeed JSON file with sections of ours, l
 
 - ``hf``: which pretrained model, which task, and how the experts are weighted;
 - ``moe``: the trainer's section; ``mode`` is ``smoe_dropout`` (default), ``random_fixed`` or
-  ``dense`` (plain fine-tuning, the baseline). N must divide the FFN's hidden size, and each
-  expert's width is that size / N, so ``moe.d_expert`` is not used;
+  ``dense`` (plain fine-tuning, the baseline) for a Hugging Face model. N must divide the FFN's
+  hidden size, and each expert's width is that size / N, so ``moe.d_expert`` is not used. A
+  model pretrained by ``smoe_ds.train`` is fine-tuned in the mode it was pretrained in, any of
+  the trainer's (``learned`` and ``thor`` too);
 - ``data``: the labelled files (classification) or the text (causal LM);
 - ``run``: the trainer's section (steps, evaluation, out_dir, ...).
 
@@ -24,8 +26,10 @@ from smoe_ds.config import ConfigError, DataConfig, TrainConfig, _require
 from smoe_ds.hf.surgery import HF_WEIGHTINGS
 
 TASKS = ("classification", "causal_lm", "math_word_problem")
-# THOR and the learned router are trained from scratch in the paper; here they have no pretrained counterpart.
-FINETUNE_MODES = ("smoe_dropout", "random_fixed", "dense")
+# The modes a Hugging Face model converts to. THOR and the learned router are trained from scratch in
+# the paper: a pretrained dense FFN has no counterpart of them, but a model smoe_ds.train pretrained
+# with them does (smoe_ds.hf.smoe_export).
+HF_CONVERSION_MODES = ("smoe_dropout", "random_fixed", "dense")
 
 
 @dataclass
@@ -71,10 +75,6 @@ class FinetuneConfig(TrainConfig):
             f"hf.weighting must be one of {', '.join(HF_WEIGHTINGS)}, got {hf.weighting!r}",
         )
         _require(hf.max_length >= 2, f"hf.max_length must be >= 2, got {hf.max_length}")
-        _require(
-            self.moe.mode in FINETUNE_MODES,
-            f"moe.mode {self.moe.mode!r} is not available for fine-tuning; choose one of {', '.join(FINETUNE_MODES)}",
-        )
         _require(bool(data.train), "set data.train to a labelled file, a text file or folder, or a hub dataset")
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(data, key)
@@ -88,6 +88,18 @@ class FinetuneConfig(TrainConfig):
                 "data.validation is for classification; causal_lm holds out data.val_fraction of data.train"
             )
         super().validate()
+
+    def check_mode_for_hf_model(self) -> None:
+        """ConfigError unless moe.mode is one a Hugging Face model converts to (``HF_CONVERSION_MODES``)."""
+        _require(
+            self.moe.mode in HF_CONVERSION_MODES,
+            f"moe.mode {self.moe.mode!r} is not available for fine-tuning a Hugging Face model; choose one of "
+            f"{', '.join(HF_CONVERSION_MODES)} (learned and thor fine-tune models pretrained by smoe_ds.train)",
+        )
+        _require(
+            self.hf.task != "math_word_problem" or self.moe.mode != "thor",
+            "moe.mode thor is not available for math_word_problem",
+        )
 
     def corpus_config(self) -> DataConfig:
         """The trainer's data section for causal LM: ``data.train`` tokenised by the model's tokenizer."""

@@ -21,14 +21,19 @@ from smoe_ds.moe.parallel import expert_parallel_group
 EXPERT_ROLES = ("w_in", "b_in", "w_gate", "w_out")
 
 
-def _gather_experts(t: torch.Tensor, ep_size: int) -> torch.Tensor:
-    """This rank's [E, ...] expert slice -> all N = E x ep_size experts [N, ...], in expert-id order."""
+def gather_expert_parts(t: torch.Tensor, ep_size: int) -> list[torch.Tensor]:
+    """This rank's tensor -> the same tensor of every rank of its expert-parallel group, by EP rank."""
     if ep_size == 1:
-        return t.detach().clone()
+        return [t.detach().clone()]
     group = expert_parallel_group(ep_size)
     parts = [torch.empty_like(t) for _ in range(ep_size)]
     dist.all_gather(parts, t.detach().contiguous(), group=group)
-    return torch.cat(parts)
+    return parts
+
+
+def _gather_experts(t: torch.Tensor, ep_size: int) -> torch.Tensor:
+    """This rank's [E, ...] expert slice -> all N = E x ep_size experts [N, ...], in expert-id order."""
+    return torch.cat(gather_expert_parts(t, ep_size))
 
 
 def single_device_copy(model: PreTrainedModel, ep_size: int, k: int) -> PreTrainedModel | None:

@@ -5,9 +5,12 @@ first into ``run.out_dir/pretrained``.
 The export is already a mixture of experts (or the dense baseline), so nothing is converted: each
 rank loads its share (``from_export_sharded``: its N / ep_size experts, every other weight whole)
 into the built-in LM with the task's head. The fine-tune's ``moe.mode`` and ``moe.num_experts``
-must be the pretrained run's, so that the schedule and evaluation speak of the same experts;
-``moe.ep_size`` is free. At the end ``single_device_copy`` gathers the experts into one model for
-the export, as ``smoe_ds.hf.gather`` does for converted Hugging Face models.
+(and ``moe.k`` for the learned baseline) must be the pretrained run's, so that the schedule and
+evaluation speak of the same experts; ``moe.ep_size`` is free. Every mode of the trainer
+fine-tunes: the learned baseline (DeepSpeed's own MoE, experts numbered per rank) with its
+balance loss, THOR with its two passes and their consistency loss, as in pretraining. At the
+end ``single_device_copy`` gathers the experts into one model for the export, as
+``smoe_ds.hf.gather`` does for converted Hugging Face models.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ import torch
 import torch.distributed as dist
 
 from smoe_ds.config import ConfigError
-from smoe_ds.hf.gather import _gather_experts
+from smoe_ds.hf.gather import _gather_experts, gather_expert_parts
 from smoe_ds.models.hf import SMoEConfig
-from smoe_ds.moe.experts import is_stacked_expert_param
-
-FINETUNABLE_MODES = ("smoe_dropout", "random_fixed", "dense")
+from smoe_ds.moe.experts import global_expert_name, is_stacked_expert_param
 
 
 def is_smoe_lm_export(path: str) -> bool:
@@ -74,14 +75,13 @@ def check_export(path: str, moe, tokens: int) -> None:
         )
     saved = config.get("moe", {})
     mode, n = saved.get("mode", "smoe_dropout"), saved.get("num_experts")
-    if mode not in FINETUNABLE_MODES:
-        modes = ", ".join(FINETUNABLE_MODES)
-        raise ConfigError(f"{path} was pretrained with moe.mode {mode!r}; fine-tuning takes {modes}")
     if moe.mode != mode or (mode != "dense" and moe.num_experts != n):
         raise ConfigError(
             f"{path} was pretrained with moe.mode={mode}, moe.num_experts={n}: "
             f"set the same (--set moe.mode={mode} --set moe.num_experts={n})"
         )
+    if mode == "learned" and moe.k != saved.get("k", moe.k):
+        raise ConfigError(f"{path} was pretrained with the learned router at moe.k={saved['k']}: set the same")
 
 
 def single_device_copy(module, ep_size: int, k: int):
@@ -89,11 +89,16 @@ def single_device_copy(module, ep_size: int, k: int):
     the others None. ``module`` is the engine's model (an ``SMoEFor...`` built by ``from_export_sharded``)."""
     params = dict(module.named_parameters())
     experts = {name: _gather_experts(p, ep_size) for name, p in params.items() if is_stacked_expert_param(name)}
+    n_local = module.num_experts // ep_size
+    for name, p in params.items():
+        if ".deepspeed_experts." in name:  # DeepSpeed's own experts (learned): one tensor per local expert
+            for rank, part in enumerate(gather_expert_parts(p, ep_size)):
+                experts[global_expert_name(name, rank, n_local)] = part
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     copy = type(module)(module.config)  # every expert on one device
     with torch.no_grad():
         for name, p in copy.named_parameters():
-            p.copy_(experts.get(name, params[name]).detach().float())
+            p.copy_((experts[name] if name in experts else params[name]).detach().float())
     copy.set_active_experts(k)
     return copy.eval()

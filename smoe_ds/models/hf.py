@@ -109,16 +109,19 @@ class _SMoEPreTrained(PreTrainedModel):
 
         from safetensors.torch import load_file
 
-        from smoe_ds.moe.experts import is_stacked_expert_param
+        from smoe_ds.moe.experts import global_expert_name, is_stacked_expert_param
 
         config = SMoEConfig.from_pretrained(path, **config_kwargs)
         model = cls(config, ep_size=ep_size, ep_rank=ep_rank, for_deepspeed=for_deepspeed)
         state = load_file(Path(path) / "model.safetensors")
+        n_local = config.moe_config().num_experts // ep_size
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name not in state:
+                # DeepSpeed's own experts (the learned baseline) number theirs locally, the export globally
+                key = global_expert_name(name, ep_rank, n_local)
+                if key not in state:
                     continue  # the new head
-                full = state[name]
+                full = state[key]
                 if is_stacked_expert_param(name):
                     full = full[ep_rank * p.shape[0] : (ep_rank + 1) * p.shape[0]]
                 if full.shape != p.shape:
@@ -182,14 +185,18 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
         **kwargs,
     ) -> SequenceClassifierOutput:
         """input_ids [B, T] (right-padded) -> logits [B, num_labels]; with labels [B], cross-entropy."""
-        hidden_BTD, _ = self.lm.hidden_states(input_ids)  # refuses inputs longer than block_size
+        hidden_BTD, aux = self.lm.hidden_states(input_ids)  # refuses inputs longer than block_size
         if attention_mask is None:
             last_B = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         else:
             last_B = attention_mask.long().sum(-1).clamp(min=1) - 1
         pooled_BD = hidden_BTD[torch.arange(input_ids.shape[0], device=input_ids.device), last_B]
         logits = self.score(pooled_BD)
-        loss = None if labels is None else torch.nn.functional.cross_entropy(logits.float(), labels)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            if self.lm.moe_cfg.mode == "learned":  # its balance loss, as in pretraining (SMoELM.forward)
+                loss = loss + self.lm.moe_cfg.aux_loss_coef * aux
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -111,7 +111,6 @@ def test_bad_data_is_one_line_naming_the_fix(tmp_path, monkeypatch, change, mess
     "sets,message",
     [
         ([], "set hf.model to a local model directory or a hub name"),
-        (["hf.model=m", "moe.mode=thor"], "moe.mode 'thor' is not available for fine-tuning"),
         (["hf.model=m", "hf.task=qa"], "hf.task must be one of classification, causal_lm"),
         (["hf.model=m", "hf.weighting=uniform"], "hf.weighting must be one of softmax, rescale"),
         (
@@ -126,6 +125,14 @@ def test_bad_config_is_refused_before_anything_runs(sets, message):
     with pytest.raises(ConfigError) as err:
         load_config(CONFIG, ["data.train=t", *sets], cls=FinetuneConfig)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["thor", "learned"])
+def test_a_hugging_face_model_does_not_convert_to_thor_or_the_learned_router(mode):
+    """They fine-tune only models pretrained in that mode by smoe_ds.train (tests/hf/test_finetune_smoe_export.py)."""
+    cfg = load_config(CONFIG, ["data.train=t", "hf.model=m", f"moe.mode={mode}"], cls=FinetuneConfig)
+    with pytest.raises(ConfigError, match=f"moe.mode '{mode}' is not available for fine-tuning a Hugging Face model"):
+        cfg.check_mode_for_hf_model()
 
 
 def test_the_cli_refuses_a_missing_model_in_one_line(tmp_path):

@@ -4,25 +4,19 @@ smoe_ds.finetune (2 ranks, ep_size 2) on the sentiment fixture, all under the de
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import smoe_ds  # noqa: F401  (registers smoe_lm with the Auto classes)
 from smoe_ds.models.hf import SMoEForSequenceClassification
 
 from ..corpora import SENTIMENT
 from ..launch import REPO, run_ranks
-
-TOL = 1e-5
-CONFIG = str(REPO / "ds_configs" / "finetune_minilm_sst2.json")  # max_length 64, ep_size 2, ZeRO-2
-FIT = ["moe.num_experts=4", "moe.k_schedule.k_min=2", "moe.k_schedule.k_max=4"]  # tests/configs/e2e_tiny.json's N
+from .smoe_finetune_runs import TOL, engine_rows, export_losses_on_dev, finetune
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +27,6 @@ def pretrained(tmp_path_factory) -> Path:
     run_ranks("deepspeed", 2, [*target, *[a for s in sets for a in ("--set", s)]], module=True, timeout=420)
     run_ranks("python", 1, ["smoe_ds.convert", str(out / "checkpoints"), str(out / "export")], module=True)
     return out / "export"
-
-
-def finetune(out: Path, model: Path, *settings: str, ranks: int = 2, launcher: str = "deepspeed", check: bool = True):
-    sets = [f"hf.model={model}", f"data.train={SENTIMENT / 'train.tsv'}", f"data.validation={SENTIMENT / 'dev.tsv'}"]
-    sets += [*FIT, "train_micro_batch_size_per_gpu=8", "scheduler.params.warmup_num_steps=2", f"run.out_dir={out}"]
-    args = [a for s in (*sets, *settings) for a in ("--set", s)]
-    target = ["smoe_ds.finetune", "--config", CONFIG, *args]
-    return run_ranks(launcher, ranks, target, module=True, timeout=420, check=check)
 
 
 @pytest.fixture(scope="module")
@@ -58,20 +44,15 @@ def test_the_classifier_learns_from_the_pretrained_lm(finetuned):
 
 
 def test_the_export_scores_the_dev_set_as_the_engine_did_at_every_k(finetuned):
-    model = AutoModelForSequenceClassification.from_pretrained(finetuned / "model").eval()
-    tokenizer = AutoTokenizer.from_pretrained(finetuned / "model")
-    assert isinstance(model, SMoEForSequenceClassification)
-    with open(SENTIMENT / "dev.tsv", newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    labels = torch.tensor([model.config.label2id[r["label"]] for r in rows])
-    batch = tokenizer([r["sentence"] for r in rows], truncation=True, max_length=64, padding=True, return_tensors="pt")
-    engine_rows = {r["k"]: r for r in json.loads((finetuned / "train_summary.json").read_text())["self_slimming"]}
-    for k, row in engine_rows.items():
-        model.set_active_experts(k)
-        with torch.no_grad():
-            logits = model(**batch).logits.float()
-        assert abs(F.cross_entropy(logits, labels).item() - row["loss"]) <= TOL, k
-        assert (logits.argmax(-1) == labels).float().mean().item() == pytest.approx(row["accuracy"], abs=1e-9), k
+    from transformers import AutoModelForSequenceClassification
+
+    assert isinstance(
+        AutoModelForSequenceClassification.from_pretrained(finetuned / "model"), SMoEForSequenceClassification
+    )
+    rows = engine_rows(finetuned)
+    for k, (loss, accuracy) in export_losses_on_dev(finetuned / "model", list(rows)).items():
+        assert abs(loss - rows[k]["loss"]) <= TOL, k
+        assert accuracy == pytest.approx(rows[k]["accuracy"], abs=1e-9), k
 
 
 def test_every_pretrained_weight_reaches_the_engine(tmp_path, pretrained):
