@@ -20,7 +20,7 @@ TORCH ?= torch==2.13.0
 # pip byte-compiles every package at install (about a minute). Worth it: where PYTHONDONTWRITEBYTECODE
 # is set (this machine and CI) Python never caches what it compiles, so without it every process
 # the tests spawn recompiles torch, DeepSpeed and transformers (import 6.2-6.9 s against 3.2-3.3 s
-# with bytecode, measured here), and CI took 3834 s with pip against 1696 s before.
+# with bytecode, measured here), and CI took 3834 s with pip --no-compile against 1696 s before.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

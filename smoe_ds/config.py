@@ -93,6 +93,11 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
     thor_alpha: float = 1.0  # "thor": weight of the symmetric-KL consistency loss between its two passes
 
+    def export_k(self) -> int:
+        """The k an export runs at unless told otherwise: the learned router's fixed k (it was never
+        trained at any other), else every expert."""
+        return self.k if self.mode == "learned" else self.num_experts
+
 
 @dataclass
 class DataConfig:

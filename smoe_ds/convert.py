@@ -42,7 +42,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
     hf_cfg = SMoEConfig(
         model=dataclasses.asdict(cfg.model),
         moe={key: v for key, v in dataclasses.asdict(cfg.moe).items() if key != "ep_size"},
-        active_experts=k or (cfg.moe.k if cfg.moe.mode == "learned" else n),
+        active_experts=k or cfg.moe.export_k(),
         trained_steps=step,
     )
     model = SMoEForCausalLM(hf_cfg)

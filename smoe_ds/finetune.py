@@ -97,8 +97,7 @@ def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
     hf_model = task.hf_part(engine.module)
     with zero3.gathered_module(engine.module):  # ZeRO-3: every weight whole for the copy (else a no-op)
         if is_smoe_lm_export(cfg.hf.model):
-            k = cfg.moe.k if cfg.moe.mode == "learned" else cfg.moe.num_experts  # as smoe_ds.convert exports
-            model = smoe_export.single_device_copy(hf_model, cfg.expert_parallel_size, k)
+            model = smoe_export.single_device_copy(hf_model, cfg.expert_parallel_size, cfg.moe.export_k())
             if model is not None:
                 model.save_pretrained(out)
         elif cfg.uses_moe:

@@ -96,10 +96,6 @@ class FinetuneConfig(TrainConfig):
             f"moe.mode {self.moe.mode!r} is not available for fine-tuning a Hugging Face model; choose one of "
             f"{', '.join(HF_CONVERSION_MODES)} (learned and thor fine-tune models pretrained by smoe_ds.train)",
         )
-        _require(
-            self.hf.task != "math_word_problem" or self.moe.mode != "thor",
-            "moe.mode thor is not available for math_word_problem",
-        )
 
     def corpus_config(self) -> DataConfig:
         """The trainer's data section for causal LM: ``data.train`` tokenised by the model's tokenizer."""

@@ -192,11 +192,11 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
             last_B = attention_mask.long().sum(-1).clamp(min=1) - 1
         pooled_BD = hidden_BTD[torch.arange(input_ids.shape[0], device=input_ids.device), last_B]
         logits = self.score(pooled_BD)
-        loss = None
-        if labels is not None:
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            if self.lm.moe_cfg.mode == "learned":  # its balance loss, as in pretraining (SMoELM.forward)
-                loss = loss + self.lm.moe_cfg.aux_loss_coef * aux
+        loss = (
+            None
+            if labels is None
+            else self.lm.training_loss(torch.nn.functional.cross_entropy(logits.float(), labels), aux)
+        )
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -111,8 +111,11 @@ class SMoELM(nn.Module):
         if targets is None:
             return LMOutput(logits, None, None, aux_total)
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        loss = lm_loss + self.moe_cfg.aux_loss_coef * aux_total if self.moe_cfg.mode == "learned" else lm_loss
-        return LMOutput(logits, loss, lm_loss, aux_total)
+        return LMOutput(logits, self.training_loss(lm_loss, aux_total), lm_loss, aux_total)
+
+    def training_loss(self, task_loss: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """What backward runs on: the task's loss, plus the weighted balance loss for the learned router."""
+        return task_loss + self.moe_cfg.aux_loss_coef * aux if self.moe_cfg.mode == "learned" else task_loss
 
     def hidden_states(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, L] -> (the final LayerNorm's output [B, L, D], the summed balance loss)."""
