@@ -131,6 +131,7 @@ class RunConfig:
     heartbeat_interval_s: float = 2.0  # how often each rank tells the others it is alive
     max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss (fp32, bf16) before the run stops
     step_breakdown: bool = False  # time each phase of a step and its collectives (smoe_ds.step_breakdown)
+    heap_trim_interval: int = 5  # CPU runs: steps between returning the heap's free memory (smoe_ds.heap; 0: never)
 
 
 @dataclass
@@ -267,6 +268,7 @@ class TrainConfig:
         )
         _require(run.max_bad_steps >= 1, f"run.max_bad_steps must be >= 1, got {run.max_bad_steps}")
         _require(run.eval_interval >= 0, "run.eval_interval must be >= 0 (0 disables it)")
+        _require(run.heap_trim_interval >= 0, "run.heap_trim_interval must be >= 0 (0 disables it)")
         bad_ks = [k for k in run.eval_ks if not (isinstance(k, int) and 1 <= k <= n)]
         _require(not bad_ks, f"run.eval_ks has values outside [1, num_experts={n}]: {bad_ks}")
         _require(0 < self.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {self.data.val_fraction}")

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from smoe_ds.jit_build import LockWatchdog, build_lock, extensions_dir
+from smoe_ds.jit_build import LockWatchdog, building, extensions_dir, use_this_pythons_ninja
 
 SHM_COMM_OP = "ShareMemCommBuilder"
 SHM_COMM_OP_NAME = "deepspeed_shm_comm"  # its folder in the extensions folder
@@ -44,7 +44,7 @@ ARCH_VARIANT = re.compile(r"^(\d+\.\d+)[a-z]+(\+PTX)?$")  # 9.0a, 10.0f+PTX: the
 
 def lock_watchdog(after_s: float = 120.0) -> LockWatchdog:
     """Watch the build lock of DeepSpeed's shm op, the one process-group start-up may wait on."""
-    return LockWatchdog(build_lock(SHM_COMM_OP_NAME), after_s)
+    return building(SHM_COMM_OP_NAME, after_s)
 
 
 def prebuild() -> bool:
@@ -114,6 +114,7 @@ def build_fused_adam() -> None:
     from deepspeed.ops.op_builder import FusedAdamBuilder
 
     fix_cuda_arch_list_for_deepspeed()
+    use_this_pythons_ninja()
     FusedAdamBuilder().load(verbose=False)
 
 

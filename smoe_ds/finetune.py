@@ -28,6 +28,7 @@ from smoe_ds import faults, preflight, watchdog, zero3
 from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
+from smoe_ds.heap import release_free_heap, trims_at
 from smoe_ds.hf import smoe_export
 from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.mwp_task import MathWordProblemTask
@@ -196,6 +197,8 @@ def finetune_steps(engine, cfg: FinetuneConfig, task: Task, rank: int, world: in
             bar.set_postfix({"loss": f"{mean:.4f}", "k": k})
         if run.eval_interval and done % run.eval_interval == 0 and done < run.max_steps:
             val_history.append(periodic_evaluation(engine, task, k, rank, done, bar))
+        if trims_at(done, run.heap_trim_interval, engine.device):
+            release_free_heap()
     bar.close()
     return history, val_history, time.perf_counter() - t0
 

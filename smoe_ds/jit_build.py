@@ -5,7 +5,8 @@ torch's JIT extension builder compiles an op into ``$TORCH_EXTENSIONS_DIR/<op na
 file while it builds. A process killed mid-build leaves the lock behind, and torch then waits
 on it forever in every later start; :class:`LockWatchdog` says which file to delete. DeepSpeed's
 CPU ops (``smoe_ds.deepspeed_ops``) and smoe_ds's own (``smoe_ds.moe.cpu_experts``) both build
-this way.
+this way, always with the same ninja (:func:`use_this_pythons_ninja`), so that a built op is not
+built again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,20 @@ def extensions_dir() -> Path:
     version = f"py{sys.version_info.major}{sys.version_info.minor}"
     flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     return Path.home() / ".cache" / "torch_extensions" / f"{version}_{flavour}"
+
+
+def use_this_pythons_ninja() -> None:
+    """Put this interpreter's bin folder first on PATH when it holds a ``ninja`` (a virtual
+    environment with pip's ninja), for this process and the builds it starts.
+
+    torch's builder runs whichever ninja PATH finds, and ninja versions log build commands
+    differently (pip's 1.13 and the system's 1.11 here), so an op built by one and loaded by the
+    other is rebuilt: 30-45 s on this machine, each time a run is started the other way
+    (``.venv/bin/python -m ...`` with and without the venv on PATH). Called before any op loads."""
+    bin_dir = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (bin_dir / "ninja").exists() and path.split(os.pathsep)[0] != str(bin_dir):
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{path}" if path else str(bin_dir)
 
 
 def build_lock(op_name: str) -> Path:
@@ -62,3 +77,10 @@ class LockWatchdog:
 
     def __exit__(self, *exc) -> None:
         self._done.set()
+
+
+def building(op_name: str, after_s: float = 120.0) -> LockWatchdog:
+    """What every site that may build an op enters: this interpreter's ninja first on PATH
+    (``use_this_pythons_ninja``) and a watch on ``op_name``'s build lock."""
+    use_this_pythons_ninja()
+    return LockWatchdog(build_lock(op_name), after_s)

@@ -27,6 +27,7 @@ from smoe_ds import distributed as D
 from smoe_ds.cli import run_main
 from smoe_ds.config import TrainConfig, config_cli
 from smoe_ds.data import train_batches
+from smoe_ds.heap import release_free_heap, trims_at
 from smoe_ds.loop import (
     LossWindow,
     MicroBatchLoss,
@@ -244,6 +245,8 @@ def train_steps(
                 val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar, clock))
         if run.save_checkpoint and run.save_interval and done % run.save_interval == 0 and done < run.max_steps:
             save(done)
+        if trims_at(done, run.heap_trim_interval, engine.device):
+            release_free_heap()
         breakdown.step_done(clock.elapsed_s())
     bar.close()
     if run.save_checkpoint and start_step < run.max_steps:

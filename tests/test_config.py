@@ -74,6 +74,7 @@ def test_scheduler_auto_steps_take_run_max_steps(tmp_path):
         (["model.positions=alibi"], "model.positions"),
         (["moe.mode=switch"], "moe.mode must be one of"),
         (["run.eval_ks=[0,2]"], "run.eval_ks has values outside"),
+        (["run.heap_trim_interval=-1"], "run.heap_trim_interval must be >= 0"),
         (["nokey"], "--set expects KEY=VALUE"),
     ],
 )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds.jit_build import LockWatchdog, build_lock
+from smoe_ds.jit_build import building
 
 OP_NAME = "smoe_ds_gelu_experts"
 SOURCE = Path(__file__).with_name("csrc") / "gelu_experts.cpp"
@@ -37,7 +37,7 @@ def load_op():
 
     try:
         # -fopenmp compiles at::parallel_for's parallel region; it links against torch's own OpenMP.
-        with LockWatchdog(build_lock(OP_NAME), after_s=120.0):
+        with building(OP_NAME, after_s=120.0):
             return load(OP_NAME, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"], verbose=False)
     except Exception as err:  # no compiler or ninja, a broken toolchain: fall back, loudly, once
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
