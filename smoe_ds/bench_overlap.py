@@ -84,6 +84,22 @@ def _worker(rank: int, world: int, port: int, args: dict, queue) -> None:
     dist.destroy_process_group()
 
 
+def run_two_ranks(worker, spec: dict) -> dict:
+    """Spawn ``worker(rank, 2, port, spec, queue)`` on 2 CPU processes; returns what rank 0 puts in the queue."""
+    from smoe_ds.distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, spec, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    result = queue.get(timeout=1800)
+    for proc in procs:
+        proc.join()
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="smoe-bench-overlap", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank")
@@ -93,18 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path("runs/bench_overlap"))
     args = p.parse_args(argv)
-    from smoe_ds.distributed import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
     spec = {k: getattr(args, k) for k in ("tokens", "columns", "compute_ms", "iters", "rounds")}
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, spec, queue)) for r in range(2)]
-    for proc in procs:
-        proc.start()
-    result = queue.get(timeout=1800)
-    for proc in procs:
-        proc.join()
+    result = run_two_ranks(_worker, spec)
     mb = 2 * args.tokens * args.columns * 4 / 2**20
     print(f"2 ranks (gloo, 1 thread each), {mb:.2f} MiB payload per rank")
     print("ms per iteration (the slower rank's, best of the rounds):")

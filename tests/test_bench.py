@@ -136,3 +136,15 @@ def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3
     assert z3 < z2
     # and the master partitions are the same size at both stages (ZeRO-2 splits the optimizer the same way)
     assert abs(ranks["ZeRO-2"][0]["master_weights"] - ranks["ZeRO-3"][0]["master_weights"]) <= 64 * 4
+
+
+def test_bench_packing_times_both_constructions_which_agree(tmp_path):
+    """The dispatcher's packed full-route exchange and the repeat + cat construction it replaced
+    give the same outputs and gradients on 2 spawned ranks; both are timed."""
+    out = tmp_path / "packing"
+    args = ["--tokens", "24", "--d-model", "8", "--experts", "4", "--iters", "3", "--rounds", "1"]
+    proc = run_ranks("python", 1, ["smoe_ds.bench_packing", *args, "--out", str(out)], module=True)
+    assert "packed / repeat + cat" in proc.stdout
+    result = json.loads((out / "bench_packing.json").read_text())
+    assert set(result["ms"]) == {"packed", "repeat + cat"} and all(v > 0 for v in result["ms"].values())
+    assert result["max_abs_difference"] <= 1e-6
