@@ -28,7 +28,7 @@ from smoe_ds import faults, preflight, watchdog, zero3
 from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
-from smoe_ds.heap import release_free_heap, trims_at
+from smoe_ds.heap import HeapTrimmer
 from smoe_ds.hf import smoe_export
 from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.mwp_task import MathWordProblemTask
@@ -172,6 +172,7 @@ def finetune_steps(engine, cfg: FinetuneConfig, task: Task, rank: int, world: in
     run, gas = cfg.run, cfg.grad_accum_steps(world)
     batches = task.train_batches(rank, gas, 0)
     bar = progress_bar("finetune", run.max_steps)
+    heap = HeapTrimmer(run.heap_trim_interval, engine.device)  # CPU runs: smoe_ds.heap
     history, val_history, window, t0 = [], [], LossWindow(), time.perf_counter()
     guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
 
@@ -197,8 +198,7 @@ def finetune_steps(engine, cfg: FinetuneConfig, task: Task, rank: int, world: in
             bar.set_postfix({"loss": f"{mean:.4f}", "k": k})
         if run.eval_interval and done % run.eval_interval == 0 and done < run.max_steps:
             val_history.append(periodic_evaluation(engine, task, k, rank, done, bar))
-        if trims_at(done, run.heap_trim_interval, engine.device):
-            release_free_heap()
+        heap.step_done(done)
     bar.close()
     return history, val_history, time.perf_counter() - t0
 

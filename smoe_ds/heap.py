@@ -9,9 +9,10 @@ receive a different number of tokens at every layer and step. Measured (MiniLM, 
 2, 240 steps, 2 ranks on 2 cores; the README's "Memory over a long CPU run" gives the figures):
 each rank grew from 1.2 to 3.2 GiB in 7 minutes; the dense fine-tune stayed flat.
 
-``malloc_trim(0)`` returns the free pages inside the heap as well as at its top. Called every
-``run.heap_trim_interval`` steps it slows the growth at no measurable cost (peak 3,113 -> 2,067 MiB
-per rank over 160 steps at every 5 steps, 260 -> 262 s); it does not stop it. Making glibc return
+``malloc_trim(0)`` returns the free pages inside the heap as well as at its top. Checked every
+``run.heap_trim_interval`` steps and called once a rank grew by ``MIN_GROWTH_BYTES`` it slows the
+growth at no measurable cost (peak 3,113 -> 2,012 MiB per rank over 160 steps, 260 -> 254 s); it
+does not stop it. Making glibc return
 every large block as it is freed (``MALLOC_TRIM_THRESHOLD_=0``) keeps the memory flat but made the
 fine-tune 20 % slower, so that is left to the user (the README says how).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -47,10 +49,53 @@ def release_free_heap() -> bool:
     return True
 
 
-def trims_at(step: int, interval: int, device: torch.device | str | None) -> bool:
-    """Whether a loop trims the heap after optimizer step ``step`` (1-based): every ``interval``
-    steps (0: never) of a run on the CPU. GPU tensors live in a caching allocator, not in this
-    heap. ``device`` is the engine's (None, as DeepSpeed's CPU accelerator gives it without a
-    local rank, means the CPU)."""
-    on_cpu = torch.device(device or "cpu").type == "cpu"
-    return on_cpu and interval > 0 and step % interval == 0
+# Trim only once the resident memory has grown this much since the last trim (or the first check):
+# a trim costs about 120 ms on a rank of the test suite's tiny LM (madvise over every free chunk,
+# and the pages faulted back in), which at every 5 steps was a fifth of that job's step time,
+# while runs whose tensors keep their sizes (the built-in LM's) barely grow and need none.
+MIN_GROWTH_BYTES = 128 << 20
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux ``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class HeapTrimmer:
+    """Called after every optimizer step; every ``interval`` steps (0: never) of a run on the CPU
+    it reads the resident memory and trims the heap if it grew by ``min_growth`` bytes since the
+    last trim or the first check. GPU tensors live in a caching allocator, not in this heap;
+    ``device`` is the engine's (None, as DeepSpeed's CPU accelerator gives it without a local
+    rank, means the CPU). ``rss`` reads the resident memory (tests pass their own)."""
+
+    def __init__(
+        self,
+        interval: int,
+        device: torch.device | str | None,
+        min_growth: int = MIN_GROWTH_BYTES,
+        rss: Callable[[], int] = resident_bytes,
+    ) -> None:
+        on_cpu = torch.device(device or "cpu").type == "cpu"
+        self.interval = interval if on_cpu and _malloc_trim() is not None else 0
+        self.min_growth, self.rss = min_growth, rss
+        self.baseline: int | None = None
+        self.trims = 0
+
+    def step_done(self, step: int) -> bool:
+        """After optimizer step ``step`` (1-based): trim if due; returns whether it trimmed."""
+        if not self.interval or step % self.interval:
+            return False
+        now = self.rss()
+        if self.baseline is None:  # the first check sets the level growth is measured from
+            self.baseline = now
+            return False
+        if now - self.baseline < self.min_growth:
+            return False
+        release_free_heap()
+        self.trims += 1
+        self.baseline = self.rss()
+        return True

@@ -27,7 +27,7 @@ from smoe_ds import distributed as D
 from smoe_ds.cli import run_main
 from smoe_ds.config import TrainConfig, config_cli
 from smoe_ds.data import train_batches
-from smoe_ds.heap import release_free_heap, trims_at
+from smoe_ds.heap import HeapTrimmer
 from smoe_ds.loop import (
     LossWindow,
     MicroBatchLoss,
@@ -205,6 +205,7 @@ def train_steps(
     val = rt.val_batches(run.eval_batches)
     step_tokens = tokens_per_step(rt)
     bar = progress_bar("train", run.max_steps, initial=start_step)
+    heap = HeapTrimmer(run.heap_trim_interval, engine.device)  # CPU runs: smoe_ds.heap
     clock = TrainClock.resumed(saved)
     with clock.paused():
         val_history = (
@@ -245,8 +246,7 @@ def train_steps(
                 val_history.append(periodic_validation(rt, val, active_k(cfg, done), done, bar, clock))
         if run.save_checkpoint and run.save_interval and done % run.save_interval == 0 and done < run.max_steps:
             save(done)
-        if trims_at(done, run.heap_trim_interval, engine.device):
-            release_free_heap()
+        heap.step_done(done)
         breakdown.step_done(clock.elapsed_s())
     bar.close()
     if run.save_checkpoint and start_step < run.max_steps:

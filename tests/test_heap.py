@@ -7,9 +7,8 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
-from smoe_ds.heap import _malloc_trim, trims_at
+from smoe_ds.heap import HeapTrimmer, _malloc_trim, resident_bytes
 
 # A fragmented heap, as a run with tensors that change size leaves it: 3,000 tensors of 64 KiB
 # (below glibc's mmap threshold, so they come from the heap), every tenth kept alive so that the
@@ -41,16 +40,43 @@ def test_release_free_heap_returns_the_free_pages_inside_a_fragmented_heap():
     assert row["before"] - row["after"] > 100, row
 
 
-@pytest.mark.parametrize(
-    "step, interval, device, expected",
-    [
-        (20, 20, "cpu", True),
-        (40, 20, torch.device("cpu"), True),
-        (21, 20, "cpu", False),
-        (20, 0, "cpu", False),  # 0: never
-        (20, 20, None, True),  # DeepSpeed's CPU accelerator without a local rank
-        (20, 20, "cuda:0", False),  # GPU memory is not in this heap
-    ],
-)
-def test_trims_every_interval_steps_on_the_cpu_only(step, interval, device, expected):
-    assert trims_at(step, interval, device) is expected
+class FakeResidentMemory:
+    """A resident-memory reading the test sets (MiB), in place of /proc; the trims are real."""
+
+    def __init__(self) -> None:
+        self.mib = 1000
+
+    def __call__(self) -> int:
+        return self.mib << 20
+
+
+@pytest.mark.skipif(_malloc_trim() is None, reason="the C library has no malloc_trim (not glibc)")
+def test_trims_every_interval_steps_only_once_memory_grew_since_the_last_trim():
+    rss = FakeResidentMemory()
+    trimmer = HeapTrimmer(5, "cpu", min_growth=128 << 20, rss=rss)
+    assert not trimmer.step_done(5)  # the first check sets the baseline (1000 MiB)
+    rss.mib = 1200
+    assert not trimmer.step_done(7)  # not a checking step
+    assert trimmer.step_done(10)  # grew 200 MiB: trimmed; the baseline is now 1200
+    rss.mib = 1300
+    assert not trimmer.step_done(15)  # grew 100 MiB since the trim: not yet
+    rss.mib = 1330
+    assert trimmer.step_done(20) and trimmer.trims == 2
+
+
+@pytest.mark.parametrize("interval, device", [(0, "cpu"), (5, "cuda:0")])
+def test_never_trims_when_off_or_on_a_gpu(interval, device):
+    rss = FakeResidentMemory()
+    trimmer = HeapTrimmer(interval, device, min_growth=1, rss=rss)
+    for step in range(1, 21):
+        rss.mib += 100
+        assert not trimmer.step_done(step)
+
+
+def test_a_cpu_device_of_none_counts_as_the_cpu():
+    """DeepSpeed's CPU accelerator gives engines without a local rank the device None."""
+    assert HeapTrimmer(5, None).interval == (5 if _malloc_trim() is not None else 0)
+
+
+def test_resident_bytes_reads_this_process():
+    assert resident_bytes() > 10 << 20  # a Python with torch imported holds far more than 10 MiB
