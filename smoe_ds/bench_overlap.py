@@ -37,9 +37,30 @@ def _timed_ms(step, iters: int) -> float:
     return (time.perf_counter() - started) / iters * 1000.0
 
 
-def _worker(rank: int, world: int, port: int, args: dict, queue) -> None:
+def one_thread_rank(rank: int, world: int, port: int) -> None:
+    """Set up a spawned rank: the environment torch.distributed and DeepSpeed read, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
+
+
+def interleaved_best_ms(steps: dict, iters: int, rounds: int) -> dict[str, float]:
+    """Time each of ``steps`` (name -> callable) for ``iters`` calls, in ``rounds`` that interleave
+    them so that drift hits all alike, after a warm-up -> ms per call: each rank's best round, the
+    slower rank's (a step costs what its slowest rank takes). Every rank must call it."""
+    for step in steps.values():  # warm-up
+        _timed_ms(step, 10)
+    rows = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            rows[name].append(_timed_ms(step, iters))
+    times = torch.tensor([min(rows[name]) for name in steps])
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    return {name: float(t) for name, t in zip(steps, times)}
+
+
+def _worker(rank: int, world: int, port: int, args: dict, queue) -> None:
+    one_thread_rank(rank, world, port)
     dist.init_process_group("gloo")
     payload = torch.randn(world * args["tokens"], args["columns"])
     received = torch.empty_like(payload)
@@ -71,16 +92,9 @@ def _worker(rank: int, world: int, port: int, args: dict, queue) -> None:
         "overlapped": overlapped,
         "all_gather + reduce_scatter": gather_scatter,
     }
-    for step in steps.values():  # warm-up
-        _timed_ms(step, 10)
-    rows = {mode: [] for mode in MODES}
-    for _ in range(args["rounds"]):  # rounds interleave the modes, so drift hits all alike
-        for mode in MODES:
-            rows[mode].append(_timed_ms(steps[mode], args["iters"]))
-    times = torch.tensor([min(rows[m]) for m in MODES])
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step costs what its slowest rank takes
+    best = interleaved_best_ms({mode: steps[mode] for mode in MODES}, args["iters"], args["rounds"])
     if rank == 0:
-        queue.put({mode: float(t) for mode, t in zip(MODES, times)})
+        queue.put(best)
     dist.destroy_process_group()
 
 

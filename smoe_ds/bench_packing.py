@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from smoe_ds.bench_overlap import _timed_ms, run_two_ranks
+from smoe_ds.bench_overlap import interleaved_best_ms, one_thread_rank, run_two_ranks
 
 MODES = ("packed", "repeat + cat")
 
@@ -46,9 +45,7 @@ def repeat_and_cat_dispatch(x_SD: torch.Tensor, gates_SN: torch.Tensor, ep_size:
 
 
 def _worker(rank: int, world: int, port: int, args: dict, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
-    torch.set_num_threads(1)
+    one_thread_rank(rank, world, port)
     import deepspeed
 
     from smoe_ds.moe.dispatch import combine, dispatch
@@ -75,16 +72,9 @@ def _worker(rank: int, world: int, port: int, args: dict, queue) -> None:
     differ = torch.stack([(out_a - out_b).abs().max(), (grad_a - grad_b).abs().max()]).max().reshape(1)
     dist.all_reduce(differ, op=dist.ReduceOp.MAX)
     steps = {"packed": lambda: layer(True), "repeat + cat": lambda: layer(False)}
-    for step in steps.values():  # warm-up
-        _timed_ms(step, 10)
-    rows = {mode: [] for mode in MODES}
-    for _ in range(args["rounds"]):
-        for mode in MODES:
-            rows[mode].append(_timed_ms(steps[mode], args["iters"]))
-    times = torch.tensor([min(rows[m]) for m in MODES])
-    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    best = interleaved_best_ms(steps, args["iters"], args["rounds"])
     if rank == 0:
-        queue.put({"ms": {mode: float(t) for mode, t in zip(MODES, times)}, "max_abs_difference": float(differ)})
+        queue.put({"ms": best, "max_abs_difference": float(differ)})
     dist.destroy_process_group()
 
 

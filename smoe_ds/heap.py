@@ -12,9 +12,9 @@ each rank grew from 1.2 to 3.2 GiB in 7 minutes; the dense fine-tune stayed flat
 ``malloc_trim(0)`` returns the free pages inside the heap as well as at its top. Checked every
 ``run.heap_trim_interval`` steps and called once a rank grew by ``MIN_GROWTH_BYTES`` it slows the
 growth at no measurable cost (peak 3,113 -> 2,012 MiB per rank over 160 steps, 260 -> 254 s); it
-does not stop it. Making glibc return
-every large block as it is freed (``MALLOC_TRIM_THRESHOLD_=0``) keeps the memory flat but made the
-fine-tune 20 % slower, so that is left to the user (the README says how).
+does not stop it. Making glibc return every large block as it is freed (``MALLOC_TRIM_THRESHOLD_=0``)
+keeps the memory flat but made the fine-tune 20 % slower, so that is left to the user (the README
+says how).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ from smoe_ds.heap import HeapTrimmer, _malloc_trim, resident_bytes
 FRAGMENT_AND_TRIM = textwrap.dedent(
     """
     import json, torch
-    from smoe_ds.heap import release_free_heap
+    from smoe_ds.heap import release_free_heap, resident_bytes
     def rss_mib():
-        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+        return resident_bytes() / 2**20
     blocks = [torch.ones(16 * 1024) for _ in range(3000)]
     kept = blocks[::10]
     del blocks

@@ -90,7 +90,8 @@ class _FullRouteExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SD: torch.Tensor, gates_SN: torch.Tensor, group, ep_size: int):
         (S, D), N = x_SD.shape, gates_SN.shape[1]
-        E, X = N // ep_size, D + N // ep_size
+        E = N // ep_size
+        X = D + E
         send_PSX = x_SD.new_empty((ep_size, S, X))
         send_PSX[:, :, :D] = x_SD
         send_PSX[:, :, D:] = gates_SN.view(S, ep_size, E).transpose(0, 1)
