@@ -50,7 +50,8 @@ def build_layers(d: int, n: int, h: int, ep_size: int, device, dtype, ep_rank: i
     from smoe_ds.moe.experts import FeedForward
     from smoe_ds.moe.layer import SMoEDropoutMoE
 
-    cfg = MoEConfig(num_experts=n, d_expert=h, ep_size=ep_size)
+    # the tokens travel, as in DeepSpeed's layer; the expert-parallel part also times the weights exchange
+    cfg = MoEConfig(num_experts=n, d_expert=h, ep_size=ep_size, ep_exchange="tokens")
     cfg.k_schedule.k_max = n
     ours = SMoEDropoutMoE(d, cfg, layer_index=0)
     # top2_2nd_expert_sampling off: plain top-k like ours (k = 1 still differs: DeepSpeed weights the
@@ -209,7 +210,7 @@ def bench_shape(
 
 def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     from smoe_ds.distributed import init_distributed, shutdown
-    from smoe_ds.moe.dispatch import bytes_sent
+    from smoe_ds.moe.dispatch import bytes_sent, gathered_bytes_sent
 
     os.environ.update(
         DS_ACCELERATOR="cpu",  # gloo CPU ranks even on a GPU host, where DeepSpeed would pick NCCL
@@ -232,32 +233,44 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     grad = torch.randn(1, tokens, d, generator=gen).to(dtype)
     elem = torch.finfo(dtype).bits // 8
     rows = []
+    dispatcher = layers.ours.deepspeed_moe
+    # variant -> (layer, moe.ep_exchange of ours): our layer moving tokens, moving weights, and DeepSpeed's
+    variants = {"ours": (layers.ours, "tokens"), "weights": (layers.ours, "weights"), "stock": (layers.stock, None)}
     for k in ks_for(n):
         set_k(layers, k)
-        times = {"ours": [], "stock": []}
+        times = {name: [] for name in variants}
         for rep in range(spec["repeats"] + 1):
-            for name in times:
+            for name, (layer, exchange) in variants.items():
+                if exchange:
+                    dispatcher.ep_exchange = exchange
                 dist.barrier()
-                t = time_once(getattr(layers, name), x, grad, torch.device("cpu"))
+                t = time_once(layer, x, grad, torch.device("cpu"))
                 if rep:
                     times[name].append(t)
-        plan = layers.ours.deepspeed_moe.last_plan
-        ours_bytes = bytes_sent(plan, d, elem, rank)
+        dispatcher.ep_exchange = "tokens"
+        with torch.no_grad():
+            layers.ours(x)  # the token exchange's plan at this k, for its bytes
+        ours_bytes = bytes_sent(dispatcher.last_plan, d, elem, rank)
+        weights_bytes = gathered_bytes_sent(dispatcher.experts._stacked(), world)
         # The stock layer ships its whole [N, C, D] buffer both ways; (P-1)/P of it leaves the rank.
         capacity = int(layers.stock.deepspeed_moe.exp_counts.max())
         cap = torch.tensor([capacity])
         dist.all_reduce(cap, op=dist.ReduceOp.MAX)
         stock_bytes = 2 * (world - 1) / world * n * int(cap) * d * elem
-        t = torch.tensor([statistics.median(times["ours"]), statistics.median(times["stock"]), ours_bytes, stock_bytes])
+        medians = [statistics.median(times[name]) for name in ("ours", "weights", "stock")]
+        t = torch.tensor([*medians, ours_bytes, weights_bytes, stock_bytes], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         rows.append(
             {
                 "k": k,
                 "ours_s": float(t[0]),
-                "stock_s": float(t[1]),
-                "speedup_vs_stock": float(t[1] / t[0]),
-                "ours_bytes_per_token": float(t[2]) / tokens,
-                "stock_bytes_per_token": float(t[3]) / tokens,
+                "weights_s": float(t[1]),
+                "stock_s": float(t[2]),
+                "speedup_vs_stock": float(t[2] / t[0]),
+                "weights_speedup_vs_stock": float(t[2] / t[1]),
+                "ours_bytes_per_token": float(t[3]) / tokens,
+                "weights_bytes_per_token": float(t[4]) / tokens,
+                "stock_bytes_per_token": float(t[5]) / tokens,
             }
         )
     if rank == 0:
@@ -306,12 +319,17 @@ def format_ep(result: dict) -> str:
     lines = [
         f"expert parallel, {result['ep_size']} ranks (gloo, 1 thread each): d_model {result['d_model']}, "
         f"{result['experts']} experts x {result['d_expert']}, {result['tokens']} tokens in all",
-        f"{'k':>4} {'ours ms':>9} {'stock ms':>9} {'stock/ours':>11} {'ours B/tok':>11} {'stock B/tok':>12}",
+        "ours: moving tokens; weights: ours moving the experts instead (moe.ep_exchange); B/tok: bytes one"
+        " rank sends per token of its own, forward",
+        f"{'k':>4} {'ours ms':>9} {'weights ms':>11} {'stock ms':>9} {'stock/ours':>11} {'stock/weights':>14}"
+        f" {'ours B/tok':>11} {'weights B/tok':>14} {'stock B/tok':>12}",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['k']:>4} {r['ours_s'] * 1e3:>9.1f} {r['stock_s'] * 1e3:>9.1f} {r['speedup_vs_stock']:>10.2f}x "
-            f"{r['ours_bytes_per_token']:>11.0f} {r['stock_bytes_per_token']:>12.0f}"
+            f"{r['k']:>4} {r['ours_s'] * 1e3:>9.1f} {r['weights_s'] * 1e3:>11.1f} {r['stock_s'] * 1e3:>9.1f}"
+            f" {r['speedup_vs_stock']:>10.2f}x {r['weights_speedup_vs_stock']:>13.2f}x"
+            f" {r['ours_bytes_per_token']:>11.0f} {r['weights_bytes_per_token']:>14.0f}"
+            f" {r['stock_bytes_per_token']:>12.0f}"
         )
     return "\n".join(lines)
 

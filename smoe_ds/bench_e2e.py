@@ -3,12 +3,14 @@ same data, steps and optimizer, and with more than one rank, expert parallelism 
 
     python -m smoe_ds.bench_e2e [--ranks 1] [--steps 60] [--config ds_configs/cpu_tiny.json]
         [--d-model D] [--layers L] [--experts N] [--d-expert H] [--block-size T] [--batch B]
-        [--out DIR] [--set KEY=VALUE ...]
+        [--full-route-dispatch all_to_all,...] [--ep-exchange tokens,weights] [--out DIR] [--set KEY=VALUE ...]
 
 Variants, each ``smoe_ds.train`` in its own processes (``smoe_ds.bench_runs``), in one run:
 - ``--ranks 1``: dense, SMoE-Dropout;
 - ``--ranks R`` (R > 1, the deepspeed launcher): dense, SMoE-Dropout at ep_size 1 (experts
-  replicated, pure data parallel) and SMoE-Dropout at ep_size R (experts sharded, all-to-all).
+  replicated, pure data parallel) and SMoE-Dropout at ep_size R (experts sharded), once per
+  ``--ep-exchange`` (tokens travel by all-to-all, once per ``--full-route-dispatch``; or the
+  experts' weights are gathered).
 Every run records its step breakdown (``run.step_breakdown``: each phase of a step and each
 collective inside it, mean over ranks, warm-up steps excluded); the table shows them side by side
 with the trainer's wall time for the training steps (start-up and the final evaluation excluded).
@@ -25,7 +27,7 @@ import json
 from pathlib import Path
 
 from smoe_ds.bench_runs import REPO_CONFIG, run_trainer
-from smoe_ds.config import FULL_ROUTE_DISPATCH
+from smoe_ds.config import EP_EXCHANGES, FULL_ROUTE_DISPATCH, MoEConfig
 from smoe_ds.step_breakdown import format_table
 
 SHAPE_FLAGS = {  # flag -> the config key it overrides
@@ -38,18 +40,24 @@ SHAPE_FLAGS = {  # flag -> the config key it overrides
 }
 
 
-def variants(ranks: int, full_route_dispatch: list[str]) -> dict[str, dict]:
-    """Variant name -> its overrides: dense and SMoE-Dropout, and for ranks > 1 both ep_sizes, the
-    sharded one once per ``full_route_dispatch`` given (none given: the config's)."""
+def variants(ranks: int, full_route_dispatch: list[str], exchanges: tuple[str, ...]) -> dict[str, dict]:
+    """Variant name -> its overrides: dense and SMoE-Dropout, and for ranks > 1 both ep_sizes. The
+    sharded one runs once per ``moe.ep_exchange`` in ``exchanges``; moving tokens, once per
+    ``full_route_dispatch`` given (none given: the config's)."""
     dense = {"moe.mode": "dense", "moe.ep_size": 1}
     if ranks == 1:
         return {"dense": dense, "smoe_dropout": {"moe.mode": "smoe_dropout", "moe.ep_size": 1}}
     out = {"dense": dense, "smoe_dropout ep_size 1": {"moe.mode": "smoe_dropout", "moe.ep_size": 1}}
     sharded = {"moe.mode": "smoe_dropout", "moe.ep_size": ranks}
-    if not full_route_dispatch:
-        out[f"smoe_dropout ep_size {ranks}"] = sharded
-    for how in full_route_dispatch:
-        out[f"smoe_dropout ep_size {ranks} {how}"] = {**sharded, "moe.full_route_dispatch": how}
+    for exchange in exchanges:
+        if exchange == "weights":
+            out[f"smoe_dropout ep_size {ranks} weights"] = {**sharded, "moe.ep_exchange": "weights"}
+            continue
+        tokens = {**sharded, "moe.ep_exchange": "tokens"}
+        if not full_route_dispatch:
+            out[f"smoe_dropout ep_size {ranks}"] = tokens
+        for how in full_route_dispatch:
+            out[f"smoe_dropout ep_size {ranks} {how}"] = {**tokens, "moe.full_route_dispatch": how}
     return out
 
 
@@ -120,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="with --ranks > 1: comma-separated moe.full_route_dispatch values, one sharded run each",
     )
+    p.add_argument(
+        "--ep-exchange",
+        default=MoEConfig.ep_exchange,
+        help="with --ranks > 1: comma-separated moe.ep_exchange values (tokens, weights); tokens runs once"
+        " per --full-route-dispatch value, weights once",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench_e2e"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for every run")
     args = p.parse_args(argv)
@@ -131,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [h for h in how if h not in FULL_ROUTE_DISPATCH]
     if unknown:
         p.error(f"unknown --full-route-dispatch {unknown[0]!r}; choose from {', '.join(FULL_ROUTE_DISPATCH)}")
+    exchanges = tuple(e.strip() for e in args.ep_exchange.split(",") if e.strip())
+    bad = [e for e in exchanges if e not in EP_EXCHANGES] or ([] if exchanges else [args.ep_exchange])
+    if bad:
+        p.error(f"unknown --ep-exchange {bad[0]!r}; choose from {', '.join(EP_EXCHANGES)}")
+    if how and "tokens" not in exchanges:
+        p.error("--full-route-dispatch applies to moving tokens: add tokens to --ep-exchange")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_variant(name, overrides, args) for name, overrides in variants(args.ranks, how).items()]
+    rows = [run_variant(name, overrides, args) for name, overrides in variants(args.ranks, how, exchanges).items()]
     result_ratios = ratios(rows, args.ranks)
     head = f"end to end, {args.ranks} rank(s), {args.steps} steps, {args.config.name}"
     print(f"\n{head}; step breakdown, mean over ranks:")

@@ -29,6 +29,9 @@ from typing import Any, ClassVar
 OUR_SECTIONS = ("model", "moe", "data", "run")
 MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed", "thor")
 FULL_ROUTE_DISPATCH = ("all_to_all", "gather_scatter", "counted")
+# What expert parallelism moves between the ranks of a group: the tokens to the experts
+# (smoe_ds.moe.dispatch's dispatch and combine) or the experts' weights to the tokens (its gather_experts).
+EP_EXCHANGES = ("tokens", "weights")
 SCHEDULE_KINDS = ("linear", "cosine", "exponential", "multistep")
 
 
@@ -88,6 +91,10 @@ class MoEConfig:
     # training): "all_to_all" or "gather_scatter" (smoe_ds.moe.dispatch), or "counted" to always
     # count and route each token as at small k.
     full_route_dispatch: str = "all_to_all"
+    # What travels between expert-parallel ranks: "tokens" to the experts (dispatch and combine),
+    # or the experts' "weights" to the tokens (one all-gather forward, one reduce-scatter
+    # backward per layer; smoe_ds.moe.dispatch says when each is cheaper).
+    ep_exchange: str = "weights"
     k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
     k: int = 2  # fixed k of the "learned" baseline and the "random_fixed" ablation
     aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
@@ -224,6 +231,10 @@ class TrainConfig:
         _require(
             moe.full_route_dispatch in FULL_ROUTE_DISPATCH,
             f"moe.full_route_dispatch must be one of {', '.join(FULL_ROUTE_DISPATCH)}, got {moe.full_route_dispatch!r}",
+        )
+        _require(
+            moe.ep_exchange in EP_EXCHANGES,
+            f"moe.ep_exchange must be one of {', '.join(EP_EXCHANGES)}, got {moe.ep_exchange!r}",
         )
         _require(
             moe.router_init_std is None or moe.router_init_std > 0,

@@ -36,7 +36,7 @@ from smoe_ds.hf.smoe_export import is_smoe_lm_export
 from smoe_ds.hf.surgery import dense_config
 from smoe_ds.hf.tasks import TASK_CLASSES, Task
 from smoe_ds.loop import LossWindow, optimizer_step, progress_bar, write_run_config, write_summary
-from smoe_ds.moe.layer import set_active_experts
+from smoe_ds.moe.layer import set_active_experts, set_ep_exchange
 from smoe_ds.moe.parallel import ep_rank_of
 from smoe_ds.moe.schedule import active_k
 from smoe_ds.moe.thor import thor_loss
@@ -218,6 +218,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     rank, world, task = check_inputs(cfg)
     watchdog.start(cfg.run.heartbeat_interval_s, cfg.run.dead_rank_timeout_s)
     model = load_pretrained_for_task(cfg, task, ep_rank=ep_rank_of(rank, cfg.moe.ep_size))
+    set_ep_exchange(model, cfg.moe.ep_exchange)
     new = task.new_weights(model)
     engine = initialize_engine(model, cfg, lr_of={id(p): cfg.hf.new_weights_lr for p in new if cfg.hf.new_weights_lr})
     out_dir = Path(cfg.run.out_dir)

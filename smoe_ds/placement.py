@@ -58,7 +58,7 @@ def describe(layout: dict) -> str:
     lines = [f"  expert placement (ep_size {layout['ep_size']}, {len(set(hosts))} host(s)):"]
     for r, experts in enumerate(layout["experts_of_rank"]):
         lines.append(f"    rank {r} on {hosts[r]}: experts {experts[0]}..{experts[-1]}")
-    lines.append(f"    all-to-all groups: {[list(g) for g in layout['expert_parallel_groups']]}")
+    lines.append(f"    expert-parallel groups: {[list(g) for g in layout['expert_parallel_groups']]}")
     lines.append(f"    expert-gradient all-reduce groups: {[list(g) for g in layout['expert_data_parallel_groups']]}")
     for g in spans_nodes_needlessly(layout):
         lines.append(

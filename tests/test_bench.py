@@ -44,6 +44,9 @@ def test_bench_tiny_shape_writes_table_and_json(tmp_path):
         # each token crosses to the other rank at most once: d_model 32 fp32 out with its gates for the
         # 2 experts there, and 32 values back
         assert 0 < r["ours_bytes_per_token"] <= (32 + 2 + 32) * 4
+        # moving the weights instead: this rank's 2 experts (w_in and w_out, 16 x 32 each, fp32) to
+        # the other rank, whatever k, over its 32 tokens
+        assert r["weights_s"] > 0 and r["weights_bytes_per_token"] == 2 * 2 * 16 * 32 * 4 / 32
     assert ep["rows"][-1]["stock_bytes_per_token"] > ep["rows"][-1]["ours_bytes_per_token"]
 
 
@@ -70,15 +73,17 @@ def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(t
     collective must fit inside its phase, and the dispatcher's collectives must appear exactly where
     experts are sharded: per step, per layer, one dispatch and one combine forward, and each of the
     two again backward, and a count exchange only until full routes start (k > N/2 = 2 from step 4
-    of 12 on; the naive-loop tests cover the counted path at every k)."""
+    of 12 on; the naive-loop tests cover the counted path at every k). Moving the weights instead:
+    one all-gather of the experts forward and one reduce-scatter of their gradients backward per
+    layer, and no other collective of ours."""
     out = tmp_path / "e2e"
     args = ["--ranks", "2", "--steps", "12", "--config", "tests/configs/e2e_tiny.json", "--out", str(out)]
-    args += ["--full-route-dispatch", "all_to_all"]
+    args += ["--full-route-dispatch", "all_to_all", "--ep-exchange", "tokens,weights"]
     proc = run_ranks("python", 1, ["smoe_ds.bench_e2e", *args], module=True)
     assert "ep_size 2 / ep_size 1" in proc.stdout and "moe_dispatch_grad" in proc.stdout
     result = json.loads((out / "bench_e2e.json").read_text())
     runs = {r["name"]: r for r in result["runs"]}
-    sharded = ["smoe_dropout ep_size 2 all_to_all"]
+    sharded = ["smoe_dropout ep_size 2 all_to_all", "smoe_dropout ep_size 2 weights"]
     assert list(runs) == ["dense", "smoe_dropout ep_size 1", *sharded]
     layers = 2
     for name, run in runs.items():
@@ -90,7 +95,9 @@ def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(t
             phase = collective.split("/")[0]
             assert 0 <= c["ms"] <= b["phases"][phase]["total"]["ms"] * 1.001, (name, collective)
         ours = {n: c["calls_per_step"] for n, c in b["collectives"].items() if "moe_" in n}
-        if run["ep_size"] == 2:
+        if name.endswith("weights"):
+            assert ours == {"forward/moe_experts": layers, "backward/moe_experts_grad": layers}
+        elif run["ep_size"] == 2:
             counts = ours.pop("forward/moe_counts", 0)
             assert 0 < counts < layers
             assert ours == {

@@ -75,6 +75,7 @@ def test_scheduler_auto_steps_take_run_max_steps(tmp_path):
         (["moe.mode=switch"], "moe.mode must be one of"),
         (["run.eval_ks=[0,2]"], "run.eval_ks has values outside"),
         (["run.heap_trim_interval=-1"], "run.heap_trim_interval must be >= 0"),
+        (["moe.ep_exchange=experts"], "moe.ep_exchange must be one of tokens, weights, got 'experts'"),
         (["nokey"], "--set expects KEY=VALUE"),
     ],
 )

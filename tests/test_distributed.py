@@ -61,15 +61,28 @@ def test_ep2_full_routes_match_naive_loop_without_counting(ep_result, k, collect
         assert row[key] <= TOL, (key, row)
 
 
+@pytest.mark.parametrize("path", ["None", "sparse_python", "dense_python"])
+@pytest.mark.parametrize("k", ["1", "2", "3", "4"])
+def test_ep2_weights_exchange_matches_naive_loop_with_uneven_tokens(ep_result, k, path):
+    """moe.ep_exchange = "weights": the experts are all-gathered and their gradients reduce-scattered,
+    no token leaves its rank; outputs, the input's and this rank's experts' gradients as the naive
+    loop, at every k, with 37 and 53 tokens on the two ranks."""
+    row = ep_result["weights"][path][k]
+    assert row["out_norm"] > 1.0 and row["rows_sent"] == []
+    for key in ("out", "grad_x", "grad_w_in", "grad_w_out"):
+        assert row[key] <= TOL, (key, row)
+
+
 def test_capacity_factor_drops_without_hanging_and_full_capacity_is_exact(ep_result):
     cap = ep_result["capacity"]
     assert cap["full_capacity_equals_dropless"]
     assert 0.05 < cap["tight_dropped_fraction"] < 0.95 and cap["tight_finite"]
 
 
+@pytest.mark.parametrize("exchange", ["tokens", "weights"])
 @pytest.mark.parametrize("k", ["1", "2", "4"])
-def test_ep2_model_matches_single_process_with_all_experts(ep_result, k):
-    row = ep_result["model"][k]
+def test_ep2_model_matches_single_process_with_all_experts(ep_result, k, exchange):
+    row = ep_result["model"][exchange][k]
     assert row["loss"] <= TOL and row["grad"] <= TOL, row
 
 

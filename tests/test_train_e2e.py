@@ -116,12 +116,12 @@ def test_mpirun_4_ranks_with_mpi_discovery_the_logged_expert_layout_and_dropped_
     assert [int(float(r[0])) for r in dropped] == [10, 20, 30]
     # k grows 2 -> 4 and every rank has 8 x 64 tokens: at least half of the routes beyond C are dropped
     assert all(0.4 <= float(r[1]) < 1.0 for r in dropped), dropped
-    # ep_size 2 on 4 ranks: two all-to-all groups of consecutive ranks, experts averaged across them
+    # ep_size 2 on 4 ranks: two expert-parallel groups of consecutive ranks, experts averaged across them
     layout = json.loads((tmp_path / "layout.json").read_text())
     assert layout["world_size"] == 4 and layout["expert_parallel_groups"] == [[0, 1], [2, 3]]
     assert layout["expert_data_parallel_groups"] == [[0, 2], [1, 3]]
     assert layout["experts_of_rank"] == [[0, 1], [2, 3], [0, 1], [2, 3]]
-    assert "all-to-all groups: [[0, 1], [2, 3]]" in proc.stdout
+    assert "expert-parallel groups: [[0, 1], [2, 3]]" in proc.stdout
 
 
 @pytest.mark.parametrize("mode, zero", [("dense", 0), ("learned", 1), ("random_fixed", 2), ("thor", 2)])

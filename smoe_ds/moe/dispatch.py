@@ -17,6 +17,17 @@ for its fixed-shape micro-batches), every split is S and nothing needs counting:
 exchange is skipped and the rows need no gathering by index. Two collectives can then carry it
 (``FULL_ROUTE_COLLECTIVES``): the same all-to-alls with fixed splits, or an all-gather of
 (token, all N gates) and a reduce-scatter of the partial outputs, whose gradients are each other.
+
+**Weights instead of tokens** (``moe.ep_exchange = "weights"``, ``gather_experts``). The experts
+can travel to the tokens instead: each rank all-gathers the group's expert weights, runs all N
+experts on its own tokens, and backward reduce-scatters the experts' gradients to the ranks that
+hold them. The result and every gradient are those of the token exchange (the same sums over the
+same routes), at any k. Per layer and micro-batch that is one collective forward and one backward
+instead of four (five while counting), and its bytes are the experts' weights whatever the k and
+the batch, where the tokens' grow with both: it wins when a layer's experts are small against
+the tokens of a micro-batch (``docs/ep_communication.md`` has the crossover). The gathered
+weights stay alive from forward to backward: each rank transiently holds every expert of every
+MoE layer, as without expert parallelism.
 """
 
 from __future__ import annotations
@@ -28,7 +39,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-COLLECTIVES = ("moe_counts", "moe_dispatch", "moe_combine", "moe_dispatch_grad", "moe_combine_grad")
+COLLECTIVES = (
+    "moe_counts",
+    "moe_dispatch",
+    "moe_combine",
+    "moe_dispatch_grad",
+    "moe_combine_grad",
+    "moe_experts",
+    "moe_experts_grad",
+)
 """The names our collectives carry in DeepSpeed's comms logger (``smoe_ds.step_breakdown``)."""
 
 FULL_ROUTE_COLLECTIVES = ("all_to_all", "gather_scatter")
@@ -147,6 +166,43 @@ class _AdjointPair(torch.autograd.Function):
         return ctx.backward_op(grad, ctx.group, ctx.name + "_grad"), None, None, None, None
 
 
+class _ExpertGather(torch.autograd.Function):
+    """This rank's stacked expert tensors, each [E, ...] -> every rank's, each [P * E, ...] with
+    rank r's experts in block r (global expert order), all in one all-gather of their packed rows.
+
+    Backward packs the gradients the same way and reduce-scatters them: each rank receives, for
+    its own experts, the sum over the group of every rank's gradient, which is what the token
+    exchange delivers as well (the sum over every token of the group routed to that expert).
+    """
+
+    @staticmethod
+    def forward(ctx, group, *w_E: torch.Tensor):
+        E = w_E[0].shape[0]
+        ctx.group, ctx.shapes = group, [t.shape[1:] for t in w_E]
+        ctx.widths = [t[0].numel() for t in w_E]
+        packed_EW = torch.cat([t.reshape(E, -1) for t in w_E], dim=1)
+        gathered_GW = _all_gather(packed_EW, group, "moe_experts")  # G = P * E rows
+        parts = gathered_GW.split(ctx.widths, dim=1)  # column blocks: copied out to contiguous tensors
+        return tuple(part.reshape(-1, *shape).contiguous() for part, shape in zip(parts, ctx.shapes, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grad_G: torch.Tensor):
+        # autograd materialises the gradient of an unused output as zeros, so every rank sends
+        # the same sizes
+        packed_GW = torch.cat([g.reshape(g.shape[0], -1) for g in grad_G], dim=1)
+        mine_EW = _reduce_scatter(packed_GW, ctx.group, "moe_experts_grad")
+        parts = mine_EW.split(ctx.widths, dim=1)
+        return (None, *(part.reshape(-1, *shape).contiguous() for part, shape in zip(parts, ctx.shapes, strict=True)))
+
+
+def gather_experts(stacked: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
+    """This rank's stacked expert tensors by name (``w_in`` [E, H, D], ...) -> every rank's of the
+    expert-parallel ``group``, [P * E, ...] in global expert order; differentiable (their gradients
+    are reduce-scattered back), one collective each way."""
+    gathered = _ExpertGather.apply(group, *stacked.values())
+    return dict(zip(stacked, gathered, strict=True))
+
+
 @dataclass(frozen=True)
 class DispatchPlan:
     """What ``combine`` needs to return each rank's results to the tokens that asked for them."""
@@ -218,6 +274,12 @@ def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     if plan.token_M is None:  # full routes: rank r's block of S rows answers all S tokens
         return back_MD.view(len(plan.send_counts), plan.num_tokens, -1).sum(0)
     return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_M, back_MD)
+
+
+def gathered_bytes_sent(stacked: dict[str, torch.Tensor], ep_size: int) -> int:
+    """Bytes this rank puts on the wire for one forward of the weights exchange: its E experts'
+    stacked tensors to each of the other P - 1 ranks (backward returns as many as gradients)."""
+    return (ep_size - 1) * sum(t.numel() * t.element_size() for t in stacked.values())
 
 
 def bytes_sent(plan: DispatchPlan | None, d_model: int, elem_size: int, rank: int) -> int:

@@ -140,12 +140,24 @@ class GroupedExperts(nn.Module):
             handle.remove()
         self._layout_hooks = []
 
-    def forward(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
-        """sum_e gates_TE[t, e] * expert_e(x_TD[t]) -> [T, D]; zero gates cost nothing on the sparse path."""
+    def forward(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, gather_group=None) -> torch.Tensor:
+        """sum_e gates_TE[t, e] * expert_e(x_TD[t]) -> [T, D]; zero gates cost nothing on the sparse path.
+
+        With ``gather_group`` (an expert-parallel group of P ranks) the experts of every rank of
+        the group are gathered first and ``gates_TE`` holds gates for all P * E of them, in
+        global order; their gradients return to the ranks that hold them (the "weights" exchange
+        of ``smoe_ds.moe.dispatch``). Gathered here, inside the module's own forward, because
+        ZeRO-3 gathers a module's partitioned parameters only around that forward.
+        """
+        w = self._stacked()
+        if gather_group is not None:
+            from smoe_ds.moe.dispatch import gather_experts
+
+            w = gather_experts(w, gather_group)
         density = float((gates_TE != 0).sum()) / max(gates_TE.numel(), 1)
         if density >= self.dense_path_min_density(x_TD.device):
-            return self.forward_dense(x_TD, gates_TE)
-        return self.forward_sparse(x_TD, gates_TE)
+            return self.forward_dense(x_TD, gates_TE, w=w)
+        return self.forward_sparse(x_TD, gates_TE, w=w)
 
     def dense_path_min_density(self, device: torch.device) -> float:
         """The share of non-zero gates from which ``forward`` takes the dense-masked path on ``device``."""
@@ -178,8 +190,9 @@ class GroupedExperts(nn.Module):
         """The stacked parameters this module has, by name."""
         return {name: getattr(self, name) for name in _PER_EXPERT_NAMES if getattr(self, name) is not None}
 
-    def forward_dense(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
+    def forward_dense(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, *, w: dict | None = None) -> torch.Tensor:
         """Every expert on every token, weighted by the gates (zero gates included): no dispatch.
+        ``w``: the stacked weights to run (gathered ones; default this module's own).
 
         Narrow experts (H <= D), and every width on a GPU: one GEMM over the concatenated
         experts, each expert's H hidden units scaled by its gate; the built-in experts run it on
@@ -191,11 +204,12 @@ class GroupedExperts(nn.Module):
         blocks). On a GPU that loop's 16 small GEMM pairs cost 9.5 x the dense FFN (the paper's
         shape on an H200, bf16), launch-bound, where the concatenated pair is one large GEMM each.
         """
-        T, E, H = x_TD.shape[0], self.num_local_experts, self.d_hidden
+        w = self._stacked() if w is None else w
+        T, E, H = x_TD.shape[0], w["w_in"].shape[0], self.d_hidden
         if H <= self.d_model and self._compiled_op_applies(x_TD):
-            return dense_gelu_experts(x_TD, self.w_in, self.w_out, gates_TE)
+            return dense_gelu_experts(x_TD, w["w_in"], w["w_out"], gates_TE)
         gates_TE = gates_TE.to(x_TD.dtype)
-        w, b = self._stacked(), self.b_in
+        b = w.get("b_in")
         if self.concatenates(x_TD.device):
             project = lambda m: x_TD @ m.view(E * H, -1).t()  # noqa: E731
             b_in = None if b is None else b.view(E * H)
@@ -203,26 +217,27 @@ class GroupedExperts(nn.Module):
                 h_TEH = gated_gelu(self._pre_activation(project, w, b_in).view(T, E, H), gates_TE.unsqueeze(-1))
             else:
                 h_TEH = self._hidden(project, w, b_in).view(T, E, H) * gates_TE.unsqueeze(-1)
-            return h_TEH.view(T, E * H) @ self.w_out.view(E * H, -1)
+            return h_TEH.view(T, E * H) @ w["w_out"].view(E * H, -1)
         y_TD = torch.zeros_like(x_TD)
         for e in range(E):
             h_TH = self._hidden(lambda m: x_TD @ m[e].t(), w, None if b is None else b[e])  # noqa: B023 (used at once)
-            y_TD = y_TD + gates_TE[:, e : e + 1] * (h_TH @ self.w_out[e])
+            y_TD = y_TD + gates_TE[:, e : e + 1] * (h_TH @ w["w_out"][e])
         return y_TD
 
-    def forward_sparse(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
+    def forward_sparse(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, *, w: dict | None = None) -> torch.Tensor:
         """Only the routed (token, expert) pairs: the compiled CPU op for the built-in experts
-        (GELU, no biases, not gated) where it is built, else grouped GEMMs."""
+        (GELU, no biases, not gated) where it is built, else grouped GEMMs. ``w`` as in ``forward_dense``."""
+        w = self._stacked() if w is None else w
         if self._compiled_op_applies(x_TD):
             _, token_R, gate_R, counts = self._routes(x_TD, gates_TE)
-            return sparse_gelu_experts(x_TD, self.w_in, self.w_out, gate_R, token_R, counts)
-        return self.forward_grouped(x_TD, gates_TE)
+            return sparse_gelu_experts(x_TD, w["w_in"], w["w_out"], gate_R, token_R, counts)
+        return self.forward_grouped(x_TD, gates_TE, w=w)
 
     def _routes(self, x_TD: torch.Tensor, gates_TE: torch.Tensor):
         """The non-zero gates as routes sorted by expert: expert_R, token_R, gate_R (in x's dtype)
-        and the routes per local expert ``counts`` [E]."""
+        and the routes per expert ``counts`` [E] (E: gates_TE's columns)."""
         expert_R, token_R = gates_TE.t().nonzero(as_tuple=True)  # row-major over [E, T]: sorted by expert
-        counts = torch.bincount(expert_R, minlength=self.num_local_experts)
+        counts = torch.bincount(expert_R, minlength=gates_TE.shape[1])
         return expert_R, token_R, gates_TE[token_R, expert_R].to(x_TD.dtype), counts
 
     def _compiled_op_applies(self, x_TD: torch.Tensor) -> bool:
@@ -230,11 +245,12 @@ class GroupedExperts(nn.Module):
         same_dtype = x_TD.dtype == self.w_in.dtype
         return x_TD.device.type == "cpu" and built_in and same_dtype and load_op() is not None
 
-    def forward_grouped(self, x_TD: torch.Tensor, gates_TE: torch.Tensor) -> torch.Tensor:
+    def forward_grouped(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, *, w: dict | None = None) -> torch.Tensor:
         """Sort the routes by expert, run grouped GEMMs, add the weighted rows back per token.
 
         The experts run in consecutive groups whose route buffers stay under
-        ``route_buffer_limit`` (one group on GPUs; see ``CPU_ROUTE_BUFFER_BYTES``).
+        ``route_buffer_limit`` (one group on GPUs; see ``CPU_ROUTE_BUFFER_BYTES``). ``w`` as in
+        ``forward_dense``.
         """
         expert_R, token_R, gate_R, counts_E = self._routes(x_TD, gates_TE)
         counts = counts_E.tolist()
@@ -242,11 +258,11 @@ class GroupedExperts(nn.Module):
         groups = expert_groups(counts, route_buffer_limit(x_TD.device) // row_bytes)
         sizes = [len(g) for g in groups]
         routes = [sum(g) for g in groups]
-        weight_parts = {name: p.split(sizes) for name, p in self._stacked().items()}
+        weight_parts = {name: p.split(sizes) for name, p in (self._stacked() if w is None else w).items()}
         y_TD, first_expert = torch.zeros_like(x_TD), 0
         for i, (token_G, gate_G, expert_G) in enumerate(zip(*(t.split(routes) for t in (token_R, gate_R, expert_R)))):
-            w = {name: parts[i] for name, parts in weight_parts.items()}
-            y_GD = self._routed_rows(x_TD.index_select(0, token_G), gate_G, expert_G - first_expert, w, groups[i])
+            w_G = {name: parts[i] for name, parts in weight_parts.items()}
+            y_GD = self._routed_rows(x_TD.index_select(0, token_G), gate_G, expert_G - first_expert, w_G, groups[i])
             y_TD.index_add_(0, token_G, y_GD)  # in place: no copy of y_TD per group
             first_expert += sizes[i]
         return y_TD

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from smoe_ds.config import MoEConfig
+from smoe_ds.config import EP_EXCHANGES, MoEConfig
 from smoe_ds.moe.dispatch import combine, dispatch, full_routes
 from smoe_ds.moe.experts import FeedForward, GroupedExperts
 from smoe_ds.moe.parallel import expert_group_name
@@ -28,19 +28,26 @@ from smoe_ds.moe.router import FrozenRandomGate
 
 
 class SMoEDropoutDispatcher(nn.Module):
-    """route -> dispatch -> experts -> combine; sits where DeepSpeed's MOELayer would.
+    """route -> dispatch -> experts -> combine, or with ``ep_exchange="weights"`` route -> gathered
+    experts; sits where DeepSpeed's MOELayer would.
 
     x [B, T, D] -> [B, T, D]. After each forward ``l_aux`` (always 0: SMoE-Dropout has no
     balance loss) and ``exp_counts`` (routes per expert on this rank) are set, as MOELayer does.
     """
 
     def __init__(
-        self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int, full_route_dispatch: str = "all_to_all"
+        self,
+        gate: FrozenRandomGate,
+        experts: GroupedExperts,
+        ep_size: int,
+        full_route_dispatch: str = "all_to_all",
+        ep_exchange: str = MoEConfig.ep_exchange,
     ) -> None:
         super().__init__()
         self.gate, self.experts, self.ep_size = gate, experts, ep_size
         # the collective for full routes (smoe_ds.moe.dispatch), None to always count and route
         self.full_route = None if full_route_dispatch == "counted" else full_route_dispatch
+        self.ep_exchange = ep_exchange  # "weights": the experts travel (smoe_ds.moe.dispatch), else the tokens
         self.ep_group = None
         self.l_aux = torch.zeros(())
         self.exp_counts = None
@@ -53,10 +60,13 @@ class SMoEDropoutDispatcher(nn.Module):
             raise NotImplementedError("SMoE-Dropout routes every token; used_token masks are not supported")
         x_SD = x.reshape(-1, x.shape[-1])
         gates_SN = self.gate(x_SD)
-        full = full_routes(self.gate.k, self.gate.num_experts, self.ep_size)
-        x_TD, gates_TE, plan = dispatch(x_SD, gates_SN, self.ep_group, self.ep_size, self.full_route if full else None)
-        y_TD = self.experts(x_TD, gates_TE)
-        out_SD = combine(y_TD, plan)
+        if self.ep_exchange == "weights" and self.ep_size > 1:  # every expert comes here: no token leaves
+            out_SD, plan = self.experts(x_SD, gates_SN, gather_group=self.ep_group), None
+        else:
+            full = full_routes(self.gate.k, self.gate.num_experts, self.ep_size)
+            route = self.full_route if full else None
+            x_TD, gates_TE, plan = dispatch(x_SD, gates_SN, self.ep_group, self.ep_size, route)
+            out_SD = combine(self.experts(x_TD, gates_TE), plan)
         self.l_aux, self.exp_counts, self.last_plan = (
             x.new_zeros((), dtype=torch.float32),
             self.gate.last_counts_N,
@@ -85,20 +95,25 @@ class SMoEDropoutFFN(nn.Module):
             **(dict(weighting="uniform", routing="random") if cfg.mode == "thor" else {}),
         )
         experts = GroupedExperts(cfg.num_experts // cfg.ep_size, d_model, cfg.d_expert, expert_group_name(cfg.ep_size))
-        self._init_parts(gate, experts, cfg.ep_size, cfg.full_route_dispatch)
+        self._init_parts(gate, experts, cfg.ep_size, cfg.full_route_dispatch, cfg.ep_exchange)
 
     @classmethod
     def from_parts(
-        cls, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int = 1, full_route_dispatch: str = "all_to_all"
+        cls,
+        gate: FrozenRandomGate,
+        experts: GroupedExperts,
+        ep_size: int = 1,
+        full_route_dispatch: str = "all_to_all",
+        ep_exchange: str = MoEConfig.ep_exchange,
     ):
         """The FFN around a given router and this rank's experts (e.g. slices of a pretrained FFN);
         ``experts`` must be built with ``group_name=expert_group_name(ep_size)``."""
         self = cls.__new__(cls)
-        self._init_parts(gate, experts, ep_size, full_route_dispatch)
+        self._init_parts(gate, experts, ep_size, full_route_dispatch, ep_exchange)
         return self
 
     def _init_parts(
-        self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int, full_route_dispatch: str
+        self, gate: FrozenRandomGate, experts: GroupedExperts, ep_size: int, full_route_dispatch: str, ep_exchange: str
     ) -> None:
         nn.Module.__init__(self)  # MoE.__init__ would build a stock TopKGate and N deep-copied experts
         self.use_residual = False
@@ -107,7 +122,7 @@ class SMoEDropoutFFN(nn.Module):
         self.expert_group_name = expert_group_name(ep_size)
         self.num_experts = gate.num_experts
         self.num_local_experts = experts.num_local_experts
-        self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, ep_size, full_route_dispatch)
+        self.deepspeed_moe = SMoEDropoutDispatcher(gate, experts, ep_size, full_route_dispatch, ep_exchange)
 
     def forward(self, hidden_states: torch.Tensor, used_token=None):
         out = self.deepspeed_moe(hidden_states, used_token)
@@ -190,6 +205,18 @@ def set_active_experts(model: nn.Module, k: int) -> None:
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}], got {k}")
         layer.deepspeed_moe.gate.k = k
+
+
+def set_ep_exchange(model: nn.Module, exchange: str) -> None:
+    """Make every SMoE-Dropout layer of ``model`` move ``exchange`` ("tokens" or "weights", a
+    ``moe.ep_exchange``) between expert-parallel ranks from the next forward on, on every rank
+    alike; for models built without a ``MoEConfig`` (pretrained conversions). DeepSpeed's learned
+    layer has only its own exchange."""
+    if exchange not in EP_EXCHANGES:
+        raise ValueError(f"ep_exchange must be one of {', '.join(EP_EXCHANGES)}, got {exchange!r}")
+    for layer in moe_layers(model):
+        if isinstance(layer.deepspeed_moe, SMoEDropoutDispatcher):
+            layer.deepspeed_moe.ep_exchange = exchange
 
 
 @contextlib.contextmanager

@@ -246,7 +246,7 @@ def test_path_choice_follows_the_documented_density_rule(h, monkeypatch):
     ex = layer.deepspeed_moe.experts
     for name in ("sparse", "dense"):
         real = getattr(ex, f"forward_{name}")
-        monkeypatch.setattr(ex, f"forward_{name}", lambda *a, _n=name, _f=real: chosen.append(_n) or _f(*a))
+        monkeypatch.setattr(ex, f"forward_{name}", lambda *a, _n=name, _f=real, **kw: chosen.append(_n) or _f(*a, **kw))
     ks = range(1, 9)
     for k in ks:
         set_active_experts(layer, k)
@@ -389,3 +389,19 @@ def test_an_expert_weight_at_an_unaligned_address_still_matches_the_naive_loop(n
     assert weight.data_ptr() % 16 != 0 and other.data_ptr() % 16 == 0
     diffs = check_against_naive(layer, 3, "sparse")
     assert all(v <= TOL for v in diffs.values()), diffs
+
+
+def test_set_ep_exchange_reaches_every_smoe_layer_and_refuses_unknown_values():
+    from smoe_ds.config import ModelConfig
+    from smoe_ds.models.lm import build_model
+    from smoe_ds.moe.layer import moe_layers, set_ep_exchange
+
+    model = build_model(
+        ModelConfig(d_model=16, n_layers=3, n_heads=2, block_size=8), MoEConfig(num_experts=4, d_expert=8)
+    )
+    dispatchers = [layer.deepspeed_moe for layer in moe_layers(model)]
+    assert len(dispatchers) == 3 and {d.ep_exchange for d in dispatchers} == {MoEConfig.ep_exchange}
+    set_ep_exchange(model, "tokens")
+    assert {d.ep_exchange for d in dispatchers} == {"tokens"}
+    with pytest.raises(ValueError, match="ep_exchange must be one of tokens, weights, got 'both'"):
+        set_ep_exchange(model, "both")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from smoe_ds import distributed as D
 from smoe_ds.config import MoEConfig
 from smoe_ds.models.lm import build_model
-from smoe_ds.moe.dispatch import same_tokens_on_every_rank
+from smoe_ds.moe.dispatch import DispatchPlan, same_tokens_on_every_rank
 from smoe_ds.moe.layer import SMoEDropoutMoE, moe_layers, set_active_experts
 from tests.reference import naive_moe
 from tests.workers.common import all_gather_cat, finish, start, tiny_config, worker_args
@@ -28,15 +28,22 @@ from tests.workers.common import all_gather_cat, finish, start, tiny_config, wor
 D_MODEL, N, D_EXPERT = 16, 4, 8
 
 
-def layer_check(rank: int, path: str | None, full_route: str | None = None) -> dict:
+def layer_check(rank: int, path: str | None, full_route: str | None = None, exchange: str = "tokens") -> dict:
     """Max abs differences per k for output, input grad and expert-weight grads.
 
     ``path`` forces the experts' compute path ("sparse" or "dense"); None lets the rule choose.
     A "_python" suffix keeps to the Python paths that GPUs use instead of the compiled CPU ops.
     ``full_route`` (a ``moe.full_route_dispatch``) checks the full-route paths instead: both
     ranks hold the same number of tokens, inside ``same_tokens_on_every_rank()``, at every k > N/2.
+    ``exchange`` (a ``moe.ep_exchange``): "weights" gathers the experts instead of moving tokens.
     """
-    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2, full_route_dispatch=full_route or "all_to_all")
+    cfg = MoEConfig(
+        num_experts=N,
+        d_expert=D_EXPERT,
+        ep_size=2,
+        full_route_dispatch=full_route or "all_to_all",
+        ep_exchange=exchange,
+    )
     cfg.k_schedule.k_max = N
     layer = SMoEDropoutMoE(D_MODEL, cfg, layer_index=0)
     layer.set_deepspeed_parallelism()
@@ -44,7 +51,10 @@ def layer_check(rank: int, path: str | None, full_route: str | None = None) -> d
     if path is not None and path.endswith("_python"):
         experts._compiled_op_applies = lambda x: False
         path = path.removesuffix("_python")
-    if path is not None:
+    if path is not None and exchange == "weights":  # forward() gathers the experts: keep it, force its choice
+        threshold = 0.0 if path == "dense" else 2.0  # a share of non-zero gates: always / never dense
+        experts.dense_path_min_density = lambda device: threshold
+    elif path is not None:
         experts.forward = getattr(experts, f"forward_{path}")
     with torch.no_grad():  # expert g gets weights from seed g, on whichever rank holds it
         for i in range(N // 2):
@@ -90,6 +100,9 @@ def layer_check(rank: int, path: str | None, full_route: str | None = None) -> d
         )
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         plan = layer.deepspeed_moe.last_plan
+        if plan is None:  # the weights exchange: no token left the rank
+            assert exchange == "weights"
+            plan = DispatchPlan(None, [], [], n_tokens, None, 0)
         rows[k] = {
             "out": float(diffs[0]),
             "grad_x": float(diffs[1]),
@@ -107,7 +120,7 @@ def layer_check(rank: int, path: str | None, full_route: str | None = None) -> d
 def capacity_check(rank: int) -> dict:
     """With a finite capacity: no hang on uneven token counts, drops are reported, and
     cf = N / k (capacity = every token) reproduces the dropless output exactly."""
-    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2)
+    cfg = MoEConfig(num_experts=N, d_expert=D_EXPERT, ep_size=2, ep_exchange="tokens")
     cfg.k_schedule.k_max = 2
     torch.manual_seed(0)
     layer = SMoEDropoutMoE(D_MODEL, cfg, layer_index=0)
@@ -128,9 +141,10 @@ def capacity_check(rank: int) -> dict:
     }
 
 
-def model_check(rank: int) -> dict:
-    """LM at ep_size 2 (half batch per rank) vs ep_size 1 (full batch): loss and all gradients."""
-    cfg2 = tiny_config(ep_size=2)
+def model_check(rank: int, exchange: str) -> dict:
+    """LM at ep_size 2 (half batch per rank, moving ``exchange``) vs ep_size 1 (full batch): loss and
+    all gradients."""
+    cfg2 = tiny_config(ep_size=2, ep_exchange=exchange)
     cfg1 = tiny_config(ep_size=1)
     m2 = build_model(cfg2.model, cfg2.moe, ep_rank=rank)
     m1 = build_model(cfg1.model, cfg1.moe, ep_rank=0)
@@ -175,8 +189,11 @@ def main(out_path: str) -> None:
         {
             "layer": {str(p): layer_check(rank, p) for p in (None, "sparse", "dense", "sparse_python", "dense_python")},
             "full_route": {c: layer_check(rank, None, c) for c in ("all_to_all", "gather_scatter")},
+            "weights": {
+                str(p): layer_check(rank, p, exchange="weights") for p in (None, "sparse_python", "dense_python")
+            },
             "capacity": capacity_check(rank),
-            "model": model_check(rank),
+            "model": {e: model_check(rank, e) for e in ("tokens", "weights")},
         },
     )
 
