@@ -38,7 +38,7 @@ from smoe_ds.loop import (
     write_summary,
 )
 from smoe_ds.models.lm import count_parameters
-from smoe_ds.moe.dispatch import same_tokens_on_every_rank
+from smoe_ds.moe.dispatch import exchange_bytes, same_tokens_on_every_rank
 from smoe_ds.moe.layer import moe_layers, set_active_experts
 from smoe_ds.moe.schedule import active_k
 from smoe_ds.moe.thor import thor_loss
@@ -124,7 +124,28 @@ def describe(rt: Runtime) -> str:
         lines.append(f"  k schedule: {ks.kind} {ks.k_min} -> {ks.k_max} over steps {ks.start_step}..{ks.end_step}")
     elif cfg.uses_moe:
         lines.append(f"  fixed k = {cfg.fixed_k()}")
+    if cfg.uses_moe and cfg.moe.mode != "learned" and ep > 1:
+        lines.append(describe_exchange(cfg, rt.micro_batch * cfg.model.block_size))
     return "\n".join(lines)
+
+
+def describe_exchange(cfg: TrainConfig, tokens_per_rank: int) -> str:
+    """What expert parallelism moves per MoE layer and micro-batch (forward and backward, one
+    rank's share, at the largest k the run reaches), with a warning where the other exchange
+    would move fewer bytes (``smoe_ds.moe.dispatch.exchange_bytes``)."""
+    m = cfg.moe
+    k = m.k_schedule.k_max if m.mode == "smoe_dropout" else cfg.fixed_k()
+    elem = 2 if cfg.precision_enabled("bf16") or cfg.precision_enabled("fp16") else 4
+    sizes = exchange_bytes(tokens_per_rank, cfg.model.d_model, m.num_experts, m.d_expert, m.ep_size, k)
+    mb = {name: n * elem / 2**20 for name, n in sizes.items()}
+    other = "tokens" if m.ep_exchange == "weights" else "weights"
+    line = (
+        f"  expert parallelism moves the {m.ep_exchange} (moe.ep_exchange): {mb[m.ep_exchange]:.1f} MiB per layer"
+        f" and micro-batch from each rank at k = {k}; the {other} would be {mb[other]:.1f} MiB"
+    )
+    if mb[other] < mb[m.ep_exchange]:
+        line += f"\n  warning: moe.ep_exchange={other} would move fewer bytes here (docs/ep_communication.md)"
+    return line
 
 
 def tokens_per_step(rt: Runtime) -> int:

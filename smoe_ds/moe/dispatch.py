@@ -33,6 +33,7 @@ MoE layer, as without expert parallelism.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -274,6 +275,25 @@ def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     if plan.token_M is None:  # full routes: rank r's block of S rows answers all S tokens
         return back_MD.view(len(plan.send_counts), plan.num_tokens, -1).sum(0)
     return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_M, back_MD)
+
+
+def ranks_reached(k: int, num_experts: int, ep_size: int) -> float:
+    """Expected ranks of an expert-parallel group that one token reaches when its k experts are
+    uniformly random (the frozen random router's expectation): P (1 - C(N - E, k) / C(N, k))."""
+    E = num_experts // ep_size
+    return ep_size * (1 - math.comb(num_experts - E, k) / math.comb(num_experts, k))
+
+
+def exchange_bytes(tokens: int, d_model: int, num_experts: int, d_expert: int, ep_size: int, k: int) -> dict:
+    """Elements one rank sends per MoE layer and micro-batch, forward and backward, for each
+    ``moe.ep_exchange`` (times the element size for bytes): ``tokens`` routed at k, or the built-in
+    experts' weights (2 x d_model x d_expert each). The formulas of ``docs/ep_communication.md``."""
+    P, N, D = ep_size, num_experts, d_model
+    share = (P - 1) / P  # of what a rank moves, the part that leaves it
+    return {
+        "tokens": tokens * 2 * ranks_reached(k, N, P) * share * (2 * D + N // P),
+        "weights": 2 * share * N * 2 * D * d_expert,
+    }
 
 
 def gathered_bytes_sent(stacked: dict[str, torch.Tensor], ep_size: int) -> int:
