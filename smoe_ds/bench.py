@@ -234,8 +234,9 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     elem = torch.finfo(dtype).bits // 8
     rows = []
     dispatcher = layers.ours.deepspeed_moe
-    # variant -> (layer, moe.ep_exchange of ours): our layer moving tokens, moving weights, and DeepSpeed's
-    variants = {"ours": (layers.ours, "tokens"), "weights": (layers.ours, "weights"), "stock": (layers.stock, None)}
+    # variant -> (layer, moe.ep_exchange of ours): our layer moving weights, moving tokens, and DeepSpeed's.
+    # The token run comes after the weights run, so our layer's last plan is the token exchange's.
+    variants = {"weights": (layers.ours, "weights"), "ours": (layers.ours, "tokens"), "stock": (layers.stock, None)}
     for k in ks_for(n):
         set_k(layers, k)
         times = {name: [] for name in variants}
@@ -247,9 +248,6 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
                 t = time_once(layer, x, grad, torch.device("cpu"))
                 if rep:
                     times[name].append(t)
-        dispatcher.ep_exchange = "tokens"
-        with torch.no_grad():
-            layers.ours(x)  # the token exchange's plan at this k, for its bytes
         ours_bytes = bytes_sent(dispatcher.last_plan, d, elem, rank)
         weights_bytes = gathered_bytes_sent(dispatcher.experts._stacked(), world)
         # The stock layer ships its whole [N, C, D] buffer both ways; (P-1)/P of it leaves the rank.

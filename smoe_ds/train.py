@@ -38,7 +38,7 @@ from smoe_ds.loop import (
     write_summary,
 )
 from smoe_ds.models.lm import count_parameters
-from smoe_ds.moe.dispatch import exchange_bytes, same_tokens_on_every_rank
+from smoe_ds.moe.dispatch import exchange_elements, same_tokens_on_every_rank
 from smoe_ds.moe.layer import moe_layers, set_active_experts
 from smoe_ds.moe.schedule import active_k
 from smoe_ds.moe.thor import thor_loss
@@ -132,12 +132,12 @@ def describe(rt: Runtime) -> str:
 def describe_exchange(cfg: TrainConfig, tokens_per_rank: int) -> str:
     """What expert parallelism moves per MoE layer and micro-batch (forward and backward, one
     rank's share, at the largest k the run reaches), with a warning where the other exchange
-    would move fewer bytes (``smoe_ds.moe.dispatch.exchange_bytes``)."""
+    would move fewer bytes (``smoe_ds.moe.dispatch.exchange_elements``)."""
     m = cfg.moe
     k = m.k_schedule.k_max if m.mode == "smoe_dropout" else cfg.fixed_k()
     elem = 2 if cfg.precision_enabled("bf16") or cfg.precision_enabled("fp16") else 4
-    sizes = exchange_bytes(tokens_per_rank, cfg.model.d_model, m.num_experts, m.d_expert, m.ep_size, k)
-    mb = {name: n * elem / 2**20 for name, n in sizes.items()}
+    elements = exchange_elements(tokens_per_rank, cfg.model.d_model, m.num_experts, m.d_expert, m.ep_size, k)
+    mb = {name: n * elem / 2**20 for name, n in elements.items()}
     other = "tokens" if m.ep_exchange == "weights" else "weights"
     line = (
         f"  expert parallelism moves the {m.ep_exchange} (moe.ep_exchange): {mb[m.ep_exchange]:.1f} MiB per layer"

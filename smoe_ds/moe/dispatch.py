@@ -284,7 +284,7 @@ def ranks_reached(k: int, num_experts: int, ep_size: int) -> float:
     return ep_size * (1 - math.comb(num_experts - E, k) / math.comb(num_experts, k))
 
 
-def exchange_bytes(tokens: int, d_model: int, num_experts: int, d_expert: int, ep_size: int, k: int) -> dict:
+def exchange_elements(tokens: int, d_model: int, num_experts: int, d_expert: int, ep_size: int, k: int) -> dict:
     """Elements one rank sends per MoE layer and micro-batch, forward and backward, for each
     ``moe.ep_exchange`` (times the element size for bytes): ``tokens`` routed at k, or the built-in
     experts' weights (2 x d_model x d_expert each). The formulas of ``docs/ep_communication.md``."""

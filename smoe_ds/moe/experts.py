@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smoe_ds.moe.cpu_experts import dense_gelu_experts, load_op, sparse_gelu_experts
+from smoe_ds.moe.dispatch import gather_experts
 from smoe_ds.moe.gated_gelu import gated_gelu
 
 
@@ -149,11 +150,7 @@ class GroupedExperts(nn.Module):
         of ``smoe_ds.moe.dispatch``). Gathered here, inside the module's own forward, because
         ZeRO-3 gathers a module's partitioned parameters only around that forward.
         """
-        w = self._stacked()
-        if gather_group is not None:
-            from smoe_ds.moe.dispatch import gather_experts
-
-            w = gather_experts(w, gather_group)
+        w = self._stacked() if gather_group is None else gather_experts(self._stacked(), gather_group)
         density = float((gates_TE != 0).sum()) / max(gates_TE.numel(), 1)
         if density >= self.dense_path_min_density(x_TD.device):
             return self.forward_dense(x_TD, gates_TE, w=w)

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from smoe_ds.config import load_config
-from smoe_ds.moe.dispatch import exchange_bytes, gathered_bytes_sent, ranks_reached
+from smoe_ds.moe.dispatch import exchange_elements, gathered_bytes_sent, ranks_reached
 from smoe_ds.moe.experts import GroupedExperts
 from smoe_ds.train import describe_exchange
 
@@ -24,13 +24,13 @@ def test_ranks_reached_matches_counting_random_routes(n, p):
 def test_weights_bytes_are_what_the_gather_sends_forward_and_the_gradients_return():
     experts = GroupedExperts(4, 128, 64, "ep_size_2")  # the default job's rank: 4 of 8 experts
     per_direction = gathered_bytes_sent(dict(experts.named_parameters()), ep_size=2) / 4  # elements
-    assert exchange_bytes(1024, 128, 8, 64, 2, k=8)["weights"] == 2 * per_direction
+    assert exchange_elements(1024, 128, 8, 64, 2, k=8)["weights"] == 2 * per_direction
 
 
 def test_tokens_bytes_at_full_routes_are_every_token_out_and_back_both_ways():
     # k = N, P = 2: each token goes to the other rank with its D values and 4 gates, D come back,
     # and backward the same again
-    assert exchange_bytes(1024, 128, 8, 64, 2, k=8)["tokens"] == 2 * 1024 * (128 + 4 + 128)
+    assert exchange_elements(1024, 128, 8, 64, 2, k=8)["tokens"] == 2 * 1024 * (128 + 4 + 128)
 
 
 def config(*sets):
