@@ -84,12 +84,39 @@ def share_cpu_cores() -> None:
     torch.set_num_threads(max(1, cores // local_world_size()))
 
 
+# Rendezvous ports are drawn below the kernel's ephemeral range (Linux: 32768-60999 unless
+# /proc/sys/net/ipv4/ip_local_port_range says otherwise). A port the kernel handed out with
+# bind(0) is itself ephemeral, so between the check here and the launcher's bind an outgoing
+# connection (gloo's pairs of a job running alongside) could take it: the clean-clone CI run of
+# 2026-12-04 lost a test to EADDRINUSE that way. Below the range, only another bind can.
+PORT_FLOOR = 20000
+
+
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing is bound to now, below the ephemeral range where one
+    is free there (else any free one): for a launcher's or a process group's rendezvous."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    top = _ephemeral_floor()
+    draw = random.SystemRandom()  # not the seeded global generator: two seeded processes would draw alike
+    candidates = draw.sample(range(PORT_FLOOR, top), min(64, top - PORT_FLOOR)) if top > PORT_FLOOR else []
+    for port in [*candidates, 0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def rank() -> int:

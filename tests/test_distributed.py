@@ -100,3 +100,20 @@ def test_expert_gradients_are_averaged_over_the_expert_data_parallel_group(tmp_p
     assert result["expert_replica_diff"] == [0.0] * 4
     assert result["dense_diff"] == [0.0] * 4
     assert all(d > 1e-3 for d in result["expert_other_rank_diff"])
+
+
+def test_free_port_is_bindable_and_below_the_ephemeral_range():
+    """A rendezvous port the kernel cannot hand to an outgoing connection before the launcher binds it."""
+    import random
+    import socket
+
+    from smoe_ds.distributed import PORT_FLOOR, _ephemeral_floor, free_port
+
+    random.seed(0)
+    ports = [free_port() for _ in range(20)]
+    random.seed(0)
+    assert [free_port() for _ in range(20)] != ports  # the seeded global generator does not choose them
+    for port in ports:
+        assert PORT_FLOOR <= port < _ephemeral_floor()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
