@@ -109,19 +109,20 @@ class TrainClock:
     reports the time of all its steps, not only of the last sitting.
     """
 
-    def __init__(self, carried_s: float = 0.0) -> None:
+    def __init__(self, carried_s: float = 0.0, now: Callable[[], float] = time.perf_counter) -> None:
+        self.now = now  # seconds from any origin; tests pass a clock they move by hand
         self.carried_s = carried_s
-        self.started = time.perf_counter()
+        self.started = now()
         self.paused_s = 0.0
         self.paused_at: float | None = None  # inside paused(): the clock reads as at its start
 
     @classmethod
-    def resumed(cls, trainer_state: dict) -> TrainClock:
-        return cls(trainer_state.get("train_wall_s", 0.0))
+    def resumed(cls, trainer_state: dict, now: Callable[[], float] = time.perf_counter) -> TrainClock:
+        return cls(trainer_state.get("train_wall_s", 0.0), now)
 
     def sitting_s(self) -> float:
         """Training time of this sitting only."""
-        now = time.perf_counter() if self.paused_at is None else self.paused_at
+        now = self.now() if self.paused_at is None else self.paused_at
         return now - self.started - self.paused_s
 
     def elapsed_s(self) -> float:
@@ -130,11 +131,11 @@ class TrainClock:
 
     @contextlib.contextmanager
     def paused(self):
-        self.paused_at = time.perf_counter()
+        self.paused_at = self.now()
         try:
             yield
         finally:
-            self.paused_s += time.perf_counter() - self.paused_at
+            self.paused_s += self.now() - self.paused_at
             self.paused_at = None
 
     def state(self) -> dict:

@@ -1,25 +1,43 @@
-"""The training clock: validations and saves do not count, and a resumed run adds its sittings."""
+"""The training clock: validations and saves do not count, and a resumed run adds its sittings.
 
-import time
+The clock reads a fake time source moved by hand, so the figures are exact whatever the load.
+"""
 
 from smoe_ds.loop import TrainClock
 
 
+class HandClock:
+    """A time source that moves only when told to (seconds)."""
+
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 def test_paused_time_is_left_out_and_reads_as_at_the_pause_start():
-    clock = TrainClock()
-    time.sleep(0.05)
+    time = HandClock()
+    clock = TrainClock(now=time)
+    time.advance(2.0)
     with clock.paused():
         at_pause = clock.elapsed_s()
-        time.sleep(0.5)
-        assert clock.elapsed_s() == at_pause  # a validation records the time before it began
-    time.sleep(0.05)
-    assert 0.1 <= clock.elapsed_s() < 0.45  # the 0.5 s pause is not in it
+        time.advance(30.0)
+        assert clock.elapsed_s() == at_pause == 2.0  # a validation records the time before it began
+    time.advance(1.5)
+    assert clock.elapsed_s() == clock.sitting_s() == 3.5  # the 30 s pause is not in it
 
 
 def test_a_resumed_clock_carries_the_earlier_sittings():
-    first = TrainClock()
-    time.sleep(0.05)
+    time = HandClock()
+    first = TrainClock(now=time)
+    time.advance(4.0)
     state = first.state()
-    second = TrainClock.resumed(state)
-    assert second.elapsed_s() >= state["train_wall_s"] >= 0.05 and second.sitting_s() < 0.05
-    assert TrainClock.resumed({}).elapsed_s() < 0.05  # a checkpoint without the key: from zero
+    assert state == {"train_wall_s": 4.0}
+    second = TrainClock.resumed(state, now=time)
+    time.advance(0.25)
+    assert second.sitting_s() == 0.25 and second.elapsed_s() == 4.25
+    assert TrainClock.resumed({}, now=time).elapsed_s() == 0.0  # a checkpoint without the key: from zero
