@@ -15,14 +15,7 @@ from smoe_ds import distributed as D
 from smoe_ds import watchdog
 from smoe_ds.config import ConfigError
 from smoe_ds.numerics import NumericalFault
-
-
-def _launcher_rank() -> int:
-    """This process's rank as the launcher set it: known before, and without, a process group."""
-    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
+from smoe_ds.renamed import launcher_rank
 
 
 def run_main(job: Callable[[], None]) -> int:
@@ -63,7 +56,7 @@ def _run(job: Callable[[], None]) -> int:
         job()
         D.barrier()  # peers finish together, so no watchdog mistakes a finished peer for a dead one
     except (ConfigError, NumericalFault) as e:  # every rank raises it together; one of them says so
-        if _launcher_rank() == 0:
+        if launcher_rank() == 0:
             print(f"smoe-ds: error: {e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
