@@ -1,4 +1,5 @@
-# make train: set up .venv and run the default main job (2 CPU ranks, or every local GPU).
+# make train: set up .venv and run the default main job (2 CPU ranks, or every local GPU);
+#             make train ARGS="--set run.resume=false" starts it over in the same folder.
 # make test:  set up .venv if needed and run the linter and every test (what CI runs).
 # make test-fast: the same without the tests marked slow (the longest multi-rank runs).
 # Tests run in PYTEST_WORKERS pytest-xdist workers: most of a multi-rank test's time is start-up
@@ -12,7 +13,7 @@ CONFIG ?= ds_configs/cpu_tiny.json
 # where a CPU one is wanted. On a GPU machine PyPI's torch==2.13.0 is the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: train test test-fast lint clean gpu-wheels gpu-check
+.PHONY: train test test-fast lint clean clean-runs gpu-wheels gpu-check
 
 # The ops are built with the venv's bin first on PATH, as train and test run: torch's JIT builder
 # runs whichever ninja PATH finds, and ninja versions log commands differently, so building with
@@ -51,5 +52,12 @@ gpu-wheels: $(VENV)/.installed
 gpu-check:
 	bash launch/gpu_check.sh
 
+# make clean removes only what installing and testing made; every run under runs/ stays. .whl/
+# stays too: the offline GPU machine that holds it cannot download it again (make gpu-wheels
+# replaces it where there is a registry). make clean-runs is the one target that deletes runs.
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	find . -path ./runs -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+clean-runs:
+	rm -rf runs
