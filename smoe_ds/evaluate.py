@@ -6,10 +6,15 @@ ends with (``smoe_ds.results``), under the same launcher:
     deepspeed --num_gpus 2 --module smoe_ds.evaluate --config ds_configs/cpu_tiny.json \
         --checkpoint runs/cpu_tiny/checkpoints [--ks 1,2,4,8]
 
-It prints a table and writes ``self_slimming.json`` and ``self_slimming.png`` to run.out_dir.
-An exported model (``smoe_ds.convert``) is evaluated on one device, with tokens/s per k:
+It prints a table and writes ``self_slimming.json`` and ``self_slimming.png`` to its own folder,
+``--out``, by default ``run.out_dir/eval/<tag>`` (the checkpoint's tag, e.g. ``step500``): never
+over the training run's own table in run.out_dir. An exported model (``smoe_ds.convert``) is
+evaluated on one device, with tokens/s per k, into ``MODEL_DIR/eval`` by default:
 
-    python -m smoe_ds.evaluate runs/cpu_tiny/export --k 1,2,4,8 --data my_corpus.txt
+    python -m smoe_ds.evaluate runs/cpu_tiny/export --ks 1,2,4,8 --data my_corpus.txt
+
+``--ks`` takes a list of k, as everywhere a list of k is given; ``--k``, its old spelling here,
+still works with a one-line warning (in smoe-convert and smoe-generate ``--k`` is one integer).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from smoe_ds.renamed import add_renamed_option
 from smoe_ds.results import format_table, report, self_slimming_sweep, write_results
 
 
@@ -28,6 +34,13 @@ def parse_ks(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise SystemExit(f"smoe-ds: error: --ks expects comma-separated integers, got {text!r}") from None
+
+
+def checkpoint_eval_dir(out_dir: str | Path, tag_dir: Path) -> Path:
+    """Where a checkpoint's evaluation goes by default: ``out_dir/eval/<tag>``. Its own folder, so
+    that it never writes over the training run's self_slimming.json and .png in ``out_dir``, and
+    evaluations of different checkpoints of one run keep each their own."""
+    return Path(out_dir) / "eval" / tag_dir.name
 
 
 def evaluate_export(
@@ -49,7 +62,7 @@ def evaluate_export(
     ks = ks or [1 << i for i in range(n.bit_length()) if (1 << i) < n] + [n]
     bad = [k for k in ks if not 1 <= k <= n]
     if bad:
-        raise ConfigError(f"--k values must be in [1, {n}], got {bad}")
+        raise ConfigError(f"--ks values must be in [1, {n}], got {bad}")
     tokenizer = model_dir if (Path(model_dir) / "tokenizer_config.json").is_file() else None
     corpus = load_corpus(DataConfig(path=data, tokenizer=tokenizer), model.lm.cfg.block_size)
     val = eval_batches(corpus.val_blocks, micro_batch, 0, 1, batches)
@@ -74,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model_dir", nargs="?", help="an exported model (smoe_ds.convert); evaluated on one device")
     p.add_argument("--config", help="with --checkpoint: the JSON config the checkpoint was trained with")
     p.add_argument("--checkpoint", help="with --config: the checkpoint folder (run.out_dir/checkpoints)")
-    p.add_argument("--ks", "--k", dest="ks", default=None, help="comma-separated k values (default: 1, 2, 4, ..., N)")
+    p.add_argument("--ks", default=None, help="comma-separated k values (default: 1, 2, 4, ..., N)")
+    add_renamed_option(p, "--k", "--ks")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--data", default=None, help="exported model: text file, folder or hub name (default corpus)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", type=int, default=16, help="exported model: validation batches")
     p.add_argument("--micro-batch", type=int, default=8, help="exported model: sequences per batch")
-    p.add_argument("--out", default=None, help="exported model: output folder (default MODEL_DIR/eval)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: MODEL_DIR/eval, or run.out_dir/eval/TAG for --checkpoint)"
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = p.parse_args(argv)
     if bool(args.model_dir) == bool(args.config or args.checkpoint):
@@ -109,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             rt.val_batches(cfg.run.final_eval_batches),
             cfg.run.eval_ks,
             rt.corpus.bytes_per_token,
-            cfg.run.out_dir,
+            args.out or checkpoint_eval_dir(cfg.run.out_dir, tag_dir),
             {"title": f"self-slimming: {args.checkpoint}", "checkpoint": str(path), "mode": cfg.moe.mode},
         )
 

@@ -206,7 +206,7 @@ def test_evaluate_cli_on_an_export_reports_loss_and_tokens_per_second_per_k(expo
         [
             "smoe_ds.evaluate",
             str(tmp_path / "export"),
-            "--k",
+            "--ks",
             "1,2,4",
             "--batches",
             "2",
@@ -222,8 +222,8 @@ def test_evaluate_cli_on_an_export_reports_loss_and_tokens_per_second_per_k(expo
     assert [r["k"] for r in rows] == [1, 2, 4]
     assert all(r["tokens_per_s"] > 0 and 0 < r["bpb"] < 9 for r in rows)
     assert (tmp_path / "eval" / "self_slimming.png").is_file()
-    bad = run_ranks("python", 1, ["smoe_ds.evaluate", str(tmp_path / "export"), "--k", "5"], module=True, check=False)
-    assert bad.returncode == 2 and "--k values must be in [1, 4], got [5]" in bad.stderr
+    bad = run_ranks("python", 1, ["smoe_ds.evaluate", str(tmp_path / "export"), "--ks", "5"], module=True, check=False)
+    assert bad.returncode == 2 and "--ks values must be in [1, 4], got [5]" in bad.stderr
 
 
 def test_bf16_run_exports_the_fp32_masters_from_the_zero_shards(tmp_path):

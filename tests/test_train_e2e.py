@@ -66,10 +66,22 @@ def test_outputs_table_json_plot_monitor_and_per_expert_checkpoint(deepspeed_run
     assert len(routers) == 2 and not any("deepspeed_experts" in k for k in module)
 
 
+def run_files(out) -> dict:
+    """Every file of a run folder but its evaluations (eval/), with its bytes."""
+    files = {p.relative_to(out): p for p in out.rglob("*") if p.is_file()}
+    return {name: p.read_bytes() for name, p in sorted(files.items()) if name.parts[0] != "eval"}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_evaluate_cli_reloads_the_checkpoint_under_torchrun_at_any_zero_stage(deepspeed_run, tmp_path, stage):
-    """The ZeRO-2 checkpoint evaluated by a ZeRO-2 engine and by a ZeRO-3 one: the same numbers."""
+    """The ZeRO-2 checkpoint evaluated by a ZeRO-2 engine and by a ZeRO-3 one: the same numbers.
+    With the training config (run.out_dir the run's own folder), the evaluation writes into a folder
+    of its own, run.out_dir/eval/<tag> by default or --out, and leaves every file of the training
+    run as it was, its self_slimming.json and .png included, byte for byte."""
     out, _ = deepspeed_run
+    before = run_files(out)
+    where = ["--out", str(tmp_path)] if stage == 3 else []
+    written = tmp_path if stage == 3 else out / "eval" / "step50"
     proc = run_ranks(
         "torchrun",
         2,
@@ -82,13 +94,17 @@ def test_evaluate_cli_reloads_the_checkpoint_under_torchrun_at_any_zero_stage(de
             "--ks",
             "1,4",
             "--set",
-            f"run.out_dir={tmp_path}",
+            f"run.out_dir={out}",
             "--set",
             f"zero_optimization.stage={stage}",
+            *where,
         ],
         module=True,
     )
-    rows = json.loads((tmp_path / "self_slimming.json").read_text())["results"]
+    assert run_files(out) == before, "the evaluation changed a file of the training run"
+    rows = json.loads((written / "self_slimming.json").read_text())["results"]
+    assert (written / "self_slimming.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote {written / 'self_slimming.json'}" in proc.stdout
     trained = {r["k"]: r["loss"] for r in json.loads((out / "self_slimming.json").read_text())["results"]}
     assert [r["k"] for r in rows] == [1, 4]
     for r in rows:  # same weights, same validation batches: the same numbers
