@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from smoe_ds.config import apply_override
-from smoe_ds.experiments.paper import parse_seeds, prepare_data, ranks_per_node, train_method
+from smoe_ds.experiments.paper import add_ranks_option, parse_seeds, prepare_data, ranks_per_node, train_method
 from smoe_ds.experiments.report import collect, compare, mean_std, run_folder, write_report
 
 DEFAULT_JOB = Path(__file__).resolve().parents[2] / "ds_configs" / "cpu_tiny.json"
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bytes", type=int, default=303_000, help="train on this many bytes of it (0 = all)")
     p.add_argument("--factors", default=",".join(FACTORS), help="comma-separated subset, run in this order")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
-    p.add_argument("--nproc", type=int, default=None, help="ranks (default: every GPU, or 2 on a CPU machine)")
+    add_ranks_option(p)
     args = p.parse_args(argv)
     if args.data is not None and not Path(args.data).exists():
         p.error(f"--data {args.data} does not exist")
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(factor, method, data, str(run_dir), seed)
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         print(f"{label}: training", flush=True)
-        train_method(f"{factor}/{method}/{seed}", config_path, run_dir, args.nproc or ranks_per_node())
+        train_method(f"{factor}/{method}/{seed}", config_path, run_dir, args.ranks or ranks_per_node())
         write_report(collect(out / factor), out / factor)
     (out / "factors.md").write_text(factors_table(out, factors) + "\n")
     print(f"wrote {out / 'factors.md'}")

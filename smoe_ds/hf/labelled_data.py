@@ -56,7 +56,7 @@ def _read_table(path_text: str, key: str):
 
 
 def _read_hub(d: TaskDataConfig):
-    ds = load_hub_dataset(d.train, d.hub_config, "data.train")
+    ds = load_hub_dataset(d.path, d.hub_config, "data.path")
     # GLUE-style test splits have no labels (-1), so only a validation split is taken as one.
     val_name = next((s for s in ("validation", "validation_matched", "valid", "dev") if s in ds), None)
     return ds["train"], (ds[val_name] if val_name else None)
@@ -83,9 +83,7 @@ def _label_names(train, d: TaskDataConfig) -> list:
     values = set(train.unique(d.label_column))
     values.discard(None)
     if len(values) < 2:
-        raise ConfigError(
-            f"column {d.label_column!r} of data.train has {len(values)} distinct label(s); need 2 or more"
-        )
+        raise ConfigError(f"column {d.label_column!r} of data.path has {len(values)} distinct label(s); need 2 or more")
     return sorted(values)
 
 
@@ -97,7 +95,7 @@ def _standardise(ds, d: TaskDataConfig, label_ids: dict | None, where: str):
     if label_ids is not None:
         unknown = sorted({str(v) for v in ds.unique(d.label_column)} - {str(v) for v in label_ids})
         if unknown:
-            raise ConfigError(f"{where} has labels that data.train does not: {', '.join(unknown[:5])}")
+            raise ConfigError(f"{where} has labels that data.path does not: {', '.join(unknown[:5])}")
         ds = ds.map(lambda row: {"labels": label_ids[row[d.label_column]]}, remove_columns=[d.label_column])
     else:  # a ClassLabel column holds ids already; GLUE marks unlabelled rows with -1
         ds = ds.filter(lambda row: row[d.label_column] >= 0).rename_column(d.label_column, "labels")
@@ -113,25 +111,25 @@ def load_labelled(d: TaskDataConfig) -> LabelledSplits:
     """The configured training and validation examples, labels as ids."""
     import datasets
 
-    path = Path(d.train).expanduser()
-    if path.is_file() or (looks_like_local_path(d.train) and not path.is_dir()):
-        train, where = _read_table(d.train, "train"), d.train
+    path = Path(d.path).expanduser()
+    if path.is_file() or (looks_like_local_path(d.path) and not path.is_dir()):
+        train, where = _read_table(d.path, "path"), d.path
         val = _read_table(d.validation, "validation") if d.validation else None
     else:  # a hub name, or a local folder laid out like a hub dataset (train-*.parquet, validation-*.parquet, ...)
         if d.validation:
             raise ConfigError("data.validation must be a local file; a hub dataset brings its own validation split")
-        (train, val), where = _read_hub(d), f"hub dataset {d.train}" + (f" ({d.hub_config})" if d.hub_config else "")
-    _check_columns(train, d, f"data.train {d.train}")
+        (train, val), where = _read_hub(d), f"hub dataset {d.path}" + (f" ({d.hub_config})" if d.hub_config else "")
+    _check_columns(train, d, f"data.path {d.path}")
     if val is not None:
         _check_columns(val, d, f"the validation split of {where}")
     names = _label_names(train, d)
     label_ids = (
         None if isinstance(train.features[d.label_column], datasets.ClassLabel) else {v: i for i, v in enumerate(names)}
     )
-    train = _standardise(train, d, label_ids, f"data.train {d.train}")
+    train = _standardise(train, d, label_ids, f"data.path {d.path}")
     if val is None:
         if len(train) < 2:
-            raise ConfigError(f"data.train {d.train} needs at least 2 rows to hold out a validation set")
+            raise ConfigError(f"data.path {d.path} needs at least 2 rows to hold out a validation set")
         parts = train.train_test_split(test_size=d.val_fraction, seed=d.seed)
         train, val = parts["train"], parts["test"]
     else:

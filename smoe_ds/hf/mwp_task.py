@@ -1,7 +1,7 @@
 """The ``math_word_problem`` fine-tuning task: a pretrained encoder, converted to SMoE-Dropout (or
 not, the dense baseline), with the equation decoder of ``smoe_ds.hf.mwp_model``.
 
-Data: ``data.train`` and ``data.validation``, CSV files in the SVAMP authors' format, read and
+Data: ``data.path`` and ``data.validation``, CSV files in the SVAMP authors' format, read and
 checked by ``smoe_ds.hf.mwp_data`` (a bad row stops the run with one line naming file and row).
 The decoder's vocabulary is the training equations' operators and constants; a validation
 problem whose equation uses another constant can still be solved by an equivalent equation.
@@ -43,7 +43,7 @@ class MathWordProblemTask(Task):
         super().__init__(cfg, world_size, micro_batch)
         d = cfg.data
         self.train, self.validation = preflight.on_every_rank(
-            lambda: (read_problems(d.train), read_problems(d.validation))
+            lambda: (read_problems(d.path), read_problems(d.validation))
         )
         if d.max_train_examples:
             self.train = self.train[: d.max_train_examples]
@@ -57,7 +57,7 @@ class MathWordProblemTask(Task):
         checks = answer_report(self.train)
         unwritable = sum(self.vocab.encode(p.equation) is None for p in self.validation)
         self.description = (
-            f"{len(self.train)} training problems ({d.train}), {len(self.validation)} validation ({d.validation}); "
+            f"{len(self.train)} training problems ({d.path}), {len(self.validation)} validation ({d.validation}); "
             f"{len(self.vocab.constants)} constants; training rows whose Answer is rounded / differs from "
             f"their equation: {checks['rounded']} / {checks['differs']} (scored against the equation); "
             f"validation equations with a constant unseen in training: {unwritable}"

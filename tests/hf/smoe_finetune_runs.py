@@ -24,7 +24,7 @@ FIT = ["moe.num_experts=4", "moe.k_schedule.k_min=2", "moe.k_schedule.k_max=4"] 
 
 def finetune(out: Path, model: Path, *settings: str, ranks: int = 2, launcher: str = "deepspeed", check: bool = True):
     """Fine-tune ``model`` (an export or a checkpoint folder) on the sentiment fixture into ``out``."""
-    sets = [f"hf.model={model}", f"data.train={SENTIMENT / 'train.tsv'}", f"data.validation={SENTIMENT / 'dev.tsv'}"]
+    sets = [f"hf.model={model}", f"data.path={SENTIMENT / 'train.tsv'}", f"data.validation={SENTIMENT / 'dev.tsv'}"]
     sets += [*FIT, "train_micro_batch_size_per_gpu=8", "scheduler.params.warmup_num_steps=2", f"run.out_dir={out}"]
     args = [a for s in (*sets, *settings) for a in ("--set", s)]
     target = ["smoe_ds.finetune", "--config", CONFIG, *args]

@@ -40,7 +40,7 @@ def write_table(path, rows, kind):
 def test_a_users_file_with_string_labels(tmp_path, kind):
     train = write_table(tmp_path / f"train.{kind}", REVIEWS, kind)
     dev = write_table(tmp_path / f"dev.{kind}", REVIEWS[:3], kind)
-    d = TaskDataConfig(train=str(train), validation=str(dev), text_column="review", label_column="sentiment")
+    d = TaskDataConfig(path=str(train), validation=str(dev), text_column="review", label_column="sentiment")
     splits = load_labelled(d)
     assert splits.label_names == ["neg", "pos"]
     assert splits.validation["labels"] == [1, 0, 1] and splits.validation["text"][1] == "dull and far too long"
@@ -49,7 +49,7 @@ def test_a_users_file_with_string_labels(tmp_path, kind):
 
 def test_without_a_validation_file_a_seeded_share_is_held_out(tmp_path):
     train = write_table(tmp_path / "train.csv", REVIEWS * 5, "csv")
-    d = TaskDataConfig(train=str(train), text_column="review", label_column="sentiment", val_fraction=0.25)
+    d = TaskDataConfig(path=str(train), text_column="review", label_column="sentiment", val_fraction=0.25)
     a, b = load_labelled(d), load_labelled(d)
     assert len(a.validation) == 15 and len(a.train) == 45
     assert a.validation["text"] == b.validation["text"]
@@ -66,7 +66,7 @@ def test_a_hub_style_dataset_folder_keeps_its_class_names_and_skips_the_unlabell
     for split, labels in (("train", rows["label"]), ("validation", rows["label"]), ("test", [-1] * len(REVIEWS))):
         ds = datasets.Dataset.from_dict({**rows, "label": labels}, features=features)
         ds.to_parquet(str(tmp_path / f"{split}-00000-of-00001.parquet"))
-    splits = load_labelled(TaskDataConfig(train=str(tmp_path)))
+    splits = load_labelled(TaskDataConfig(path=str(tmp_path), text_column="sentence"))
     assert splits.label_names == ["negative", "positive"]
     assert len(splits.validation) == len(REVIEWS) and splits.validation["labels"][:3] == [1, 0, 1]
 
@@ -76,9 +76,9 @@ def test_an_unreachable_hub_dataset_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(
         ConfigError,
-        match="data.train 'glue' is not a local file or folder, and loading it from the Hugging Face hub failed",
+        match="data.path 'glue' is not a local file or folder, and loading it from the Hugging Face hub failed",
     ):
-        load_labelled(TaskDataConfig(train="glue", hub_config="sst2"))
+        load_labelled(TaskDataConfig(path="glue", hub_config="sst2"))
 
 
 @pytest.mark.parametrize(
@@ -89,9 +89,9 @@ def test_an_unreachable_hub_dataset_is_one_line(monkeypatch):
             "has no column 'sentence' (its columns: review, sentiment); set data.text_column",
         ),
         ({"label_column": "stars"}, "set data.label_column"),
-        ({"train": "missing.tsv"}, "data.train not found: missing.tsv"),
+        ({"path": "missing.tsv"}, "data.path not found: missing.tsv"),
         ({"validation": "dev.xml"}, "unknown table format '.xml'"),
-        ({"validation": "dev_other.csv"}, "has labels that data.train does not: meh"),
+        ({"validation": "dev_other.csv"}, "has labels that data.path does not: meh"),
     ],
 )
 def test_bad_data_is_one_line_naming_the_fix(tmp_path, monkeypatch, change, message):
@@ -99,7 +99,7 @@ def test_bad_data_is_one_line_naming_the_fix(tmp_path, monkeypatch, change, mess
     write_table(tmp_path / "train.csv", REVIEWS, "csv")
     write_table(tmp_path / "dev_other.csv", [("so-so", "meh")], "csv")
     (tmp_path / "dev.xml").write_text("<x/>")
-    d = TaskDataConfig(train="train.csv", text_column="review", label_column="sentiment")
+    d = TaskDataConfig(path="train.csv", text_column="review", label_column="sentiment")
     for key, value in change.items():
         setattr(d, key, value)
     with pytest.raises(ConfigError) as err:
@@ -114,7 +114,7 @@ def test_bad_data_is_one_line_naming_the_fix(tmp_path, monkeypatch, change, mess
         (["hf.model=m", "hf.task=qa"], "hf.task must be one of classification, causal_lm"),
         (["hf.model=m", "hf.weighting=uniform"], "hf.weighting must be one of softmax, rescale"),
         (
-            ["hf.model=m", "data.train=t", "hf.task=causal_lm", "data.validation=v"],
+            ["hf.model=m", "data.path=t", "hf.task=causal_lm", "data.validation=v"],
             "data.validation is for classification",
         ),
         (["hf.model=m", "moe.ep_size=3"], "moe.num_experts (8) is not divisible by moe.ep_size (3)"),
@@ -123,14 +123,14 @@ def test_bad_data_is_one_line_naming_the_fix(tmp_path, monkeypatch, change, mess
 )
 def test_bad_config_is_refused_before_anything_runs(sets, message):
     with pytest.raises(ConfigError) as err:
-        load_config(CONFIG, ["data.train=t", *sets], cls=FinetuneConfig)
+        load_config(CONFIG, ["data.path=t", *sets], cls=FinetuneConfig)
     assert message in str(err.value)
 
 
 @pytest.mark.parametrize("mode", ["thor", "learned"])
 def test_a_hugging_face_model_does_not_convert_to_thor_or_the_learned_router(mode):
     """They fine-tune only models pretrained in that mode by smoe_ds.train (tests/hf/test_finetune_smoe_export.py)."""
-    cfg = load_config(CONFIG, ["data.train=t", "hf.model=m", f"moe.mode={mode}"], cls=FinetuneConfig)
+    cfg = load_config(CONFIG, ["data.path=t", "hf.model=m", f"moe.mode={mode}"], cls=FinetuneConfig)
     with pytest.raises(ConfigError, match=f"moe.mode '{mode}' is not available for fine-tuning a Hugging Face model"):
         cfg.check_mode_for_hf_model()
 
@@ -146,7 +146,7 @@ def test_the_cli_refuses_a_missing_model_in_one_line(tmp_path):
             "--set",
             "hf.model=./no/such/model",
             "--set",
-            "data.train=x.tsv",
+            "data.path=x.tsv",
             "--set",
             "moe.ep_size=1",
         ],

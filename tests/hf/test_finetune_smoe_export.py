@@ -92,7 +92,7 @@ def test_continued_pretraining_of_the_exported_lm_runs_and_exports_a_causal_lm(t
         out,
         pretrained,
         "hf.task=causal_lm",
-        f"data.train={text}",
+        f"data.path={text}",
         "data.validation=null",
         "hf.max_length=63",
         "data.val_fraction=0.2",
@@ -119,7 +119,7 @@ def test_the_transfer_experiment_fine_tunes_each_pretrained_model_alike_and_tabl
     args = ["--pretrained", str(pretrained), str(twin / "checkpoints"), "--train", str(SENTIMENT / "train.tsv")]
     args += ["--validation", str(SENTIMENT / "dev.tsv"), "--out", str(out), "--seeds", "0", "--steps", "3"]
     args += ["--set", "train_micro_batch_size_per_gpu=8", "--set", "scheduler.params.warmup_num_steps=1"]
-    args += ["--set", "moe.ep_size=1", "--nproc", "1"]
+    args += ["--set", "moe.ep_size=1", "--ranks", "1"]
     run_ranks("python", 1, ["smoe_ds.experiments.transfer", *args], module=True, timeout=600)
     found = json.loads((out / "results.json").read_text())
     assert sorted(found) == ["pretrain0", "twin"]
