@@ -1,9 +1,12 @@
 """Single-device inference on an exported model: no DeepSpeed engine, no process group.
 
-from smoe_ds.inference import load_model
+from smoe_ds.inference import load_model, set_active_experts
 model = load_model("runs/cpu_tiny/export", device="cuda")   # or "cpu"
-model.set_active_experts(2)                                # any k in [1, N]
+set_active_experts(model, 2)                               # any k in [1, N]
 logits = model(input_ids).logits
+
+``set_active_experts(model, k)`` (``smoe_ds.moe.layer``'s, re-exported here) chooses k for every
+model smoe-ds gives: an export, a converted pretrained model, an engine's module.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from pathlib import Path
 import torch
 
 from smoe_ds.config import ConfigError
+from smoe_ds.moe.layer import set_active_experts
+
+__all__ = ["load_model", "load_tokenizer", "set_active_experts"]
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", k: int | None = None):
@@ -28,7 +34,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", k: int | No
     if k is not None:
         if not 1 <= k <= model.num_experts:
             raise ConfigError(f"k must be in [1, {model.num_experts}], got {k}")
-        model.set_active_experts(k)
+        set_active_experts(model, k)
     return model
 
 

@@ -25,6 +25,7 @@ from smoe_ds.config import ConfigError
 from smoe_ds.hf.gather import _gather_experts, gather_expert_parts
 from smoe_ds.models.hf import SMoEConfig
 from smoe_ds.moe.experts import global_expert_name, is_stacked_expert_param
+from smoe_ds.moe.layer import set_active_experts
 
 
 def is_smoe_lm_export(path: str) -> bool:
@@ -100,5 +101,5 @@ def single_device_copy(module, ep_size: int, k: int):
     with torch.no_grad():
         for name, p in copy.named_parameters():
             p.copy_((experts[name] if name in experts else params[name]).detach().float())
-    copy.set_active_experts(k)
+    set_active_experts(copy, k)
     return copy.eval()

@@ -3,8 +3,8 @@
 ``import smoe_ds`` registers ``SMoEConfig`` (model_type ``smoe_lm``) and ``SMoEForCausalLM``
 with the Auto classes, so an exported directory loads with
 ``AutoModelForCausalLM.from_pretrained(dir)`` and supports ``generate()``. The model runs
-with every expert on the one device (ep_size 1) and no process group; ``set_active_experts(k)``
-picks any k in [1, N].
+with every expert on the one device (ep_size 1) and no process group;
+``set_active_experts(model, k)`` (``smoe_ds.inference``) picks any k in [1, N].
 
 The weights are stored stacked (``...experts.w_in`` [N, H, D]) rather than in DeepSpeed's
 per-expert layout, so that the file's keys are exactly the module's parameter names.
@@ -89,11 +89,11 @@ class _SMoEPreTrained(PreTrainedModel):
         return self.lm.moe_cfg.num_experts
 
     def set_active_experts(self, k: int) -> None:
-        """Run every MoE layer with its top ``k`` experts (any k in [1, N])."""
+        """``smoe_ds.moe.layer.set_active_experts(self, k)``, the spelling the docs use: kept as a
+        method for code written against it."""
         from smoe_ds.moe.layer import set_active_experts
 
-        set_active_experts(self.lm, k)
-        self.config.active_experts = k
+        set_active_experts(self, k)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.lm.tok_emb

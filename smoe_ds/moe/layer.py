@@ -197,6 +197,10 @@ def moe_layers(model: nn.Module) -> Iterator[nn.Module]:
 def set_active_experts(model: nn.Module, k: int) -> None:
     """Route every MoE layer of ``model`` to its top ``k`` experts from the next forward on.
 
+    The one way to choose k, for every model smoe-ds gives: an export loaded with
+    ``smoe_ds.inference.load_model`` or ``AutoModelForCausalLM``, a converted pretrained model
+    (``smoe_ds.hf``), a DeepSpeed engine's module. A model whose config records the active k
+    (``config.active_experts``) records the new one too, so that ``save_pretrained`` keeps it.
     Works for the learned baseline too (DeepSpeed's TopKGate reads ``k`` on each forward).
     A dense model has no experts to choose, so there it does nothing.
     """
@@ -205,6 +209,9 @@ def set_active_experts(model: nn.Module, k: int) -> None:
         if not 1 <= k <= n:
             raise ValueError(f"k must be in [1, {n}], got {k}")
         layer.deepspeed_moe.gate.k = k
+    config = getattr(model, "config", None)
+    if hasattr(config, "active_experts"):
+        config.active_experts = k
 
 
 def set_ep_exchange(model: nn.Module, exchange: str) -> None:
