@@ -7,6 +7,11 @@ Everything else is the DeepSpeed section and is handed to ``deepspeed.initialize
 untouched, except that ``"auto"`` in ``scheduler.params.total_num_steps`` is replaced by
 ``run.max_steps`` (the same convention as the transformers DeepSpeed integration).
 
+DeepSpeed silently ignores what it does not read, so the DeepSpeed section is checked against the
+installed DeepSpeed (``smoe_ds.deepspeed_keys``) when the config loads: every top-level key is one
+of our sections or a key DeepSpeed reads, the sections DeepSpeed validates with pydantic are
+built by its own models, and ``optimizer.type`` / ``scheduler.type`` name something it builds.
+
 Semantic checks that need the world size (ep_size against ranks, batch sizes) live in
 ``validate_for_world``; everything else is checked by ``TrainConfig.validate``. Both raise
 ``ConfigError`` with a single line that names the offending key.
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
+import importlib
 import json
 import math
 import types
@@ -33,6 +40,12 @@ FULL_ROUTE_DISPATCH = ("all_to_all", "gather_scatter", "counted")
 # (smoe_ds.moe.dispatch's dispatch and combine) or the experts' weights to the tokens (its gather_experts).
 EP_EXCHANGES = ("tokens", "weights")
 SCHEDULE_KINDS = ("linear", "cosine", "exponential", "multistep")
+# Every command's config class ("module:class", imported only to explain a refused key): a section of
+# one command's config given to another is refused with the name of the command it belongs to.
+COMMAND_CONFIGS = {
+    "smoe_ds.train": "smoe_ds.config:TrainConfig",
+    "smoe_ds.finetune": "smoe_ds.hf.finetune_config:FinetuneConfig",
+}
 
 
 class ConfigError(ValueError):
@@ -179,8 +192,9 @@ class TrainConfig:
             ks.end_step = self.run.max_steps
         if self.run.eval_ks is None:
             self.run.eval_ks = self.default_eval_ks() if self.slimmable else [self.fixed_k()]
-        sched = self.deepspeed.get("scheduler", {}).get("params", {})
-        if sched.get("total_num_steps") == "auto":
+        sched = self.deepspeed.get("scheduler")
+        sched = sched.get("params") if isinstance(sched, dict) else None  # a malformed one is refused in validate
+        if isinstance(sched, dict) and sched.get("total_num_steps") == "auto":
             sched["total_num_steps"] = self.run.max_steps
         for monitor in ("csv_monitor", "tensorboard"):  # monitors write under run.out_dir unless told otherwise
             section = self.deepspeed.get(monitor)
@@ -287,8 +301,8 @@ class TrainConfig:
 
     def _validate_deepspeed(self) -> None:
         ds = self.deepspeed
-        _require(isinstance(ds.get("optimizer"), dict), 'the config needs a DeepSpeed "optimizer" section')
-        lr = ds.get("optimizer", {}).get("params", {}).get("lr")
+        self._check_against_deepspeed()
+        lr = ds["optimizer"].get("params", {}).get("lr")
         _require(
             lr is None or (isinstance(lr, (int, float)) and lr >= 0), f"optimizer.params.lr must be >= 0, got {lr}"
         )
@@ -297,8 +311,7 @@ class TrainConfig:
             "fp16.enabled and bf16.enabled are both true; choose one",
         )
         zero = ds.get("zero_optimization", {})
-        stage = zero.get("stage", 0)
-        _require(stage in (0, 1, 2, 3), f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+        stage = zero.get("stage", 0)  # 0 to 3: DeepSpeed's model of the section has checked it
         if self.moe.mode == "learned" and stage == 3:
             raise ConfigError(
                 "zero_optimization.stage 3 does not support moe.mode learned (DeepSpeed's own MoE layer, which "
@@ -323,6 +336,55 @@ class TrainConfig:
         _require(
             sched_steps is None or isinstance(sched_steps, int),
             f'scheduler.params.total_num_steps must be an int or "auto", got {sched_steps!r}',
+        )
+
+    def _check_against_deepspeed(self) -> None:
+        """Refuse, in one line, what the installed DeepSpeed would ignore or fail on later: an unknown
+        top-level key, a section its models refuse, an optimizer or scheduler it cannot build."""
+        from smoe_ds import deepspeed_keys
+
+        ds = self.deepspeed
+        for key in ds:
+            if key not in deepspeed_keys.known_keys():
+                raise ConfigError(self._unknown_key(key))
+        _require(isinstance(ds.get("optimizer"), dict), 'the config needs a DeepSpeed "optimizer" section')
+        _require(
+            isinstance(ds["optimizer"].get("params", {}), dict),
+            "optimizer.params must be a JSON object (the optimizer's keyword arguments)",
+        )
+        problem = deepspeed_keys.optimizer_problem(ds["optimizer"].get("type"))
+        _require(problem is None, problem)
+        if "scheduler" in ds:
+            _require(isinstance(ds["scheduler"], dict), "scheduler must be a JSON object with a type and params")
+            _require(
+                isinstance(ds["scheduler"].get("params", {}), dict),
+                "scheduler.params must be a JSON object (the scheduler's keyword arguments)",
+            )
+            problem = deepspeed_keys.scheduler_problem(ds["scheduler"].get("type"))
+            _require(problem is None, problem)
+        for key, value in ds.items():
+            problem = deepspeed_keys.section_problem(key, value)
+            _require(problem is None, problem)
+
+    def _unknown_key(self, key: str) -> str:
+        """Why top-level ``key`` is refused: DeepSpeed removed it, it is another command's section, or
+        DeepSpeed does not read it (with the closest key that is known)."""
+        from smoe_ds import deepspeed_keys
+
+        reason = deepspeed_keys.removed(key)
+        if reason:
+            return f"'{key}' is no longer read by DeepSpeed {deepspeed_keys.version()}: {reason}"
+        ours = ", ".join(self.SECTIONS)
+        for command, where in COMMAND_CONFIGS.items():
+            module, name = where.split(":")
+            if key in getattr(importlib.import_module(module), name).SECTIONS:
+                return f"'{key}' is a section of {command}'s config, not of this one, whose sections are {ours}"
+        guess = difflib.get_close_matches(key, sorted(deepspeed_keys.known_keys() | set(self.SECTIONS)), n=1)
+        if guess:
+            return f"unknown key '{key}' (did you mean '{guess[0]}'?)"
+        return (
+            f"unknown key '{key}': neither a section of this config ({ours}) nor a key DeepSpeed "
+            f"{deepspeed_keys.version()} reads ({deepspeed_keys.DOCS})"
         )
 
     def validate_for_world(self, world_size: int) -> None:

@@ -69,7 +69,7 @@ def test_scheduler_auto_steps_take_run_max_steps(tmp_path):
         (["moe.k_schedule.start_step=10", "moe.k_schedule.end_step=5"], "end_step .5. is before start_step"),
         (["optimizer.params.lr=-0.1"], "optimizer.params.lr must be >= 0"),
         (["zero_optimization.stage=3", "moe.mode=learned"], "stage 3 does not support moe.mode learned"),
-        (["zero_optimization.stage=4"], "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
+        (["zero_optimization.stage=4"], "zero_optimization.stage: must be 0, 1, 2 or 3, got 4"),
         (["fp16.enabled=true", "bf16.enabled=true"], "both true"),
         (["model.positions=alibi"], "model.positions"),
         (["moe.mode=switch"], "moe.mode must be one of"),
