@@ -1,13 +1,16 @@
 """Fine-tune a pretrained Hugging Face model with SMoE-Dropout under DeepSpeed expert parallelism.
 
     deepspeed --num_gpus 2 --module smoe_ds.finetune --config ds_configs/finetune_minilm_sst2.json \\
-        --set hf.model=DIR --set data.train=train.tsv --set data.validation=dev.tsv
+        --set hf.model=DIR --set data.path=train.tsv --set data.validation=dev.tsv
     # the dense baseline with the same budget:
     ... --set moe.mode=dense --set run.out_dir=runs/sst2-dense
 
 The model's FFNs are split into moe.num_experts experts behind frozen random routers
 (``smoe_ds.hf.surgery``; hf.weighting ``rescale`` starts from exactly the pretrained function),
-each rank keeping its N / ep_size experts; k follows moe.k_schedule. At the end every rank
+each rank keeping its N / ep_size experts; k follows moe.k_schedule. The steps run in the
+trainer's own loop (``smoe_ds.training_loop``): checkpoints in ``OUT/checkpoints`` every
+run.save_interval steps and at the end, and a relaunch resumes from the newest one exactly (at
+the layout it was saved at) unless run.resume is false. At the end every rank
 evaluates at each k in run.eval_ks (accuracy for classification, loss and perplexity for
 causal LM), rank 0 prints the self-slimming table and writes ``self_slimming.json`` and
 ``.png``, and ``OUT/model`` receives the whole model (experts gathered from all ranks) as a
@@ -18,31 +21,28 @@ it at any k, and ``python -m smoe_ds.hf_convert OUT/model DENSE --densify`` writ
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from smoe_ds import distributed as D
-from smoe_ds import faults, preflight, watchdog, zero3
+from smoe_ds import preflight, watchdog, zero3
 from smoe_ds.cli import run_main
 from smoe_ds.config import config_cli
 from smoe_ds.data import train_steps_per_epoch
-from smoe_ds.heap import HeapTrimmer
 from smoe_ds.hf import smoe_export
 from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.mwp_task import MathWordProblemTask
 from smoe_ds.hf.smoe_export import is_smoe_lm_export
 from smoe_ds.hf.surgery import dense_config
 from smoe_ds.hf.tasks import TASK_CLASSES, Task
-from smoe_ds.loop import LossWindow, optimizer_step, progress_bar, write_run_config, write_summary
-from smoe_ds.moe.layer import set_active_experts, set_ep_exchange
+from smoe_ds.loop import write_run_config, write_summary
+from smoe_ds.moe.layer import set_ep_exchange
 from smoe_ds.moe.parallel import ep_rank_of
-from smoe_ds.moe.schedule import active_k
 from smoe_ds.moe.thor import thor_loss
-from smoe_ds.numerics import BadLossGuard
 from smoe_ds.results import format_rows, write_results
 from smoe_ds.runtime import initialize_engine
+from smoe_ds.training_loop import Evaluation, Job, report_breakdown, run_steps
 
 TASKS = {**TASK_CLASSES, "math_word_problem": MathWordProblemTask}
 
@@ -138,6 +138,7 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
     micro, gas = cfg.micro_batch_size(world), cfg.grad_accum_steps(world)
     task = TASKS[cfg.hf.task](cfg, world, micro)
     train_steps_per_epoch(len(task.train), micro, world, gas)  # one step's worth of data, or a ConfigError now
+    preflight.check_checkpoint_to_resume(cfg)  # a checkpoint to resume from fits this run
     return rank, world, task
 
 
@@ -155,26 +156,14 @@ def describe(cfg: FinetuneConfig, model, task: Task, world: int) -> str:
     )
 
 
-def periodic_evaluation(engine, task: Task, k: int, rank: int, step: int, bar) -> dict:
-    """The task's metrics at the current k, shown, and k restored afterwards."""
-    row = task.evaluate(engine, k, rank)
-    set_active_experts(engine.module, k)
-    if D.is_main():
-        bar.write(f"step {step}: {task.metric} {row[task.metric]:.4f} at k={k}")
-    return {"step": step, **row}
+def job_of(engine, cfg: FinetuneConfig, task: Task, rank: int, world: int) -> Job:
+    """The fine-tuner's part of the shared loop (``smoe_ds.training_loop``): the task's batches in
+    the global order, the model's own loss (THOR's two passes as the trainer has them), and the
+    task's metric as the periodic evaluation."""
+    gas, micro = cfg.grad_accum_steps(world), cfg.micro_batch_size(world)
 
-
-def finetune_steps(engine, cfg: FinetuneConfig, task: Task, rank: int, world: int) -> tuple[list, list, float]:
-    """Steps 0..run.max_steps with their log lines and evaluations.
-
-    Returns the log history, the evaluation history and the wall time of the steps (s).
-    """
-    run, gas = cfg.run, cfg.grad_accum_steps(world)
-    batches = task.train_batches(rank, gas, 0)
-    bar = progress_bar("finetune", run.max_steps)
-    heap = HeapTrimmer(run.heap_trim_interval, engine.device)  # CPU runs: smoe_ds.heap
-    history, val_history, window, t0 = [], [], LossWindow(), time.perf_counter()
-    guard = BadLossGuard(run.max_bad_steps, enabled=not cfg.precision_enabled("fp16"))  # fp16: the loss scaler's job
+    def micro_batches(start_step: int, skipped: int):
+        return task.train_batches(rank, gas, start_step, skipped)
 
     def loss_of(batch: dict):  # the task's tensors by name -> (the loss to backpropagate, the loss to log)
         inputs = {key: t.to(engine.device) for key, t in batch.items()}
@@ -183,24 +172,26 @@ def finetune_steps(engine, cfg: FinetuneConfig, task: Task, rank: int, world: in
             return thor_loss(out, engine(**inputs), cfg.moe.thor_alpha), out.loss
         return out.loss, out.loss
 
-    for step in range(run.max_steps):
-        k = active_k(cfg, step)
-        set_active_experts(engine.module, k)
-        faults.maybe_die("train", rank, step)
-        window.add(optimizer_step(engine, batches, loss_of, guard, step, rank), gas * world)
-        done = step + 1
-        bar.update(1)
-        if done % run.log_interval == 0 or done == run.max_steps:
-            mean = window.mean_and_reset()
-            history.append(
-                {"step": done, "loss": mean, "k": k, "lr": engine.get_lr()[0], "skipped_steps": guard.skipped}
-            )
-            bar.set_postfix({"loss": f"{mean:.4f}", "k": k})
-        if run.eval_interval and done % run.eval_interval == 0 and done < run.max_steps:
-            val_history.append(periodic_evaluation(engine, task, k, rank, done, bar))
-        heap.step_done(done)
-    bar.close()
-    return history, val_history, time.perf_counter() - t0
+    def evaluate(k: int) -> Evaluation:
+        row = task.evaluate(engine, k, rank)
+        value = row[task.metric]
+        return Evaluation(row, [(f"Eval/{task.metric}_k={k}", value)], f"{task.metric} {value:.4f} at k={k}")
+
+    causal = cfg.hf.task == "causal_lm"  # fixed-size blocks: count tokens; else examples of any length
+    per_step = micro * gas * world * (cfg.hf.max_length if causal else 1)
+    return Job(
+        engine,
+        cfg,
+        rank,
+        world,
+        micro_batches,
+        loss_of,
+        evaluate,
+        items_per_step=per_step,
+        item_name="tokens" if causal else "examples",
+        evaluate_at_ends=False,  # the final self-slimming sweep evaluates at every k right after
+        name="finetune",
+    )
 
 
 def write_report(cfg: FinetuneConfig, task: Task, summary: dict, out_dir: Path, exported: Path | None) -> None:
@@ -225,12 +216,23 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if D.is_main():
         write_run_config(out_dir, cfg)
         print(describe(cfg, model, task, world), flush=True)
-    history, val_history, wall = finetune_steps(engine, cfg, task, rank, world)
+    job = job_of(engine, cfg, task, rank, world)
+    result = run_steps(job)
+    step_breakdown = report_breakdown(result, cfg.moe.mode)  # collective
     rows = [task.evaluate(engine, kk, rank) for kk in cfg.run.eval_ks]
     if D.is_main():
         task.write_predictions(out_dir)
     exported = export(engine, cfg, task, out_dir / "model")
-    summary = {"train_wall_s": wall, "history": history, "val_history": val_history, "self_slimming": rows}
+    summary = {
+        "train_wall_s": result.train_wall_s,  # every sitting's steps, without evaluations and saves
+        f"{job.item_name}_per_s": result.throughput(job),
+        "resumed_from_step": result.start_step,
+        "history": result.history,  # every sitting's
+        "val_history": result.val_history,
+        "self_slimming": rows,
+    }
+    if step_breakdown:
+        summary["step_breakdown"] = step_breakdown
     if D.is_main():
         write_report(cfg, task, summary, out_dir, exported)
     return summary

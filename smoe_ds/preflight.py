@@ -95,6 +95,12 @@ def check_training(cfg: TrainConfig, corpus: Corpus, world_size: int) -> None:
     """
     micro = cfg.micro_batch_size(world_size)
     train_steps_per_epoch(len(corpus.train_blocks), micro, world_size, cfg.grad_accum_steps(world_size))
+    check_checkpoint_to_resume(cfg)
+
+
+def check_checkpoint_to_resume(cfg: TrainConfig) -> None:
+    """With ``run.resume``, the newest checkpoint in ``run.out_dir/checkpoints`` (if any) is
+    complete and fits this run (``smoe_ds.checkpoint.check_resumable``)."""
     ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.run.resume else None
     if tag is not None:

@@ -25,10 +25,16 @@ from smoe_ds.checkpoint.files import (
 from smoe_ds.config import ConfigError, TrainConfig, config_from_dict
 
 
-def saved_config(raw, where: Path) -> TrainConfig:
-    """The resolved run config stored in a checkpoint (model file or meta file) at ``where``."""
+def saved_config(raw, where: Path, cls: type = TrainConfig) -> TrainConfig:
+    """The resolved run config stored in a checkpoint (model file or meta file) at ``where``: a
+    ``cls`` (the trainer's TrainConfig, or the fine-tuner's FinetuneConfig)."""
+    if isinstance(raw, dict) and "hf" in raw and "hf" not in cls.SECTIONS:
+        raise CheckpointError(
+            f"{where} was saved by smoe-finetune: its model is the Hugging Face folder run.out_dir/model "
+            "that the fine-tune exported, and smoe-finetune resumes from the checkpoint itself"
+        )
     try:
-        return config_from_dict(raw).resolve()
+        return config_from_dict(raw, cls).resolve()
     except (ConfigError, KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{where} holds no usable config ({e})") from None
 
@@ -59,16 +65,24 @@ def read_model(tag_dir: Path) -> tuple[TrainConfig, dict[str, torch.Tensor], int
     return cfg, state, int(main.get("step", main.get("global_steps", 0)))
 
 
+# The keys that shape the weights, by section: the trainer's config has "model", the fine-tuner's
+# "hf" (which pretrained model, which head); both have "moe". moe.d_expert is the trainer's only:
+# a fine-tune's experts take their width from the pretrained FFN.
 WEIGHT_KEYS = {
     "model": ("vocab_size", "d_model", "n_layers", "n_heads", "block_size", "positions", "moe_layers", "init_seed"),
-    "moe": ("mode", "num_experts", "d_expert", "router_seed"),
+    "hf": ("model", "task", "weighting"),
+    "moe": ("mode", "num_experts", "router_seed"),
 }
+TRAINER_WEIGHT_KEYS = {"moe": ("d_expert",)}
 
 
 def model_mismatch(saved: TrainConfig, current: TrainConfig) -> str | None:
     """Every weight-shaping key on which two configs differ, as 'key: saved in the checkpoint vs current now'."""
     diffs = []
-    for section, keys in WEIGHT_KEYS.items():
+    extra = TRAINER_WEIGHT_KEYS if "model" in current.SECTIONS else {}
+    for section, keys in [*WEIGHT_KEYS.items(), *extra.items()]:
+        if section not in current.SECTIONS or section not in saved.SECTIONS:
+            continue
         for key in keys:
             a, b = getattr(getattr(saved, section), key), getattr(getattr(current, section), key)
             if a != b:
@@ -83,14 +97,16 @@ def check_resumable(cfg: TrainConfig, tag_dir: Path, meta: dict) -> list[Path]:
     Reads the meta file, file sizes and the files' pickled type names (never their contents),
     so every rank can run it before any engine exists.
     """
-    saved = saved_config(meta["config"], tag_dir / META_FILE)
+    saved = saved_config(meta["config"], tag_dir / META_FILE, type(cfg))
     mismatch = model_mismatch(saved, cfg)
     if mismatch:
         raise CheckpointError(
             f"{tag_dir} was written by a different model ({mismatch}); "
             "use another run.out_dir, or set run.resume=false to start over there"
         )
-    needed = check_files(tag_dir, saved, meta["world_size"])
+    if "model" not in cfg.SECTIONS:
+        check_same_layout(cfg, saved, tag_dir, meta)
+    needed = check_files(tag_dir, saved, meta["world_size"], meta.get("moe_layers"))
     # DeepSpeed's load_checkpoint unpickles with weights_only=False: nothing else may be in them.
     shard_patterns = (ZERO_SHARD, EXPP_FILE, ZERO3_MODEL_SHARD)
     optimizer_files = sorted(f for f in tag_dir.iterdir() if any(p.match(f.name) for p in shard_patterns))
@@ -98,9 +114,34 @@ def check_resumable(cfg: TrainConfig, tag_dir: Path, meta: dict) -> list[Path]:
     return needed
 
 
-def check_files(tag_dir: Path, saved: TrainConfig, world_size: int) -> list[Path]:
-    """Every file a resume reads is there and not empty, before any rank starts reading; returns them."""
-    n_layers = len(saved.model.moe_layer_indices()) if saved.uses_moe else 0
+def check_same_layout(cfg: TrainConfig, saved: TrainConfig, tag_dir: Path, meta: dict) -> None:
+    """A fine-tune resumes at the layout it was saved at: its checkpoint is read by DeepSpeed's own
+    loader, which needs the same world size, ep_size and kind of ZeRO (smoe-ds's resharding knows
+    the built-in LM's weights only)."""
+    from smoe_ds import distributed as D
+
+    def layout(world: int, ep: int, stage: int) -> str:
+        return f"world size {world}, ep_size {ep}, ZeRO-{stage}"
+
+    then = layout(meta["world_size"], meta["ep_size"], saved.zero_stage)
+    now = layout(D.world_size(), cfg.moe.ep_size, cfg.zero_stage)
+    same_kind = (saved.zero_stage == 3) == (cfg.zero_stage == 3)
+    if (meta["world_size"], meta["ep_size"]) != (D.world_size(), cfg.moe.ep_size) or not same_kind:
+        raise CheckpointError(
+            f"{tag_dir} was saved at {then}; a fine-tune resumes only at that layout, not at {now}: "
+            "relaunch with the saved one, or set run.resume=false to start over"
+        )
+
+
+def check_files(tag_dir: Path, saved: TrainConfig, world_size: int, moe_layers: int | None = None) -> list[Path]:
+    """Every file a resume reads is there and not empty, before any rank starts reading; returns them.
+
+    ``moe_layers``: the MoE layers whose experts have files, as the save recorded it; checkpoints
+    from before that record are the trainer's, whose config says it."""
+    if moe_layers is not None:
+        n_layers = moe_layers
+    else:
+        n_layers = len(saved.model.moe_layer_indices()) if saved.uses_moe else 0
     needed = [tag_dir / MODEL_FILE]
     needed += [tag_dir / expert_file(layer, e) for layer in range(n_layers) for e in range(saved.moe.num_experts)]
     needed += [tag_dir / rng_file(r) for r in range(world_size)]

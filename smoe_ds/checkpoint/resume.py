@@ -43,7 +43,7 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> tuple[int, dict]:
 
 def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world: int, ep: int) -> int:
     tag_dir = save_dir / tag
-    saved_cfg = saved_config(meta["config"], tag_dir)
+    saved_cfg = saved_config(meta["config"], tag_dir, type(cfg))
     # DeepSpeed's ZeRO-3 files (per-rank partitions) and those of the other stages do not mix.
     same_kind = (saved_cfg.zero_stage == 3) == (cfg.zero_stage == 3)
     if meta["world_size"] == world and meta["ep_size"] == ep and same_kind:

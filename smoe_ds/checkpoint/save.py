@@ -15,7 +15,7 @@ import torch
 
 from smoe_ds import distributed as D
 from smoe_ds import faults, zero3
-from smoe_ds.checkpoint.files import META_FILE, PARTIAL_SUFFIX, latest_tag, rng_file
+from smoe_ds.checkpoint.files import EXPERT_FILE, META_FILE, PARTIAL_SUFFIX, latest_tag, rng_file
 from smoe_ds.config import TrainConfig
 from smoe_ds.moe.parallel import ep_rank_of
 
@@ -55,7 +55,9 @@ def save(
     faults.maybe_die("save", D.rank(), step)
     D.barrier()
     if D.is_main():
-        meta = {**meta, "trainer_state": trainer_state or {}, "config": cfg.to_dict()}
+        # The MoE layers with expert files, for the resume check (a fine-tuned model's count is not in its config).
+        moe_layers = len({m[1] for f in staging.iterdir() if (m := EXPERT_FILE.match(f.name))})
+        meta = {**meta, "moe_layers": moe_layers, "trainer_state": trainer_state or {}, "config": cfg.to_dict()}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tag_dir.exists():  # the same step saved before: point away from it while it is replaced
             if latest_tag(save_dir) == tag:

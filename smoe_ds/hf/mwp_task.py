@@ -88,8 +88,8 @@ class MathWordProblemTask(Task):
             out["targets"] = equation_targets(self.vocab, problems)
         return out
 
-    def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
-        for idx in self.train_order(rank, grad_accum, start_step):
+    def train_batches(self, rank: int, grad_accum: int, start_step: int, skipped: int = 0) -> Iterator[dict]:
+        for idx in self.train_order(rank, grad_accum, start_step, skipped):
             yield self.batch([self.train[i] for i in idx.tolist()])
 
     @torch.no_grad()

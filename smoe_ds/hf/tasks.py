@@ -49,10 +49,12 @@ class Task:
         self.cfg, self.world_size, self.micro_batch = cfg, world_size, micro_batch
         self.tokenizer = load_tokenizer(cfg.hf.model)
 
-    def train_order(self, rank: int, grad_accum: int, start_step: int) -> Iterator[torch.Tensor]:
-        """This rank's micro-batches of training item indices [B] (``smoe_ds.data.train_order``)."""
-        seed = self.cfg.data.seed
-        return train_order(len(self.train), self.micro_batch, rank, self.world_size, seed, grad_accum, start_step)
+    def train_order(self, rank: int, grad_accum: int, start_step: int, skipped: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's micro-batches of training item indices [B] from optimizer step ``start_step``
+        on, after ``skipped`` more (those a resumed run skipped for NaN/inf losses before it was
+        saved); see ``smoe_ds.data.train_order``."""
+        n, seed = len(self.train), self.cfg.data.seed
+        return train_order(n, self.micro_batch, rank, self.world_size, seed, grad_accum, start_step, skipped)
 
     def load_model(self, path: str) -> torch.nn.Module:
         """The pretrained model with the task's head (not yet converted)."""
@@ -120,8 +122,8 @@ class ClassificationTask(Task):
             "label2id": {n: i for i, n in enumerate(names)},
         }
 
-    def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
-        for idx in self.train_order(rank, grad_accum, start_step):
+    def train_batches(self, rank: int, grad_accum: int, start_step: int, skipped: int = 0) -> Iterator[dict]:
+        for idx in self.train_order(rank, grad_accum, start_step, skipped):
             yield collate(self.train, idx, self.tokenizer)
 
     @torch.no_grad()
@@ -177,8 +179,8 @@ class CausalLMTask(Task):
 
         return SMoEForCausalLM.from_export_sharded(path, ep_size, ep_rank, for_deepspeed)
 
-    def train_batches(self, rank: int, grad_accum: int, start_step: int) -> Iterator[dict]:
-        for idx in self.train_order(rank, grad_accum, start_step):
+    def train_batches(self, rank: int, grad_accum: int, start_step: int, skipped: int = 0) -> Iterator[dict]:
+        for idx in self.train_order(rank, grad_accum, start_step, skipped):
             block = self.train[idx]  # [B, T + 1]: the model shifts the labels itself
             yield {"input_ids": block, "labels": block}
 

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import smoe_ds  # noqa: F401  (registers the SMoE directories with the Auto classes)
+from smoe_ds.checkpoint import latest_tag
 from smoe_ds.config import load_config
 from smoe_ds.data import eval_batches, load_corpus
 from smoe_ds.hf.families import family_for
@@ -31,11 +32,26 @@ TOL = 1e-5
 CONFIG = str(REPO / "ds_configs" / "finetune_minilm_sst2.json")
 
 
-def finetune(launcher: str, out: Path, *settings: str, env: dict | None = None, ranks: int = 2) -> str:
+def finetune(
+    launcher: str, out: Path, *settings: str, env: dict | None = None, ranks: int = 2, check: bool = True
+) -> str:
     """Run smoe_ds.finetune on ``ranks`` ranks with the MiniLM config and ``settings``; returns stdout."""
     sets = [a for s in (f"run.out_dir={out}", *settings) for a in ("--set", s)]
     target = ["smoe_ds.finetune", "--config", CONFIG, *sets]
-    return run_ranks(launcher, ranks, target, module=True, timeout=420, env=env).stdout
+    return run_ranks(launcher, ranks, target, module=True, timeout=420, env=env, check=check).stdout
+
+
+def smoe_run_settings(minilm_dir: Path, train: Path, dev: Path) -> list[str]:
+    """The shared fine-tune: ep_size 2, ZeRO-2, 8 steps, k 4 -> 8, logged after steps 4 and 8."""
+    return [
+        f"hf.model={minilm_dir}",
+        f"data.path={train}",
+        f"data.validation={dev}",
+        "train_micro_batch_size_per_gpu=8",
+        "run.max_steps=8",
+        "run.log_interval=4",
+        "scheduler.params.warmup_num_steps=2",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +63,7 @@ def sst2_small() -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def smoe_run(tmp_path_factory, sst2_small, minilm_dir) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("ft_smoe")
-    train, dev = sst2_small
-    stdout = finetune(
-        "deepspeed",
-        out,
-        f"hf.model={minilm_dir}",
-        f"data.path={train}",
-        f"data.validation={dev}",
-        "train_micro_batch_size_per_gpu=8",
-        "run.max_steps=8",
-        "run.log_interval=4",
-        "scheduler.params.warmup_num_steps=2",
-    )
+    stdout = finetune("deepspeed", out, *smoe_run_settings(minilm_dir, *sst2_small))
     return out, stdout
 
 
@@ -211,10 +216,15 @@ def test_dense_baseline_under_torchrun_exports_a_plain_model(sst2_small, minilm_
         "moe.mode=dense",
         "train_micro_batch_size_per_gpu=8",
         "run.max_steps=4",
+        "run.step_breakdown=true",  # the trainer's loop: the fine-tune has its step breakdown too
+        "run.save_checkpoint=false",
     )
     rows = json.loads((tmp_path / "self_slimming.json").read_text())["results"]
     assert len(rows) == 1 and 0 <= rows[0]["accuracy"] <= 1
-    assert "mode dense" in stdout
+    assert "mode dense" in stdout and "step breakdown, mean over ranks of" in stdout
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["step_breakdown"]["measured_steps"] >= 1 and summary["examples_per_s"] > 0
+    assert not (tmp_path / "checkpoints").exists()  # run.save_checkpoint=false is obeyed
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["model_type"] == "bert" and config["architectures"] == ["BertForSequenceClassification"]
 
@@ -265,3 +275,29 @@ def test_causal_lm_continued_training_skips_a_nan_and_exports(tiny_llama_dir, tm
         with torch.no_grad():
             losses = [model(input_ids=(blk := torch.cat([x, y[:, -1:]], 1)), labels=blk).loss for x, y in batches]
         assert abs(float(torch.stack(losses).mean()) - row["loss"]) <= TOL, row
+
+
+def test_a_fine_tune_killed_after_its_second_save_resumes_to_the_uninterrupted_results(
+    smoe_run, sst2_small, minilm_dir, tmp_path
+):
+    """The shared fine-tune again, saving every 3 steps, with rank 1 SIGKILLed at the start of step 7
+    (after its saves at 3 and 6; the log window of steps 5..8 spans the checkpoint), then relaunched:
+    it resumes from step6 and ends where the uninterrupted run did, to the same logged losses and
+    the same final accuracy and loss at every k."""
+    settings = [*smoe_run_settings(minilm_dir, *sst2_small), "run.save_interval=3"]
+    killed = {"SMOE_DS_INJECT_FAULT": "kill:1:train:7"}
+    finetune("deepspeed", tmp_path, *settings, env=killed, check=False)
+    assert latest_tag(tmp_path / "checkpoints") == "step6"
+    assert not (tmp_path / "train_summary.json").exists()
+    stdout = finetune("deepspeed", tmp_path, *settings)
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step6'}" in stdout
+    reference = json.loads((smoe_run[0] / "train_summary.json").read_text())
+    resumed = json.loads((tmp_path / "train_summary.json").read_text())
+    assert resumed["resumed_from_step"] == 6 and reference["resumed_from_step"] == 0
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in reference["history"]] == [4, 8]
+    for got, want in zip(
+        resumed["history"] + resumed["self_slimming"], reference["history"] + reference["self_slimming"]
+    ):
+        for key in ("loss", "k", "accuracy"):
+            if key in want:
+                assert abs(got[key] - want[key]) <= 1e-6, (key, got, want)
