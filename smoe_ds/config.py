@@ -157,6 +157,10 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     SECTIONS: ClassVar[tuple[str, ...]] = OUR_SECTIONS  # the top-level keys that are ours, not DeepSpeed's
+    # Keys of the shared sections that this command does not read ("section.key" -> why), refused
+    # when a config sets them rather than ignored: see the fine-tuner's.
+    UNUSED_KEYS: ClassVar[dict[str, str]] = {}
+    COMMAND: ClassVar[str] = "smoe-train"  # the command this config is for, named in messages
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -427,7 +431,11 @@ class TrainConfig:
         return 1
 
     def to_dict(self) -> dict:
+        """The whole config as JSON would hold it, loadable again (keys this command does not use left out)."""
         out = {name: dataclasses.asdict(getattr(self, name)) for name in self.SECTIONS}
+        for dotted in self.UNUSED_KEYS:
+            section, key = dotted.split(".")
+            out[section].pop(key, None)
         out.update(self.deepspeed)
         return out
 
@@ -502,6 +510,10 @@ def config_from_dict(raw: dict, cls: type = TrainConfig) -> TrainConfig:
     """``cls`` (TrainConfig or a subclass with other ``SECTIONS``) from a parsed JSON config."""
     raw = dict(raw)
     sections = {name: raw.pop(name, {}) for name in cls.SECTIONS}
+    for dotted, why in cls.UNUSED_KEYS.items():
+        section, key = dotted.split(".")
+        if isinstance(sections.get(section), dict) and key in sections[section]:
+            raise ConfigError(f"{dotted} is not used by {cls.COMMAND}: {why}; remove it")
     cfg = cls(deepspeed=raw)
     for name, values in sections.items():
         setattr(cfg, name, _build(type(getattr(cfg, name)), values, name))

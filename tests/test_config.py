@@ -23,7 +23,7 @@ def test_every_shipped_config_loads():
     assert CONFIGS, "no configs in ds_configs/"
     for path in CONFIGS:
         if path.name.startswith("finetune_"):  # smoe_ds.finetune's: the model and data come from --set
-            cfg = load_config(str(path), ["hf.model=m", "data.train=t", "data.validation=v"], cls=FinetuneConfig)
+            cfg = load_config(str(path), ["hf.model=m", "data.path=t", "data.validation=v"], cls=FinetuneConfig)
             assert cfg.moe.k_schedule.k_max <= cfg.moe.num_experts
         else:
             cfg = load_config(str(path))
@@ -113,4 +113,4 @@ def test_batch_sizes_must_multiply_out(tmp_path):
 def test_math_word_problems_need_a_validation_file():
     path = str(REPO / "ds_configs" / "finetune_minilm_mwp.json")
     with pytest.raises(ConfigError, match="math_word_problem needs data.validation"):
-        load_config(path, ["hf.model=m", "data.train=t"], cls=FinetuneConfig)
+        load_config(path, ["hf.model=m", "data.path=t"], cls=FinetuneConfig)

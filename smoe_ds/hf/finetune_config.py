@@ -7,7 +7,8 @@ Like the trainer's config it is one DeepSpeed JSON file with sections of ours, l
 - ``hf``: which pretrained model, which task, and how the experts are weighted;
 - ``moe``: the trainer's section; ``mode`` is ``smoe_dropout`` (default), ``random_fixed`` or
   ``dense`` (plain fine-tuning, the baseline) for a Hugging Face model. N must divide the FFN's
-  hidden size, and each expert's width is that size / N, so ``moe.d_expert`` is not used. A
+  hidden size, and each expert's width is that size / N. The keys a fine-tune does not read
+  (``UNUSED_KEYS``: ``moe.d_expert`` among them) are refused, not ignored. A
   model pretrained by ``smoe_ds.train`` is fine-tuned in the mode it was pretrained in, any of
   the trainer's (``learned`` and ``thor`` too);
 - ``data``: the labelled files (classification) or the text (causal LM); ``data.path`` and
@@ -68,6 +69,14 @@ class TaskDataConfig:
 @dataclass
 class FinetuneConfig(TrainConfig):
     SECTIONS: ClassVar[tuple[str, ...]] = ("hf", "moe", "data", "run")
+    COMMAND: ClassVar[str] = "smoe-finetune"
+    UNUSED_KEYS: ClassVar[dict[str, str]] = {
+        "moe.d_expert": "an expert's width is the pretrained FFN's hidden size / moe.num_experts",
+        "moe.router_init_std": "the routers are drawn by the conversion (smoe_ds.hf.surgery) or come with the export",
+        "moe.capacity_factor": "a fine-tune routes every token (dropless)",
+        "moe.full_route_dispatch": "a fine-tune's experts use the default all_to_all for full routes",
+        "run.eval_batches": "evaluations use the whole validation set, or run.final_eval_batches for causal_lm",
+    }
 
     hf: HFSection = field(default_factory=HFSection)
     data: TaskDataConfig = field(default_factory=TaskDataConfig)

@@ -4,9 +4,12 @@ and the one-line errors for bad configs and data (no process group needed)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from smoe_ds.checkpoint import META_FILE, CheckpointError, check_resumable, read_meta
+from smoe_ds.checkpoint.read import saved_config
 from smoe_ds.config import ConfigError, load_config
 from smoe_ds.hf.finetune_config import FinetuneConfig, TaskDataConfig
 from smoe_ds.hf.labelled_data import eval_shards, load_labelled
@@ -119,6 +122,10 @@ def test_bad_data_is_one_line_naming_the_fix(tmp_path, monkeypatch, change, mess
         ),
         (["hf.model=m", "moe.ep_size=3"], "moe.num_experts (8) is not divisible by moe.ep_size (3)"),
         (["hf.model=m", "hf.max_len=3"], "unknown config key hf.max_len"),
+        # keys of the trainer's sections that a fine-tune does not read are refused, not ignored
+        (["hf.model=m", "moe.d_expert=64"], "moe.d_expert is not used by smoe-finetune: an expert's width is"),
+        (["hf.model=m", "moe.capacity_factor=1.5"], "moe.capacity_factor is not used by smoe-finetune"),
+        (["hf.model=m", "run.eval_batches=4"], "run.eval_batches is not used by smoe-finetune"),
     ],
 )
 def test_bad_config_is_refused_before_anything_runs(sets, message):
@@ -156,3 +163,36 @@ def test_the_cli_refuses_a_missing_model_in_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("smoe-ds: error:")]
     assert errors == ["smoe-ds: error: ./no/such/model: no such model directory"], proc.stderr
+
+
+def fine_tune_checkpoint(tmp_path, cfg: FinetuneConfig, world_size: int, ep_size: int) -> Path:
+    """A checkpoint folder holding only the meta file a fine-tune's save writes (enough for the checks)."""
+    tag_dir = tmp_path / "checkpoints" / "step4"
+    tag_dir.mkdir(parents=True)
+    meta = {"step": 4, "world_size": world_size, "ep_size": ep_size, "moe_layers": 6, "config": cfg.to_dict()}
+    (tag_dir / META_FILE).write_text(json.dumps(meta))
+    return tag_dir
+
+
+def test_a_fine_tune_resumes_only_at_the_layout_it_was_saved_at(tmp_path):
+    """DeepSpeed's own loader reads a fine-tune's checkpoint: another world size or ep_size is refused
+    in one line before anything loads (this process is world size 1)."""
+    saved = load_config(CONFIG, ["data.path=t", "hf.model=m"], cls=FinetuneConfig)  # ep_size 2
+    tag_dir = fine_tune_checkpoint(tmp_path, saved, world_size=2, ep_size=2)
+    now = load_config(CONFIG, ["data.path=t", "hf.model=m", "moe.ep_size=1"], cls=FinetuneConfig)
+    with pytest.raises(CheckpointError) as err:
+        check_resumable(now, tag_dir, read_meta(tag_dir))
+    message = str(err.value)
+    assert "saved at world size 2, ep_size 2, ZeRO-2; a fine-tune resumes only at that layout" in message
+    assert "not at world size 1, ep_size 1, ZeRO-2" in message and "\n" not in message
+    other_model = load_config(CONFIG, ["data.path=t", "hf.model=other", "moe.ep_size=1"], cls=FinetuneConfig)
+    with pytest.raises(CheckpointError, match="hf.model: 'm' in the checkpoint vs 'other' now"):
+        check_resumable(other_model, tag_dir, read_meta(tag_dir))
+
+
+def test_a_fine_tunes_checkpoint_is_not_read_as_a_language_models(tmp_path):
+    """smoe-convert and smoe-evaluate read the trainer's checkpoints; a fine-tune's names its export instead."""
+    cfg = load_config(CONFIG, ["data.path=t", "hf.model=m"], cls=FinetuneConfig)
+    tag_dir = fine_tune_checkpoint(tmp_path, cfg, world_size=2, ep_size=2)
+    with pytest.raises(CheckpointError, match="was saved by smoe-finetune: its model is the Hugging Face folder"):
+        saved_config(read_meta(tag_dir)["config"], tag_dir)
