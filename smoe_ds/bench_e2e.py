@@ -26,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from smoe_ds.bench_runs import REPO_CONFIG, run_trainer
+from smoe_ds.bench_runs import REPO_CONFIG, add_out_argument, fresh_out_dir, run_trainer
 from smoe_ds.config import EP_EXCHANGES, FULL_ROUTE_DISPATCH, MoEConfig
 from smoe_ds.step_breakdown import format_table
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --ranks > 1: comma-separated moe.ep_exchange values (tokens, weights); tokens runs once"
         " per --full-route-dispatch value, weights once",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/bench_e2e"))
+    add_out_argument(p, "runs/bench_e2e")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for every run")
     args = p.parse_args(argv)
     if args.ranks < 1:
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown --ep-exchange {bad[0]!r}; choose from {', '.join(EP_EXCHANGES)}")
     if how and "tokens" not in exchanges:
         p.error("--full-route-dispatch applies to moving tokens: add tokens to --ep-exchange")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = fresh_out_dir(args.out, "runs/bench_e2e")
     rows = [run_variant(name, overrides, args) for name, overrides in variants(args.ranks, how, exchanges).items()]
     result_ratios = ratios(rows, args.ranks)
     head = f"end to end, {args.ranks} rank(s), {args.steps} steps, {args.config.name}"

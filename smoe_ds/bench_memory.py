@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from smoe_ds.bench_runs import REPO_CONFIG, run_trainer
+from smoe_ds.bench_runs import REPO_CONFIG, add_out_argument, fresh_out_dir, run_trainer
 
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
 ZERO2 = {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True}
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=REPO_CONFIG, help="the job (its model, ep_size and optimizer)")
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--out", type=Path, default=Path("runs/bench_memory"))
+    add_out_argument(p, "runs/bench_memory")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from the table")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="trainer override for every run")
     args = p.parse_args(argv)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = fresh_out_dir(args.out, "runs/bench_memory")
     results = {name: run_variant(name, args, args.out) for name in names}
     print(f"\nmodel state per rank, {args.ranks} ranks, {args.config.name} (largest rank of each variant)")
     print(table(results))

@@ -6,14 +6,40 @@ deepspeed launcher for more (as users launch). Its output is kept and shown only
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from smoe_ds.distributed import free_port
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_tiny.json"
+
+
+def add_out_argument(parser: argparse.ArgumentParser, root: str) -> None:
+    """``--out``: a new folder for the benchmark's runs and results, by default ``root/<date-time>``."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"a new folder for the runs and results (default: {root}/<date>-<time>); one that already "
+        "holds files is refused, so no earlier result is overwritten or resumed",
+    )
+
+
+def fresh_out_dir(out: Path | None, root: str) -> Path:
+    """``out``, or ``root/<date>-<time>``, created; refuses (exit 2, one line) a folder that holds files.
+
+    The trainer resumes from a checkpoint it finds, so a benchmark rerun into the folder of an
+    earlier one would time nothing and report the earlier run's figures as new."""
+    out = out if out is not None else Path(root) / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"smoe-ds: error: --out {out} already holds results; choose a new folder", file=sys.stderr)
+        raise SystemExit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def trainer_command(config: Path, ranks: int, overrides: list[str]) -> list[str]:

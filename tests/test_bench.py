@@ -3,6 +3,9 @@
 import json
 import math
 
+import pytest
+
+from smoe_ds import bench_e2e, bench_memory
 from smoe_ds.step_breakdown import OTHER, PHASES
 
 from .launch import run_ranks
@@ -158,3 +161,18 @@ def test_bench_packing_times_both_constructions_which_agree(tmp_path):
     result = json.loads((out / "bench_packing.json").read_text())
     assert set(result["ms"]) == {"packed", "repeat + cat"} and all(v > 0 for v in result["ms"].values())
     assert result["max_abs_difference"] <= 1e-6
+
+
+@pytest.mark.parametrize("bench", [bench_e2e, bench_memory])
+def test_a_trainer_bench_refuses_a_folder_of_earlier_results(bench, tmp_path, capsys):
+    """The trainer resumes from what it finds: rerun into an earlier bench's folder it would time
+    nothing and report the old figures as new. Refused in one line, before anything runs."""
+    (tmp_path / "bench_e2e.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--out", str(tmp_path), "--steps", "2"])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"smoe-ds: error: --out {tmp_path} already holds results; choose a new folder"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_e2e.json"]
