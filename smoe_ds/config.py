@@ -344,8 +344,9 @@ class TrainConfig:
 
     def _check_against_deepspeed(self) -> None:
         """Refuse, in one line, what the installed DeepSpeed would ignore or fail on later: an unknown
-        top-level key, a section its models refuse, an optimizer or scheduler it cannot build."""
-        from smoe_ds import deepspeed_keys
+        top-level key, a value not of the type of DeepSpeed's default, a field its models refuse or its
+        readers never read, an optimizer or scheduler it cannot build or an argument it cannot take."""
+        from smoe_ds import deepspeed_keys, deepspeed_params
 
         ds = self.deepspeed
         for key in ds:
@@ -358,6 +359,8 @@ class TrainConfig:
         )
         problem = deepspeed_keys.optimizer_problem(ds["optimizer"].get("type"))
         _require(problem is None, problem)
+        problem = deepspeed_params.optimizer_params_problem(ds["optimizer"]["type"], ds["optimizer"].get("params", {}))
+        _require(problem is None, problem)
         if "scheduler" in ds:
             _require(isinstance(ds["scheduler"], dict), "scheduler must be a JSON object with a type and params")
             _require(
@@ -366,9 +369,18 @@ class TrainConfig:
             )
             problem = deepspeed_keys.scheduler_problem(ds["scheduler"].get("type"))
             _require(problem is None, problem)
-        for key, value in ds.items():
-            problem = deepspeed_keys.section_problem(key, value)
+            scheduler = ds["scheduler"]
+            problem = deepspeed_params.scheduler_params_problem(scheduler["type"], scheduler.get("params", {}))
             _require(problem is None, problem)
+        for key, value in ds.items():
+            # a value of the wrong type, a field DeepSpeed's models refuse, one its plain readers never read
+            for check in (
+                deepspeed_keys.top_level_problem,
+                deepspeed_keys.section_problem,
+                deepspeed_keys.unread_problem,
+            ):
+                problem = check(key, value)
+                _require(problem is None, problem)
 
     def _unknown_key(self, key: str) -> str:
         """Why top-level ``key`` is refused: DeepSpeed removed it, it is another command's section, or

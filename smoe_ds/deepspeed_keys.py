@@ -13,7 +13,7 @@ How each answer is derived:
   ``[]``, ``in``, ``in .keys()``). The recorded keys are exactly the top-level keys DeepSpeed
   reads. Collecting the name constants of ``deepspeed.runtime.constants`` and friends instead
   would over-accept: most of them name fields inside sections (``stage``, ``enabled``, ``type``).
-  The trace starts at the top-level dict only, so nested reads are not recorded. Two keys are
+  This trace starts from an empty config, so it sees the top-level reads only. Two keys are
   added by hand (``READ_BY_INITIALIZE``) because ``deepspeed.initialize`` reads them before it
   builds the config object, outside the traced parser.
 - **Removed keys** (``removed``): 0.19.8 refuses sections of removed features (``amp``,
@@ -27,7 +27,16 @@ How each answer is derived:
   zero_optimization, fp16, bf16 (and its old name bfloat16), the monitors (tensorboard, wandb,
   csv_monitor, comet), comms_logger, compile, hybrid_engine, tensor_parallel and
   weight_quantization; DeepSpeed reads the others (activation_checkpointing, flops_profiler, aio,
-  checkpoint, ...) with ``dict.get`` and ignores their unknown fields, and so does this module.
+  checkpoint, ...) with ``dict.get`` (next item).
+- **Fields of the other sections** (``unread_problem``): DeepSpeed reads them with ``dict.get`` and
+  ignores what it does not ask for. The section alone is parsed again with every nested object a
+  recorder: a field of the user's that no lookup asked for is refused, with the closest field that
+  was asked for. A reader that iterates an object takes all its fields, an object handed to a
+  pydantic model is judged by that model, and a trace that breaks (a reader that copies the
+  object) gives no verdict, so this can miss a typo but not refuse a field DeepSpeed reads.
+- **Value types** (``top_level_problem``, and inside ``unread_problem``): ``get(key, default)``
+  shows DeepSpeed's default; a value not of its type (a string where DeepSpeed expects true or
+  false, a number or an integer) would be used as it is and fail or mislead later, so it is refused.
 - **Optimizer and scheduler types** (``optimizer_problem``, ``scheduler_problem``): mirrors
   what the engine does with them. ``DeepSpeedConfig`` lower-cases an optimizer name found in
   ``DEEPSPEED_OPTIMIZERS``; any other name is looked up, case and all, in ``torch.optim``
@@ -74,17 +83,26 @@ _LIST_AT_MOST = 12  # an unknown field's message lists the known ones when there
 
 
 class _ReadRecorder(dict):
-    """A dict that notes every key looked up in it, however the lookup is spelled.
+    """A dict that notes every key looked up in it, however the lookup is spelled, with the default
+    each ``get`` offered; a reader that iterates it (``items()``, ``for``, ``**``) takes every key.
 
-    It is not empty: some readers test the whole dict first (``if param_dict and "autotuning" in
-    param_dict``), so an empty one would hide their keys. Its one entry is a key nothing reads."""
+    Built without entries it holds one key that nothing reads: some readers test the whole dict
+    first (``if param_dict and "autotuning" in param_dict``), so an empty one would hide their keys.
+    Built from a section, its nested objects are recorders too (``traced``)."""
 
-    def __init__(self) -> None:
-        super().__init__({"(no key DeepSpeed reads)": None})
+    def __init__(self, entries: dict | None = None) -> None:
+        super().__init__({"(no key DeepSpeed reads)": None} if entries is None else entries)
         self.read: set[str] = set()
+        self.defaults: dict[str, Any] = {}  # key -> the default DeepSpeed's get() offered for it
+        self.iterated = False
+
+    @classmethod
+    def traced(cls, section: dict) -> _ReadRecorder:
+        return cls({k: cls.traced(v) if isinstance(v, dict) else v for k, v in section.items()})
 
     def get(self, key, default=None):
         self.read.add(key)
+        self.defaults.setdefault(key, default)
         return super().get(key, default)
 
     def __getitem__(self, key):
@@ -95,8 +113,20 @@ class _ReadRecorder(dict):
         self.read.add(key)
         return super().__contains__(key)
 
+    def __iter__(self):
+        self.iterated = True
+        return super().__iter__()
+
+    def items(self):
+        self.iterated = True
+        return super().items()
+
+    def values(self):
+        self.iterated = True
+        return super().values()
+
     def keys(self):
-        return KeysView(self)  # `key in d.keys()` then goes through __contains__
+        return KeysView(self)  # `key in d.keys()` then goes through __contains__, iterating it through __iter__
 
 
 def _parser():
@@ -114,14 +144,86 @@ def version() -> str:
 
 
 @functools.cache
-def known_keys() -> frozenset[str]:
-    """Every top-level key the installed DeepSpeed reads (see the module docstring for how)."""
+def _top_level_trace() -> _ReadRecorder:
     recorder = _ReadRecorder()
     parser = _parser()
     parser._initialize_params(recorder)
     parser._param_dict, parser.global_rank = recorder, 0
     parser._do_warning_check()
-    return frozenset(recorder.read) | frozenset(READ_BY_INITIALIZE)
+    return recorder
+
+
+def known_keys() -> frozenset[str]:
+    """Every top-level key the installed DeepSpeed reads (see the module docstring for how)."""
+    return frozenset(_top_level_trace().read) | frozenset(READ_BY_INITIALIZE)
+
+
+def value_problem(path: str, value: Any, default: Any) -> str | None:
+    """One line when ``value`` is not of the type of DeepSpeed's ``default`` for it (a bool, a
+    number, an integer or a string; None and containers say nothing); None when it is."""
+    if default is None or isinstance(default, (dict, list, tuple)):
+        return None
+    if isinstance(default, bool):
+        fits, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        fits, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        fits, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        fits, wanted = isinstance(value, str), "a string"
+    else:
+        return None
+    return None if fits else f"{path}: must be {wanted} (DeepSpeed's default is {default!r}), got {_short(value)}"
+
+
+def top_level_problem(key: str, value: Any) -> str | None:
+    """``value`` of top-level ``key`` against the type of DeepSpeed's default for it (``value_problem``)."""
+    return value_problem(key, value, _top_level_trace().defaults.get(key))
+
+
+def unread_problem(key: str, value: Any) -> str | None:
+    """One line naming a field of section ``key`` that DeepSpeed does not read, or whose value is
+    not of the type of DeepSpeed's default for it; None when every field is read and fits.
+
+    The section is parsed alone by DeepSpeed's reader with every nested object a ``_ReadRecorder``.
+    A reader that iterates an object takes all its fields; a reader that copies one, or anything
+    else that stops the trace, leaves the section unjudged, so the check can miss a typo but never
+    refuses what DeepSpeed reads. ``optimizer`` and ``scheduler`` are left out: their ``params``
+    go whole to a constructor (``smoe_ds.deepspeed_params`` checks them)."""
+    if not isinstance(value, dict) or key in ("optimizer", "scheduler"):
+        return None
+    section = _ReadRecorder.traced(copy.deepcopy(value))
+    try:
+        _parser()._initialize_params({key: section})
+    except Exception:  # the trace could not follow DeepSpeed's reader: no verdict
+        return None
+    return _first_unread(key, section)
+
+
+def _first_unread(path: str, section: _ReadRecorder) -> str | None:
+    # Nothing looked up and not iterated: DeepSpeed handed the object to one of its pydantic models,
+    # which read a dict's entries below Python's reach. Those models judge their fields themselves
+    # (``section_problem``), so there is nothing to say here.
+    judged = section.iterated or not section.read
+    for field, value in dict.items(section):  # not section.items(), which would count as DeepSpeed reading it
+        where = f"{path}.{field}"
+        if not judged and field not in section.read:
+            guess = _closest(field, sorted(section.read))
+            hint = f"did you mean {guess!r}?" if guess else f"DeepSpeed {version()} reads {_names(section.read)}"
+            return f"{where}: unknown field ({hint})"
+        problem = value_problem(where, value, section.defaults.get(field))
+        if problem is None and isinstance(value, _ReadRecorder):
+            problem = _first_unread(where, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _names(keys) -> str:
+    names = sorted(str(k) for k in keys)
+    if not names:
+        return "none of its fields"
+    return ", ".join(names) if len(names) <= _LIST_AT_MOST else f"{', '.join(names[:_LIST_AT_MOST])}, ..."
 
 
 def removed(key: str) -> str | None:

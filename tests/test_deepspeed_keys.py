@@ -127,7 +127,8 @@ DOCUMENTED = {
     "comms_logger": {"enabled": False, "verbose": False, "prof_all": True, "debug": False},
     "checkpoint": {"tag_validation": "Warn", "load_universal": False, "use_node_local_storage": False},
     "data_types": {"grad_accum_dtype": "fp32"},
-    "aio": {"block_size": 1048576, "queue_depth": 8, "thread_count": 1, "single_submit": False, "overlap_events": True},
+    # the docs' thread_count is intra_op_parallelism in 0.19.8, which ignores the old name (so smoe-ds refuses it)
+    "aio": {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False},
     "autotuning": {"enabled": False},
     "pipeline": {"activation_checkpoint_interval": 0},
     "dataloader_drop_last": False,
@@ -215,6 +216,45 @@ CASES = {  # --set overrides -> the message, whole
     "scheduler_typo": (
         ["scheduler.type=WarmupCosine"],
         "unknown scheduler.type 'WarmupCosine' (did you mean 'WarmupCosineLR'?): DeepSpeed 0.19.8 builds LRRangeTest",
+    ),
+    # What DeepSpeed would have ignored or failed on only once the engine was being built:
+    "optimizer_argument_typo": (
+        ["optimizer.params.lrr=0.1"],
+        "optimizer.params.lrr: optimizer AdamW takes no such argument (did you mean 'lr'? it takes ",
+    ),
+    "torch_optimizer_argument_typo": (
+        ["optimizer.type=SGD", 'optimizer.params={"lr": 0.1, "momentun": 0.9}'],
+        "optimizer.params.momentun: optimizer SGD takes no such argument (did you mean 'momentum'?",
+    ),
+    "max_grad_norm": (["optimizer.params.max_grad_norm=1"], "set gradient_clipping instead"),
+    "scheduler_argument_typo": (
+        ["scheduler.type=WarmupCosineLR", "scheduler.params.warmup_num_stepz=3"],
+        "scheduler.params.warmup_num_stepz: scheduler WarmupCosineLR takes no such argument (did you mean "
+        "'warmup_num_steps'?",
+    ),
+    "top_level_value_of_the_wrong_type": (
+        ["gradient_clipping=abc"],
+        "gradient_clipping: must be a number (DeepSpeed's default is 1.0), got 'abc'",
+    ),
+    "a_string_for_a_bool": (
+        ["wall_clock_breakdown=no"],
+        "wall_clock_breakdown: must be true or false (DeepSpeed's default is False), got 'no'",
+    ),
+    "field_typo_in_a_section_read_without_pydantic": (
+        ["flops_profiler.enabeld=true"],
+        "flops_profiler.enabeld: unknown field (did you mean 'enabled'?)",
+    ),
+    "field_typo_in_activation_checkpointing": (
+        ["activation_checkpointing.partition_activatons=true"],
+        "activation_checkpointing.partition_activatons: unknown field (did you mean 'partition_activations'?)",
+    ),
+    "field_of_the_wrong_type_in_a_plain_section": (
+        ["activation_checkpointing.cpu_checkpointing=1"],
+        "activation_checkpointing.cpu_checkpointing: must be true or false (DeepSpeed's default is False), got 1",
+    ),
+    "field_renamed_by_deepspeed": (
+        ["aio.thread_count=1"],
+        "aio.thread_count: unknown field (DeepSpeed 0.19.8 reads block_size, intra_op_parallelism,",
     ),
 }
 
