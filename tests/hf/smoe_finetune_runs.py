@@ -26,6 +26,7 @@ def finetune(out: Path, model: Path, *settings: str, ranks: int = 2, launcher: s
     """Fine-tune ``model`` (an export or a checkpoint folder) on the sentiment fixture into ``out``."""
     sets = [f"hf.model={model}", f"data.path={SENTIMENT / 'train.tsv'}", f"data.validation={SENTIMENT / 'dev.tsv'}"]
     sets += [*FIT, "train_micro_batch_size_per_gpu=8", "scheduler.params.warmup_num_steps=2", f"run.out_dir={out}"]
+    sets.append("run.save_checkpoint=false")  # no test here reads the fine-tune's own checkpoint
     args = [a for s in (*sets, *settings) for a in ("--set", s)]
     target = ["smoe_ds.finetune", "--config", CONFIG, *args]
     return run_ranks(launcher, ranks, target, module=True, timeout=420, check=check)

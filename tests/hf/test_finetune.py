@@ -36,7 +36,8 @@ def finetune(
     launcher: str, out: Path, *settings: str, env: dict | None = None, ranks: int = 2, check: bool = True
 ) -> str:
     """Run smoe_ds.finetune on ``ranks`` ranks with the MiniLM config and ``settings``; returns stdout."""
-    sets = [a for s in (f"run.out_dir={out}", *settings) for a in ("--set", s)]
+    # no checkpoint unless a test asks for one (a MiniLM checkpoint is 350 MB)
+    sets = [a for s in (f"run.out_dir={out}", "run.save_checkpoint=false", *settings) for a in ("--set", s)]
     target = ["smoe_ds.finetune", "--config", CONFIG, *sets]
     return run_ranks(launcher, ranks, target, module=True, timeout=420, env=env, check=check).stdout
 
@@ -284,7 +285,7 @@ def test_a_fine_tune_killed_after_its_second_save_resumes_to_the_uninterrupted_r
     (after its saves at 3 and 6; the log window of steps 5..8 spans the checkpoint), then relaunched:
     it resumes from step6 and ends where the uninterrupted run did, to the same logged losses and
     the same final accuracy and loss at every k."""
-    settings = [*smoe_run_settings(minilm_dir, *sst2_small), "run.save_interval=3"]
+    settings = [*smoe_run_settings(minilm_dir, *sst2_small), "run.save_checkpoint=true", "run.save_interval=3"]
     killed = {"SMOE_DS_INJECT_FAULT": "kill:1:train:7"}
     finetune("deepspeed", tmp_path, *settings, env=killed, check=False)
     assert latest_tag(tmp_path / "checkpoints") == "step6"

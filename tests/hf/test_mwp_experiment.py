@@ -18,7 +18,8 @@ def test_mwp_experiment_runs_both_methods_per_fold_writes_the_report_and_resumes
     out = tmp_path / "out"
     args = ["--data", str(data), "--out", str(out), "--sets", "asdiv-a", "--folds", "0", "--epochs", "2"]
     args += ["--model", str(minilm_dir)]
-    for item in ("train_micro_batch_size_per_gpu=4", "run.log_interval=1", "scheduler.params.warmup_num_steps=1"):
+    sets = ("train_micro_batch_size_per_gpu=4", "run.log_interval=1", "scheduler.params.warmup_num_steps=1")
+    for item in (*sets, "run.save_checkpoint=false"):
         args += ["--set", item]
     first = run_ranks("python", 1, ["smoe_ds.experiments.mwp", *args], module=True, timeout=600)
     assert "asdiv-a fold0: smoe_dropout seed 0: 2 steps" in first.stdout  # 2 epochs of 8 problems, 2 x 4 a step
