@@ -18,7 +18,7 @@ TORCH ?= torch==2.13.0
 # The ops are built with the venv's bin first on PATH, as train and test run: torch's JIT builder
 # runs whichever ninja PATH finds, and ninja versions log commands differently, so building with
 # one and loading with another rebuilds the ops (about a minute) on the first run. smoe_ds puts
-# the venv's ninja first itself before any build (smoe_ds.jit_build.use_this_pythons_ninja).
+# the venv's ninja first itself before any build (smoe_ds.ops.jit_build.use_this_pythons_ninja).
 # pip byte-compiles every package at install (about a minute). Worth it: where PYTHONDONTWRITEBYTECODE
 # is set (this machine and CI) Python never caches what it compiles, so without it every process
 # the tests spawn recompiles torch, DeepSpeed and transformers (import 6.2-6.9 s against 3.2-3.3 s
@@ -28,7 +28,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m smoe_ds.deepspeed_ops
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m smoe_ds.ops.prebuild
 	touch $@
 
 train: $(VENV)/.installed

@@ -8,17 +8,17 @@
 # timeout and all of them under GPU_CHECK_BUDGET_S (default 450 s), so one hang cannot eat the
 # machine's time; a failed step is recorded and the next one runs:
 #   install   .whl/ into a temporary folder on PYTHONPATH (pip --no-index --no-deps --target)
-#   fusedadam JIT-build DeepSpeed's FusedAdam with the machine's nvcc (smoe_ds.deepspeed_ops
+#   fusedadam JIT-build DeepSpeed's FusedAdam with the machine's nvcc (smoe_ds.ops.prebuild
 #             --fused-adam, which fixes TORCH_CUDA_ARCH_LIST for DeepSpeed), timed, beside the tests;
 #             if it fails or times out, the trainer steps use torch's fused AdamW instead
 #   pytest    pytest -m gpu tests/gpu: the layer against the naive loop (fp32, bf16, each path),
 #             unaligned grouped GEMMs, the router on GPU and CPU, a 1-GPU bf16 ZeRO-2 engine and
 #             its export, peak memory against the dense FFN
-#   bench     smoe_ds.bench, bf16: d_model 2048, 16 experts x 512, 16k tokens; then the paper's
+#   bench     smoe_ds.bench.layer, bf16: d_model 2048, 16 experts x 512, 16k tokens; then the paper's
 #             shape (d_model 256, 16 x 512, 22 x 512 tokens); ours / stock DeepSpeed MoE / dense,
 #             and ours with each compute path forced (--each-path); the profiler's table of ours
 #             at the paper's shape (--profile, in the log)
-#   e2e       smoe_ds.bench_e2e with ds_configs/gpu_bf16.json: dense against SMoE-Dropout
+#   e2e       smoe_ds.bench.e2e with ds_configs/gpu_bf16.json: dense against SMoE-Dropout
 #   train     launch/local.sh ds_configs/gpu_bf16.json for 300 steps on the GPU(s), then convert
 #             and the self-slimming evaluation of the export on one GPU
 # It writes at most 8 files into GPU_CHECK_OUT: gpu_check.log (everything printed),
@@ -83,7 +83,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SMOE_DS_GPU_TES
 
 # FusedAdam builds beside the tests (which use torch's Adam), and the trainer steps wait for it.
 echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST-(unset)}"
-(step fusedadam 240 "$PYTHON" -m smoe_ds.deepspeed_ops --fused-adam) \
+(step fusedadam 240 "$PYTHON" -m smoe_ds.ops.prebuild --fused-adam) \
   >"$WORK/fusedadam.log" 2>&1 &
 BUILD=$!
 
@@ -97,12 +97,12 @@ if ! grep -q $'^fusedadam\tok' "$WORK/steps.tsv"; then
   ADAM=(--set optimizer.params.torch_adam=true --set optimizer.params.fused=true)
 fi
 
-step bench 150 "$PYTHON" -m smoe_ds.bench --device "$DEVICE" --dtype bfloat16 --d-model 2048 --experts 16 \
+step bench 150 "$PYTHON" -m smoe_ds.bench.layer --device "$DEVICE" --dtype bfloat16 --d-model 2048 --experts 16 \
   --d-expert 512 --tokens 16384 --no-ep --each-path --out "$OUT/bench_d2048.json"
-step bench_paper 90 "$PYTHON" -m smoe_ds.bench --device "$DEVICE" --dtype bfloat16 --d-model 256 --experts 16 \
+step bench_paper 90 "$PYTHON" -m smoe_ds.bench.layer --device "$DEVICE" --dtype bfloat16 --d-model 256 --experts 16 \
   --d-expert 512 --tokens 11264 --no-ep --each-path --profile --out "$OUT/bench_paper.json"
 
-step e2e 150 "$PYTHON" -m smoe_ds.bench_e2e --config ds_configs/gpu_bf16.json --steps 200 --d-model 512 \
+step e2e 150 "$PYTHON" -m smoe_ds.bench.e2e --config ds_configs/gpu_bf16.json --steps 200 --d-model 512 \
   --layers 8 --experts 16 --d-expert 256 --block-size 512 --batch 32 --out "$WORK/e2e" "${ADAM[@]}" &&
   cp "$WORK/e2e/bench_e2e.json" "$OUT/"
 

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # Each registers its model types with transformers' Auto classes as it is imported: the built-in
 # LM's (AutoModelForCausalLM) and converted pretrained models' (AutoModel and the task classes).
-_REGISTERING_MODULES = ("smoe_ds.models.hf", "smoe_ds.hf.auto")
+_REGISTERING_MODULES = ("smoe_ds.models.transformers_lm", "smoe_ds.hf.auto")
 
 
 def _register_with_transformers() -> None:

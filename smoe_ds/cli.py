@@ -11,11 +11,11 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from smoe_ds import distributed as D
-from smoe_ds import watchdog
-from smoe_ds.config import ConfigError
-from smoe_ds.numerics import NumericalFault
-from smoe_ds.renamed import launcher_rank
+from smoe_ds.config.renamed import launcher_rank
+from smoe_ds.config.schema import ConfigError
+from smoe_ds.distributed import process_group as D
+from smoe_ds.distributed import watchdog
+from smoe_ds.training.numerics import NumericalFault
 
 
 def run_main(job: Callable[[], None]) -> int:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from smoe_ds.checkpoint import read_meta, read_model, read_zero_state, resolve_tag_dir
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 
 
 def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
@@ -24,7 +24,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
 
     import torch
 
-    from smoe_ds.models.hf import SMoEConfig, SMoEForCausalLM
+    from smoe_ds.models.transformers_lm import SMoEConfig, SMoEForCausalLM
     from smoe_ds.moe.experts import stack_per_expert_state
 
     tag_dir = resolve_tag_dir(ckpt)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoe_ds.config import ConfigError, DataConfig
+from smoe_ds.config.schema import ConfigError, DataConfig
 
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".tsv", ".csv", ".json", ".jsonl"}

@@ -1,7 +1,7 @@
 """Self-slimming evaluation: validation loss and bits per byte at k = 1, 2, 4, ..., N.
 
 The command loads a checkpoint written by ``smoe_ds.train`` and runs the sweep the trainer
-ends with (``smoe_ds.results``), under the same launcher:
+ends with (``smoe_ds.training.self_slimming``), under the same launcher:
 
     deepspeed --num_gpus 2 --module smoe_ds.evaluate --config ds_configs/cpu_tiny.json \
         --checkpoint runs/cpu_tiny/checkpoints [--ks 1,2,4,8]
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds.renamed import add_renamed_option
-from smoe_ds.results import format_table, report, self_slimming_sweep, write_results
+from smoe_ds.config.renamed import add_renamed_option
+from smoe_ds.training.self_slimming import format_table, report, self_slimming_sweep, write_results
 
 
 def parse_ks(text: str) -> list[int]:
@@ -53,7 +53,7 @@ def evaluate_export(
     out_dir: str | None,
 ) -> list[dict]:
     """The self-slimming sweep of an exported model on one device, with tokens/s per k."""
-    from smoe_ds.config import ConfigError, DataConfig
+    from smoe_ds.config.schema import ConfigError, DataConfig
     from smoe_ds.data import eval_batches, load_corpus
     from smoe_ds.inference import load_model
 
@@ -80,8 +80,8 @@ def evaluate_export(
 def main(argv: list[str] | None = None) -> int:
     from smoe_ds import checkpoint
     from smoe_ds.cli import run_main
-    from smoe_ds.config import load_config
-    from smoe_ds.runtime import build_runtime
+    from smoe_ds.config.schema import load_config
+    from smoe_ds.training.runtime import build_runtime
 
     p = argparse.ArgumentParser(prog="smoe-evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", nargs="?", help="an exported model (smoe_ds.convert); evaluated on one device")

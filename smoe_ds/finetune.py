@@ -8,7 +8,7 @@
 The model's FFNs are split into moe.num_experts experts behind frozen random routers
 (``smoe_ds.hf.surgery``; hf.weighting ``rescale`` starts from exactly the pretrained function),
 each rank keeping its N / ep_size experts; k follows moe.k_schedule. The steps run in the
-trainer's own loop (``smoe_ds.training_loop``): checkpoints in ``OUT/checkpoints`` every
+trainer's own loop (``smoe_ds.training.loop``): checkpoints in ``OUT/checkpoints`` every
 run.save_interval steps and at the end, and a relaunch resumes from the newest one exactly (at
 the layout it was saved at) unless run.resume is false. At the end every rank
 evaluates at each k in run.eval_ks (accuracy for classification, loss and perplexity for
@@ -25,24 +25,25 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds import distributed as D
-from smoe_ds import preflight, watchdog, zero3
 from smoe_ds.cli import run_main
-from smoe_ds.config import config_cli
+from smoe_ds.config.schema import config_cli
 from smoe_ds.data import train_steps_per_epoch
-from smoe_ds.hf import smoe_export
-from smoe_ds.hf.finetune_config import FinetuneConfig
-from smoe_ds.hf.mwp_task import MathWordProblemTask
-from smoe_ds.hf.smoe_export import is_smoe_lm_export
+from smoe_ds.distributed import process_group as D
+from smoe_ds.distributed import watchdog, zero3
+from smoe_ds.finetuning import from_smoe_export
+from smoe_ds.finetuning.config import FinetuneConfig
+from smoe_ds.finetuning.from_smoe_export import is_smoe_lm_export
+from smoe_ds.finetuning.mwp_task import MathWordProblemTask
+from smoe_ds.finetuning.tasks import TASK_CLASSES, Task
 from smoe_ds.hf.surgery import dense_config
-from smoe_ds.hf.tasks import TASK_CLASSES, Task
-from smoe_ds.loop import write_run_config, write_summary
 from smoe_ds.moe.layer import set_ep_exchange
 from smoe_ds.moe.parallel import ep_rank_of
 from smoe_ds.moe.thor import thor_loss
-from smoe_ds.results import format_rows, write_results
-from smoe_ds.runtime import initialize_engine
-from smoe_ds.training_loop import Evaluation, Job, report_breakdown, run_steps
+from smoe_ds.training import preflight
+from smoe_ds.training.loop import Evaluation, Job, report_breakdown, run_steps
+from smoe_ds.training.loop_helpers import write_run_config, write_summary
+from smoe_ds.training.runtime import initialize_engine
+from smoe_ds.training.self_slimming import format_rows, write_results
 
 TASKS = {**TASK_CLASSES, "math_word_problem": MathWordProblemTask}
 
@@ -65,12 +66,12 @@ def load_pretrained_for_task(cfg: FinetuneConfig, task, ep_rank: int):
 
     torch.manual_seed(cfg.run.seed)  # a new head (e.g. the classifier) starts the same on every rank
     if is_smoe_lm_export(cfg.hf.model):  # pretrained here: already experts (or dense), nothing to convert
-        # ZeRO-3 takes the plain layers (its engine refuses DeepSpeed MoE ones; smoe_ds.zero3)
+        # ZeRO-3 takes the plain layers (its engine refuses DeepSpeed MoE ones; smoe_ds.distributed.zero3)
         return task.load_smoe_export(cfg.hf.model, cfg.moe.ep_size, ep_rank, for_deepspeed=cfg.zero_stage != 3)
     model = task.load_model(cfg.hf.model)
     if cfg.uses_moe:
         m = cfg.moe
-        # ZeRO-3 takes the plain layers (its engine refuses DeepSpeed MoE ones; smoe_ds.zero3)
+        # ZeRO-3 takes the plain layers (its engine refuses DeepSpeed MoE ones; smoe_ds.distributed.zero3)
         zero3_plain = cfg.zero_stage == 3
         convert_model(
             task.hf_part(model),
@@ -92,13 +93,13 @@ def model_name(path: str) -> str:
 
 def export(engine, cfg: FinetuneConfig, task, out: Path) -> Path | None:
     """Every rank calls this; rank 0 writes the whole model, at k = N, to ``out`` (returned)."""
-    from smoe_ds.hf.export import save_smoe
     from smoe_ds.hf.gather import single_device_copy
+    from smoe_ds.hf.save import save_smoe
 
     hf_model = task.hf_part(engine.module)
     with zero3.gathered_module(engine.module):  # ZeRO-3: every weight whole for the copy (else a no-op)
         if is_smoe_lm_export(cfg.hf.model):
-            model = smoe_export.single_device_copy(hf_model, cfg.expert_parallel_size, cfg.moe.export_k())
+            model = from_smoe_export.single_device_copy(hf_model, cfg.expert_parallel_size, cfg.moe.export_k())
             if model is not None:
                 model.save_pretrained(out)
         elif cfg.uses_moe:
@@ -126,12 +127,12 @@ def check_inputs(cfg: FinetuneConfig) -> tuple[int, int, Task]:
     cfg.validate_for_world(world)
     preflight.check_out_dir(cfg.run.out_dir)
     preflight.check_precision(cfg)
-    if smoe_export.is_checkpoint(cfg.hf.model):  # smoe_ds.train's checkpoint: its export, made once
-        cfg.hf.model = str(smoe_export.export_checkpoint(cfg.hf.model, Path(cfg.run.out_dir) / "pretrained"))
+    if from_smoe_export.is_checkpoint(cfg.hf.model):  # smoe_ds.train's checkpoint: its export, made once
+        cfg.hf.model = str(from_smoe_export.export_checkpoint(cfg.hf.model, Path(cfg.run.out_dir) / "pretrained"))
     if is_smoe_lm_export(cfg.hf.model):
         # causal LM feeds blocks of hf.max_length + 1 tokens (the model shifts the labels itself)
         tokens = cfg.hf.max_length + (cfg.hf.task == "causal_lm")
-        smoe_export.check_export(cfg.hf.model, cfg.moe, tokens)
+        from_smoe_export.check_export(cfg.hf.model, cfg.moe, tokens)
     else:
         cfg.check_mode_for_hf_model()
         dense_config(cfg.hf.model, convertible=cfg.uses_moe)  # a wrong model path or architecture fails before the data
@@ -157,7 +158,7 @@ def describe(cfg: FinetuneConfig, model, task: Task, world: int) -> str:
 
 
 def job_of(engine, cfg: FinetuneConfig, task: Task, rank: int, world: int) -> Job:
-    """The fine-tuner's part of the shared loop (``smoe_ds.training_loop``): the task's batches in
+    """The fine-tuner's part of the shared loop (``smoe_ds.training.loop``): the task's batches in
     the global order, the model's own loss (THOR's two passes as the trainer has them), and the
     task's metric as the periodic evaluation."""
     gas, micro = cfg.grad_accum_steps(world), cfg.micro_batch_size(world)

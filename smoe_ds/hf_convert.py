@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 
 
 def _load_dense(src: str):
@@ -49,7 +49,7 @@ def _params(model) -> str:
 
 
 def convert_cmd(src: str, out: Path, experts: int, weighting: str, router_seed: int) -> None:
-    from smoe_ds.hf.export import save_smoe
+    from smoe_ds.hf.save import save_smoe
     from smoe_ds.hf.surgery import convert_model
 
     model = _load_dense(src)
@@ -64,7 +64,7 @@ def convert_cmd(src: str, out: Path, experts: int, weighting: str, router_seed: 
 
 
 def densify_cmd(src: str, out: Path) -> None:
-    from smoe_ds.hf.export import export_dense, load_smoe
+    from smoe_ds.hf.save import export_dense, load_smoe
 
     model = load_smoe(src)
     export_dense(model, out)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 from smoe_ds.moe.layer import set_active_experts
 
 __all__ = ["load_model", "load_tokenizer", "set_active_experts"]

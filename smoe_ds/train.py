@@ -8,7 +8,7 @@
     ... --set moe.k_schedule.kind=cosine --set train_micro_batch_size_per_gpu=4
 
 Each optimizer step sets k from the schedule (a pure function of the step), runs the
-micro-batches of one step through the engine, and steps (the loop is ``smoe_ds.training_loop``,
+micro-batches of one step through the engine, and steps (the loop is ``smoe_ds.training.loop``,
 shared with the fine-tuner). Rank 0 shows a progress bar and writes loss, k, lr and per-expert
 load through DeepSpeed's monitor. Training ends with the self-slimming table: validation loss
 and bits per byte at k = 1, 2, 4, ..., N.
@@ -21,18 +21,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from smoe_ds import distributed as D
-from smoe_ds import memory, placement
 from smoe_ds.cli import run_main
-from smoe_ds.config import TrainConfig, config_cli
+from smoe_ds.config.schema import TrainConfig, config_cli
 from smoe_ds.data import train_batches
-from smoe_ds.loop import MicroBatchLoss, write_run_config, write_summary
+from smoe_ds.distributed import memory, placement
+from smoe_ds.distributed import process_group as D
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.dispatch import exchange_elements, same_tokens_on_every_rank
 from smoe_ds.moe.thor import thor_loss
-from smoe_ds.results import LN2, report, validation_loss
-from smoe_ds.runtime import Runtime, build_runtime
-from smoe_ds.training_loop import Evaluation, Job, report_breakdown, run_steps
+from smoe_ds.training.loop import Evaluation, Job, report_breakdown, run_steps
+from smoe_ds.training.loop_helpers import MicroBatchLoss, write_run_config, write_summary
+from smoe_ds.training.runtime import Runtime, build_runtime
+from smoe_ds.training.self_slimming import LN2, report, validation_loss
 
 
 def micro_batch_loss(rt: Runtime) -> MicroBatchLoss:
@@ -138,7 +138,7 @@ def open_run_folder(rt: Runtime, out_dir: Path) -> None:
 
 
 def job_of(rt: Runtime) -> Job:
-    """The trainer's part of the shared loop (``smoe_ds.training_loop``): the corpus's blocks in the
+    """The trainer's part of the shared loop (``smoe_ds.training.loop``): the corpus's blocks in the
     global order, the LM loss, the validation loss, and tokens as the unit of throughput."""
     cfg = rt.cfg
 
@@ -160,7 +160,8 @@ def job_of(rt: Runtime) -> Job:
 
 
 def final_sweep(rt: Runtime, wall: float) -> list[dict]:
-    """The self-slimming rows (smoe_ds.results.report) on run.final_eval_batches; rank 0 prints and writes them."""
+    """The self-slimming rows (``self_slimming.report``) on run.final_eval_batches; rank 0 prints and
+    writes them."""
     cfg, run = rt.cfg, rt.cfg.run
     return report(
         rt.engine,

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def deepspeed_ops_built():
     """Compile DeepSpeed's CPU shm op once, here, before any test starts ranks: ranks that all
     compile it at once under a test timeout can be killed mid-build and leave a stale lock."""
-    from smoe_ds.deepspeed_ops import prebuild
+    from smoe_ds.ops.prebuild import prebuild
 
     prebuild()
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smoe_ds.distributed import free_port
+from smoe_ds.distributed.process_group import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -5,8 +5,9 @@ import math
 
 import pytest
 
-from smoe_ds import bench_e2e, bench_memory
-from smoe_ds.step_breakdown import OTHER, PHASES
+from smoe_ds.bench import e2e as bench_e2e
+from smoe_ds.bench import memory as bench_memory
+from smoe_ds.training.step_breakdown import OTHER, PHASES
 
 from .launch import run_ranks
 
@@ -17,7 +18,7 @@ def test_bench_tiny_shape_writes_table_and_json(tmp_path):
         "python",
         1,
         [
-            "smoe_ds.bench",
+            "smoe_ds.bench.layer",
             "--d-model",
             "32",
             "--experts",
@@ -60,7 +61,7 @@ def test_bench_e2e_runs_dense_and_smoe_dropout_with_the_overrides_and_writes_jso
     tiny = ["--steps", "3", "--d-model", "32", "--layers", "1", "--experts", "4", "--d-expert", "16"]
     tiny += ["--block-size", "32", "--batch", "2", "--config", "tests/configs/e2e_tiny.json"]
     proc = run_ranks(
-        "python", 1, ["smoe_ds.bench_e2e", *tiny, "--set", "run.log_interval=1", "--out", str(out)], module=True
+        "python", 1, ["smoe_ds.bench.e2e", *tiny, "--set", "run.log_interval=1", "--out", str(out)], module=True
     )
     assert "SMoE-Dropout wall time / dense" in proc.stdout
     result = json.loads((out / "bench_e2e.json").read_text())
@@ -85,7 +86,7 @@ def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(t
     out = tmp_path / "e2e"
     args = ["--ranks", "2", "--steps", "12", "--config", "tests/configs/e2e_tiny.json", "--out", str(out)]
     args += ["--full-route-dispatch", "all_to_all", "--ep-exchange", "tokens,weights"]
-    proc = run_ranks("python", 1, ["smoe_ds.bench_e2e", *args], module=True)
+    proc = run_ranks("python", 1, ["smoe_ds.bench.e2e", *args], module=True)
     assert "ep_size 2 / ep_size 1" in proc.stdout and "moe_dispatch_grad" in proc.stdout
     result = json.loads((out / "bench_e2e.json").read_text())
     runs = {r["name"]: r for r in result["runs"]}
@@ -123,7 +124,7 @@ def test_bench_e2e_with_two_ranks_breaks_each_step_into_phases_and_collectives(t
 def test_bench_overlap_times_every_mode_on_two_spawned_ranks_and_writes_json(tmp_path):
     out = tmp_path / "overlap"
     args = ["--tokens", "16", "--columns", "8", "--compute-ms", "0.2", "--iters", "3", "--rounds", "1"]
-    proc = run_ranks("python", 1, ["smoe_ds.bench_overlap", *args, "--out", str(out)], module=True)
+    proc = run_ranks("python", 1, ["smoe_ds.bench.overlap", *args, "--out", str(out)], module=True)
     assert "overlapped / in turn" in proc.stdout
     ms = json.loads((out / "bench_overlap.json").read_text())["ms"]
     assert set(ms) == {"all_to_all", "compute", "in turn", "overlapped", "all_gather + reduce_scatter"}
@@ -135,7 +136,7 @@ def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3
     ZeRO-2 on each rank, and fp32 AdamW keeps two moments the size of this rank's master partition."""
     out = tmp_path / "memory"
     args = ["--ranks", "2", "--steps", "1", "--variants", "ZeRO-2,ZeRO-3", "--config", "tests/configs/e2e_tiny.json"]
-    proc = run_ranks("python", 1, ["smoe_ds.bench_memory", *args, "--out", str(out)], module=True)
+    proc = run_ranks("python", 1, ["smoe_ds.bench.memory", *args, "--out", str(out)], module=True)
     assert "model state per rank, 2 ranks" in proc.stdout and "ZeRO-3" in proc.stdout
     ranks = json.loads((out / "bench_memory.json").read_text())["ranks"]
     assert sorted(ranks) == ["ZeRO-2", "ZeRO-3"] and all(len(r) == 2 for r in ranks.values())
@@ -156,7 +157,7 @@ def test_bench_packing_times_both_constructions_which_agree(tmp_path):
     give the same outputs and gradients on 2 spawned ranks; both are timed."""
     out = tmp_path / "packing"
     args = ["--tokens", "24", "--d-model", "8", "--experts", "4", "--iters", "3", "--rounds", "1"]
-    proc = run_ranks("python", 1, ["smoe_ds.bench_packing", *args, "--out", str(out)], module=True)
+    proc = run_ranks("python", 1, ["smoe_ds.bench.packing", *args, "--out", str(out)], module=True)
     assert "packed / repeat + cat" in proc.stdout
     result = json.loads((out / "bench_packing.json").read_text())
     assert set(result["ms"]) == {"packed", "repeat + cat"} and all(v > 0 for v in result["ms"].values())

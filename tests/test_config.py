@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from smoe_ds.config import ConfigError, apply_override, load_config
-from smoe_ds.hf.finetune_config import FinetuneConfig
+from smoe_ds.config.schema import ConfigError, apply_override, load_config
+from smoe_ds.finetuning.config import FinetuneConfig
 
 from .launch import REPO
 

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from smoe_ds.config import ConfigError, DataConfig
+from smoe_ds.config.schema import ConfigError, DataConfig
 from smoe_ds.data import (
     eval_batches,
     first_non_utf8,

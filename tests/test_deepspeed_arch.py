@@ -1,4 +1,4 @@
-"""TORCH_CUDA_ARCH_LIST as DeepSpeed's CUDA op builder can parse it (smoe_ds.deepspeed_ops).
+"""TORCH_CUDA_ARCH_LIST as DeepSpeed's CUDA op builder can parse it (smoe_ds.ops.prebuild).
 
 On the H200 of ``make gpu-check`` the image names Hopper's variant target (9.0a) and DeepSpeed
 0.19.8 failed to build FusedAdam with ``invalid literal for int() with base 10: '0a'``. The
@@ -11,7 +11,7 @@ import os
 import pytest
 from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
 
-from smoe_ds.deepspeed_ops import deepspeed_arch_list, fix_cuda_arch_list_for_deepspeed
+from smoe_ds.ops.prebuild import deepspeed_arch_list, fix_cuda_arch_list_for_deepspeed
 
 
 @pytest.mark.parametrize(

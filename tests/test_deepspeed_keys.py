@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from smoe_ds import deepspeed_keys
-from smoe_ds.config import OUR_SECTIONS, ConfigError, load_config
-from smoe_ds.hf.finetune_config import FinetuneConfig
+from smoe_ds.config import deepspeed_keys
+from smoe_ds.config.schema import OUR_SECTIONS, ConfigError, load_config
+from smoe_ds.finetuning.config import FinetuneConfig
 
 from .launch import REPO
 from .test_cli_errors import refuse, sets
@@ -265,7 +265,7 @@ def test_refused_in_one_line(tmp_path, case):
     assert message in refused(tmp_path, BASE, *overrides)
 
 
-PYDANTIC_SECTIONS = [  # the sections DeepSpeed 0.19.8 builds pydantic models from (smoe_ds.deepspeed_keys)
+PYDANTIC_SECTIONS = [  # the sections DeepSpeed 0.19.8 builds pydantic models from (smoe_ds.config.deepspeed_keys)
     "zero_optimization",
     "fp16",
     "bf16",

@@ -107,7 +107,7 @@ def test_free_port_is_bindable_and_below_the_ephemeral_range():
     import random
     import socket
 
-    from smoe_ds.distributed import PORT_FLOOR, _ephemeral_floor, free_port
+    from smoe_ds.distributed.process_group import PORT_FLOOR, _ephemeral_floor, free_port
 
     random.seed(0)
     ports = [free_port() for _ in range(20)]

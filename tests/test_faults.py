@@ -3,7 +3,7 @@ rank; NaN losses are skipped and then stop the run; two simulated nodes train, s
 
 "Nodes" are two torchrun agents (node_rank 0 and 1) on 127.0.0.1 sharing one master port, one
 rank each, so the expert-parallel group (ep_size 2) spans both. Faults are injected with
-SMOE_DS_INJECT_FAULT (smoe_ds/faults.py).
+SMOE_DS_INJECT_FAULT (smoe_ds/distributed/faults.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from smoe_ds.distributed import free_port
+from smoe_ds.distributed.process_group import free_port
 
 from .launch import REPO, kill_tree, run_ranks, start_torchrun_node
 

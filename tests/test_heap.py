@@ -1,4 +1,4 @@
-"""Returning the heap's free memory (smoe_ds.heap), on the real C library of this machine."""
+"""Returning the heap's free memory (smoe_ds.training.heap), on the real C library of this machine."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from smoe_ds.heap import HeapTrimmer, _malloc_trim, resident_bytes
+from smoe_ds.training.heap import HeapTrimmer, _malloc_trim, resident_bytes
 
 # A fragmented heap, as a run with tensors that change size leaves it: 3,000 tensors of 64 KiB
 # (below glibc's mmap threshold, so they come from the heap), every tenth kept alive so that the
@@ -16,7 +16,7 @@ from smoe_ds.heap import HeapTrimmer, _malloc_trim, resident_bytes
 FRAGMENT_AND_TRIM = textwrap.dedent(
     """
     import json, torch
-    from smoe_ds.heap import release_free_heap, resident_bytes
+    from smoe_ds.training.heap import release_free_heap, resident_bytes
     def rss_mib():
         return resident_bytes() / 2**20
     blocks = [torch.ones(16 * 1024) for _ in range(3000)]

@@ -1,4 +1,4 @@
-"""The JIT builds always find the same ninja (smoe_ds.jit_build), whatever PATH a run starts with."""
+"""The JIT builds always find the same ninja (smoe_ds.ops.jit_build), whatever PATH a run starts with."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 FIND_NINJA = (
-    "import shutil; from smoe_ds.jit_build import use_this_pythons_ninja; "
+    "import shutil; from smoe_ds.ops.jit_build import use_this_pythons_ninja; "
     "before = shutil.which('ninja'); use_this_pythons_ninja(); use_this_pythons_ninja(); "
     "import os; print(before, shutil.which('ninja'), os.environ['PATH'].count(os.pathsep), sep='|')"
 )

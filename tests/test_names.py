@@ -13,9 +13,9 @@ import re
 
 import pytest
 
-from smoe_ds import renamed
-from smoe_ds.config import ConfigError, load_config
-from smoe_ds.hf.finetune_config import FinetuneConfig
+from smoe_ds.config import renamed
+from smoe_ds.config.schema import ConfigError, load_config
+from smoe_ds.finetuning.config import FinetuneConfig
 from smoe_ds.inference import set_active_experts
 from smoe_ds.moe.layer import moe_layers
 
@@ -113,13 +113,13 @@ def test_the_experiments_take_ranks_as_the_benches_do_and_their_old_nproc_warns(
     assert capsys.readouterr().err == warning
 
 
-@pytest.mark.parametrize("module", ["smoe_ds.bench_e2e", "smoe_ds.bench_memory"])
+@pytest.mark.parametrize("module", ["smoe_ds.bench.e2e", "smoe_ds.bench.memory"])
 def test_the_benches_take_ranks(module):
     assert parse_module(module, ["--ranks", "2"]).ranks == 2
 
 
 def test_set_active_experts_is_one_function_for_the_exported_lm_and_records_k_in_its_config():
-    from smoe_ds.models.hf import SMoEConfig, SMoEForCausalLM
+    from smoe_ds.models.transformers_lm import SMoEConfig, SMoEForCausalLM
 
     model = SMoEForCausalLM(SMoEConfig(model={"d_model": 32, "n_layers": 2, "n_heads": 2}, moe={"num_experts": 4}))
     set_active_experts(model, 2)

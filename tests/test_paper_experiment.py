@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from smoe_ds.config import config_from_dict
+from smoe_ds.config.schema import config_from_dict
 from smoe_ds.experiments import factors
 from smoe_ds.experiments.corpus import cut_at_break, write_slice
 from smoe_ds.experiments.methods import SCALES, build_config, methods

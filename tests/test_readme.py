@@ -112,8 +112,8 @@ def check_config(module: str, args: argparse.Namespace) -> None:
     # The transfer experiment's --config is the base that each of its runs completes (model, data).
     if not getattr(args, "config", None) or module == "smoe_ds.experiments.transfer":
         return
-    from smoe_ds.config import TrainConfig, load_config
-    from smoe_ds.hf.finetune_config import FinetuneConfig
+    from smoe_ds.config.schema import TrainConfig, load_config
+    from smoe_ds.finetuning.config import FinetuneConfig
 
     cls = FinetuneConfig if module == "smoe_ds.finetune" else TrainConfig
     load_config(args.config, args.set, cls=cls).resolve()

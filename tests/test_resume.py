@@ -13,7 +13,7 @@ import pytest
 
 from smoe_ds.checkpoint import latest_tag
 from smoe_ds.checkpoint.files import read_meta
-from smoe_ds.distributed import free_port
+from smoe_ds.distributed.process_group import free_port
 
 from .launch import REPO, launcher_command, rank_env, run_ranks
 from .resume_runs import STEPS, args_for, losses

@@ -3,7 +3,7 @@
 The clock reads a fake time source moved by hand, so the figures are exact whatever the load.
 """
 
-from smoe_ds.loop import TrainClock
+from smoe_ds.training.loop_helpers import TrainClock
 
 
 class HandClock:

@@ -163,7 +163,7 @@ def test_local_launcher_fits_ep_size_to_an_odd_rank_count(tmp_path):
     import subprocess
     import sys
 
-    from smoe_ds.distributed import free_port
+    from smoe_ds.distributed.process_group import free_port
 
     from .launch import BIN, rank_env
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smoe_ds.checkpoint import read_model, resolve_tag_dir
-from smoe_ds.config import config_from_dict
+from smoe_ds.config.schema import config_from_dict
 from smoe_ds.models.lm import build_model
 
 from .launch import run_ranks

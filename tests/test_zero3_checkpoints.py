@@ -6,7 +6,7 @@ import subprocess
 import torch
 
 from smoe_ds.checkpoint import latest_tag, read_model, resolve_tag_dir
-from smoe_ds.distributed import free_port
+from smoe_ds.distributed.process_group import free_port
 
 from .launch import REPO, kill_tree, launcher_command, rank_env, run_ranks
 from .resume_runs import args_for, losses

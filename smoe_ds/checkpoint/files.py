@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 META_FILE = "smoe_ds_meta.json"  # written last of a tag's files, by rank 0: marks it complete

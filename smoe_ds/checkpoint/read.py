@@ -22,7 +22,7 @@ from smoe_ds.checkpoint.files import (
     refuse_unsafe_files,
     rng_file,
 )
-from smoe_ds.config import ConfigError, TrainConfig, config_from_dict
+from smoe_ds.config.schema import ConfigError, TrainConfig, config_from_dict
 
 
 def saved_config(raw, where: Path, cls: type = TrainConfig) -> TrainConfig:
@@ -118,7 +118,7 @@ def check_same_layout(cfg: TrainConfig, saved: TrainConfig, tag_dir: Path, meta:
     """A fine-tune resumes at the layout it was saved at: its checkpoint is read by DeepSpeed's own
     loader, which needs the same world size, ep_size and kind of ZeRO (smoe-ds's resharding knows
     the built-in LM's weights only)."""
-    from smoe_ds import distributed as D
+    from smoe_ds.distributed import process_group as D
 
     def layout(world: int, ep: int, stage: int) -> str:
         return f"world size {world}, ep_size {ep}, ZeRO-{stage}"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds import distributed as D
 from smoe_ds.checkpoint.files import EXPP_FILE, MODEL_FILE, ZERO_SHARD, CheckpointError, load_file
-from smoe_ds.config import TrainConfig
+from smoe_ds.config.schema import TrainConfig
+from smoe_ds.distributed import process_group as D
 from smoe_ds.moe.experts import global_expert_name, is_stacked_expert_param, split_stacked, stack_experts
 from smoe_ds.moe.parallel import ep_rank_of, local_experts
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds import distributed as D
 from smoe_ds.checkpoint.files import CheckpointError, load_file, zero3_model_file
-from smoe_ds.config import TrainConfig
+from smoe_ds.config.schema import TrainConfig
+from smoe_ds.distributed import process_group as D
 from smoe_ds.moe.parallel import ep_rank_of
 
 FIELDS = {"fp32": None, "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # field -> DeepSpeed's state key

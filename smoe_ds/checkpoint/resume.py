@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smoe_ds import distributed as D
 from smoe_ds.checkpoint.files import MODEL_FILE, CheckpointError, latest_tag, load_file, read_meta, rng_file
 from smoe_ds.checkpoint.read import check_resumable, model_mismatch, read_model, saved_config
 from smoe_ds.checkpoint.reshard import read_zero_state, reshard_optimizer, reshard_plain_optimizer
 from smoe_ds.checkpoint.reshard_zero3 import reshard_zero3_optimizer
 from smoe_ds.checkpoint.save import set_rng_states
-from smoe_ds.config import TrainConfig
+from smoe_ds.config.schema import TrainConfig
+from smoe_ds.distributed import process_group as D
+from smoe_ds.distributed.zero3 import load_full_state
 from smoe_ds.moe.parallel import ep_rank_of
-from smoe_ds.zero3 import load_full_state
 
 
 def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> tuple[int, dict]:

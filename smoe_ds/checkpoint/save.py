@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smoe_ds import distributed as D
-from smoe_ds import faults, zero3
 from smoe_ds.checkpoint.files import EXPERT_FILE, META_FILE, PARTIAL_SUFFIX, latest_tag, rng_file
-from smoe_ds.config import TrainConfig
+from smoe_ds.config.schema import TrainConfig
+from smoe_ds.distributed import faults, zero3
+from smoe_ds.distributed import process_group as D
 from smoe_ds.moe.parallel import ep_rank_of
 
 

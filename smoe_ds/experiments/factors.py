@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from smoe_ds.config import apply_override
+from smoe_ds.config.schema import apply_override
 from smoe_ds.experiments.paper import add_ranks_option, parse_seeds, prepare_data, ranks_per_node, train_method
 from smoe_ds.experiments.report import collect, compare, mean_std, run_folder, write_report
 

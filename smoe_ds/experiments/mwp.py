@@ -23,7 +23,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from smoe_ds.config import apply_override
+from smoe_ds.config.schema import apply_override
 from smoe_ds.experiments.paper import add_ranks_option, parse_seeds, ranks_per_node, train_method
 from smoe_ds.experiments.report import compare, finish_k_axes, plot_against_k, write_outputs
 

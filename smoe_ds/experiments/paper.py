@@ -24,10 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from smoe_ds.config.renamed import add_renamed_option
 from smoe_ds.experiments.corpus import write_slice
 from smoe_ds.experiments.methods import SCALES, build_config, methods
 from smoe_ds.experiments.report import collect, run_folder, write_report
-from smoe_ds.renamed import add_renamed_option
 
 
 def ranks_per_node() -> int:
@@ -46,7 +46,7 @@ def add_ranks_option(p: argparse.ArgumentParser) -> None:
 def train_method(name: str, config_path: Path, run_dir: Path, ranks: int, module: str = "smoe_ds.train") -> None:
     """Train one method (``module``: the trainer, or ``smoe_ds.finetune``) under the deepspeed
     launcher, echoing its output and keeping train.log."""
-    from smoe_ds.distributed import free_port
+    from smoe_ds.distributed.process_group import free_port
 
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port())]

@@ -11,7 +11,7 @@
 The CLI is ``python -m smoe_ds.hf_convert``.
 """
 
-from smoe_ds.hf.export import export_dense, load_smoe, save_smoe
+from smoe_ds.hf.save import export_dense, load_smoe, save_smoe
 from smoe_ds.hf.surgery import SMoESpec, convert_model
 from smoe_ds.moe.layer import set_active_experts
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_model
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 from smoe_ds.hf.surgery import SMoESpec, active_experts, convert_model, spec_of
 from smoe_ds.moe.layer import set_active_experts
 

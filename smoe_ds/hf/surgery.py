@@ -22,7 +22,7 @@ from pathlib import Path
 import transformers
 from transformers import PreTrainedModel
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 from smoe_ds.hf.families import Family, family_for
 from smoe_ds.hf.ffn import ConvertedFFN
 from smoe_ds.moe.layer import moe_layers

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smoe_ds.config import ModelConfig, MoEConfig
+from smoe_ds.config.schema import ModelConfig, MoEConfig
 from smoe_ds.moe.experts import GroupedExperts, global_expert_name, per_expert_key
 from smoe_ds.moe.layer import build_ffn, ffn_forward, moe_layers
 
@@ -179,7 +179,7 @@ def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, ep_rank: int = 0, for_deep
     """Build the LM and initialise it; ``ep_rank`` is this rank's place in its expert-parallel group.
 
     ``for_deepspeed=False`` builds the MoE layers as plain modules, not DeepSpeed ``MoE`` instances:
-    without importing DeepSpeed for single-device inference, and for ZeRO-3 (``smoe_ds.zero3``).
+    without importing DeepSpeed for single-device inference, and for ZeRO-3 (``smoe_ds.distributed.zero3``).
     """
     model = SMoELM(cfg, moe_cfg, for_deepspeed)
     init_weights(model, cfg.init_seed, ep_rank)

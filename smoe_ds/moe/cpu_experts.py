@@ -4,7 +4,7 @@
 Shape legend: T tokens, D d_model, E local experts, H expert width, R routes sorted by expert.
 
 The ops are built on first use with torch's JIT extension builder (into ``$TORCH_EXTENSIONS_DIR``,
-like DeepSpeed's CPU ops: ``smoe_ds.jit_build``; ``python -m smoe_ds.deepspeed_ops`` builds both
+like DeepSpeed's CPU ops: ``smoe_ds.ops.jit_build``; ``python -m smoe_ds.ops.prebuild`` builds both
 ahead of time). Where they cannot be built (no C++ compiler), :func:`load_op` warns once and
 returns None, and the layer keeps to its Python paths, which compute the same things more slowly.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from smoe_ds.jit_build import building
+from smoe_ds.ops.jit_build import building
 
 OP_NAME = "smoe_ds_gelu_experts"
 SOURCE = Path(__file__).with_name("csrc") / "gelu_experts.cpp"

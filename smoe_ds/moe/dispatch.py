@@ -49,7 +49,7 @@ COLLECTIVES = (
     "moe_experts",
     "moe_experts_grad",
 )
-"""The names our collectives carry in DeepSpeed's comms logger (``smoe_ds.step_breakdown``)."""
+"""The names our collectives carry in DeepSpeed's comms logger (``smoe_ds.training.step_breakdown``)."""
 
 FULL_ROUTE_COLLECTIVES = ("all_to_all", "gather_scatter")
 """How full routes travel: fixed-split all-to-alls, or an all-gather and a reduce-scatter."""
@@ -104,7 +104,7 @@ class _FullRouteExchange(torch.autograd.Function):
     into place) rather than built by ``repeat`` and ``cat``; backward packs both gradients into
     one buffer and sums the P blocks' x rows, where autograd would zero-fill a full-width buffer
     per slice and add the two: 0.92-0.94x the time of that construction for one layer's dispatch
-    and combine at the default job's shape (``smoe_ds.bench_packing``, which keeps it as reference).
+    and combine at the default job's shape (``smoe_ds.bench.packing``, which keeps it as reference).
     """
 
     @staticmethod

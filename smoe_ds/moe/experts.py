@@ -43,7 +43,7 @@ class FeedForward(nn.Module):
 # The compute path is a documented rule, not a flag: the dense-masked path (every expert on
 # every token, zero gates included) once the share of non-zero gates reaches a threshold, the
 # sparse path (only the routed pairs) below it. The thresholds are where the two paths' measured
-# fwd+bwd times cross with the compiled CPU ops (`python -m smoe_ds.bench` at k near N; the
+# fwd+bwd times cross with the compiled CPU ops (`python -m smoe_ds.bench.layer` at k near N; the
 # figures are in the README's Performance section): near k/N = 0.8 for narrow experts (H <= D),
 # and above 15/16 for wide ones, whose dense-masked path runs a GEMM pair per expert (see
 # ``forward_dense``). Re-measure them when either path changes. GPUs have their own threshold:
@@ -281,7 +281,7 @@ class GroupedExperts(nn.Module):
 # block can cost more than the GEMMs that use it. So the sparse path runs the experts in groups
 # whose route buffers stay under this size: big enough that per-group overhead stays small,
 # small enough to be reused from the heap. 8 MiB measured best against 1, 2, 16 and 32 MiB
-# (`python -m smoe_ds.bench`, shape B; the README's Performance section explains the effect).
+# (`python -m smoe_ds.bench.layer`, shape B; the README's Performance section explains the effect).
 # GPU caching allocators have no such cliff, and there one group keeps the grouped GEMM one kernel.
 CPU_ROUTE_BUFFER_BYTES = 8 << 20
 

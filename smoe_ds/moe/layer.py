@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from smoe_ds.config import EP_EXCHANGES, MoEConfig
+from smoe_ds.config.schema import EP_EXCHANGES, MoEConfig
 from smoe_ds.moe.dispatch import combine, dispatch, full_routes
 from smoe_ds.moe.experts import FeedForward, GroupedExperts
 from smoe_ds.moe.parallel import expert_group_name
@@ -155,7 +155,7 @@ def build_ffn(d_model: int, cfg: MoEConfig, layer_index: int, for_deepspeed: boo
     """The FFN for block ``layer_index`` of a model whose MoE blocks use ``cfg``.
 
     ``for_deepspeed=False`` builds the same modules as plain ``nn.Module``s: single-device inference
-    (no DeepSpeed import) and ZeRO-3, whose engine refuses DeepSpeed ``MoE`` layers (``smoe_ds.zero3``).
+    (no DeepSpeed import) and ZeRO-3, whose engine refuses DeepSpeed ``MoE`` layers (``smoe_ds.distributed.zero3``).
     Only the ``learned`` baseline, which is DeepSpeed's own layer, always needs DeepSpeed.
     """
     if cfg.mode in ("smoe_dropout", "random_fixed", "thor"):  # one layer; k and routing are what differ

@@ -53,7 +53,7 @@ def expert_parallel_rank(ep_size: int) -> int:
 def create_expert_groups(ep_size: int) -> None:
     """Make DeepSpeed's expert-parallel and expert-data-parallel groups for ``ep_size`` (a collective;
     once per ep_size). Its MoE layers do this inside ``deepspeed.initialize``; layers that are not
-    DeepSpeed ``MoE`` instances (ZeRO-3, ``smoe_ds.zero3``) need it before."""
+    DeepSpeed ``MoE`` instances (ZeRO-3, ``smoe_ds.distributed.zero3``) need it before."""
     from deepspeed.utils import groups
 
     if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():

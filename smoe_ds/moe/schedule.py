@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from smoe_ds.config import KScheduleConfig, TrainConfig
+from smoe_ds.config.schema import KScheduleConfig, TrainConfig
 
 
 def _progress(step: int, start: int, end: int) -> float:

@@ -9,7 +9,7 @@ gradients compared with the loop computed in fp32 on the same device (REL_TOL in
 import pytest
 import torch
 
-from smoe_ds.config import MoEConfig
+from smoe_ds.config.schema import MoEConfig
 from smoe_ds.moe.experts import FeedForward, grouped_matmul
 from smoe_ds.moe.layer import SMoEDropoutMoE, set_active_experts
 from smoe_ds.moe.router import topk_routes

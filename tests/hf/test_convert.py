@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 from smoe_ds.hf import convert_model, set_active_experts
 from smoe_ds.hf.ffn import ConvertedFFN
 from smoe_ds.moe.router import frozen_router_weight

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from smoe_ds.config import ConfigError
+from smoe_ds.config.schema import ConfigError
 from smoe_ds.hf import convert_model, export_dense, load_smoe, save_smoe, set_active_experts
 from tests.hf.conftest import outputs, run_plain_transformers, tiny_inputs, tiny_model
 

@@ -15,10 +15,10 @@ import transformers
 
 import smoe_ds  # noqa: F401  (registers the SMoE directories with the Auto classes)
 from smoe_ds.checkpoint import latest_tag
-from smoe_ds.config import load_config
+from smoe_ds.config.schema import load_config
 from smoe_ds.data import eval_batches, load_corpus
+from smoe_ds.finetuning.config import FinetuneConfig
 from smoe_ds.hf.families import family_for
-from smoe_ds.hf.finetune_config import FinetuneConfig
 from smoe_ds.hf.surgery import converted_ffns
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.router import FrozenRandomGate

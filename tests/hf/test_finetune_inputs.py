@@ -10,9 +10,9 @@ import pytest
 
 from smoe_ds.checkpoint import META_FILE, CheckpointError, check_resumable, read_meta
 from smoe_ds.checkpoint.read import saved_config
-from smoe_ds.config import ConfigError, load_config
-from smoe_ds.hf.finetune_config import FinetuneConfig, TaskDataConfig
-from smoe_ds.hf.labelled_data import eval_shards, load_labelled
+from smoe_ds.config.schema import ConfigError, load_config
+from smoe_ds.finetuning.config import FinetuneConfig, TaskDataConfig
+from smoe_ds.finetuning.labelled_data import eval_shards, load_labelled
 
 from ..launch import REPO, run_ranks
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import smoe_ds  # noqa: F401  (registers smoe_lm with the Auto classes)
-from smoe_ds.models.hf import SMoEForSequenceClassification
+from smoe_ds.models.transformers_lm import SMoEForSequenceClassification
 
 from ..corpora import SENTIMENT
 from ..launch import REPO, run_ranks

@@ -1,11 +1,11 @@
-"""Math word problems: the prefix evaluator, the checked reader and value accuracy (smoe_ds.hf.mwp_data)."""
+"""Math word problems: the prefix evaluator, the checked reader and value accuracy (smoe_ds.finetuning.mwp_data)."""
 
 from pathlib import Path
 
 import pytest
 
-from smoe_ds.config import ConfigError
-from smoe_ds.hf.mwp_data import MalformedEquation, answer_report, evaluate_prefix, is_correct, read_problems
+from smoe_ds.config.schema import ConfigError
+from smoe_ds.finetuning.mwp_data import MalformedEquation, answer_report, evaluate_prefix, is_correct, read_problems
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "data" / "mwp" / "tiny.csv"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from smoe_ds.hf.mwp_data import read_problems
-from smoe_ds.hf.mwp_model import load_solver, question_inputs
+from smoe_ds.finetuning.mwp_data import read_problems
+from smoe_ds.finetuning.mwp_model import load_solver, question_inputs
 from smoe_ds.moe.layer import set_active_experts
 
 from ..launch import REPO, run_ranks

@@ -1,12 +1,12 @@
-"""The math word problem solver's parts on the real pretrained MiniLM, single process (smoe_ds.hf.mwp_model)."""
+"""The math word problem solver's parts on the real pretrained MiniLM, single process (smoe_ds.finetuning.mwp_model)."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from smoe_ds.hf.mwp_data import MalformedEquation, evaluate_prefix, read_problems
-from smoe_ds.hf.mwp_model import IGNORE, EquationVocab, MathWordProblemModel, equation_targets, question_inputs
+from smoe_ds.finetuning.mwp_data import MalformedEquation, evaluate_prefix, read_problems
+from smoe_ds.finetuning.mwp_model import IGNORE, EquationVocab, MathWordProblemModel, equation_targets, question_inputs
 
 TINY = Path(__file__).resolve().parents[2] / "tests" / "data" / "mwp" / "tiny.csv"
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import smoe_ds  # noqa: F401  (registers the smoe_lm model type with the Auto classes)
-from smoe_ds.models.hf import SMoEConfig, SMoEForCausalLM, SMoEForSequenceClassification
+from smoe_ds.models.transformers_lm import SMoEConfig, SMoEForCausalLM, SMoEForSequenceClassification
 
 MODEL = {"d_model": 32, "n_layers": 2, "n_heads": 2, "block_size": 16, "init_seed": 3}
 MOE = {"mode": "smoe_dropout", "num_experts": 4, "d_expert": 16}

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from smoe_ds.config import ModelConfig, MoEConfig
+from smoe_ds.config.schema import ModelConfig, MoEConfig
 from smoe_ds.models.lm import build_model, count_parameters
 from smoe_ds.moe.experts import global_expert_name
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from smoe_ds.config import load_config
+from smoe_ds.config.schema import load_config
 from smoe_ds.moe.dispatch import exchange_elements, gathered_bytes_sent, ranks_reached
 from smoe_ds.moe.experts import GroupedExperts
 from smoe_ds.train import describe_exchange

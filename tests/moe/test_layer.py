@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe_ds.config import MoEConfig
+from smoe_ds.config.schema import MoEConfig
 from smoe_ds.moe.layer import SMoEDropoutMoE, build_ffn, set_active_experts
 from smoe_ds.moe.router import capacity_for, slot_positions, topk_routes
 from tests.reference import naive_moe
@@ -392,7 +392,7 @@ def test_an_expert_weight_at_an_unaligned_address_still_matches_the_naive_loop(n
 
 
 def test_set_ep_exchange_reaches_every_smoe_layer_and_refuses_unknown_values():
-    from smoe_ds.config import ModelConfig
+    from smoe_ds.config.schema import ModelConfig
     from smoe_ds.models.lm import build_model
     from smoe_ds.moe.layer import moe_layers, set_ep_exchange
 

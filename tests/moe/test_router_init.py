@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smoe_ds.config import ConfigError, ModelConfig, MoEConfig, config_from_dict
+from smoe_ds.config.schema import ConfigError, ModelConfig, MoEConfig, config_from_dict
 from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import moe_layers, set_active_experts, uniform_full_capacity
 from smoe_ds.moe.router import frozen_router_weight

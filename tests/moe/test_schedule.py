@@ -1,6 +1,6 @@
 import pytest
 
-from smoe_ds.config import KScheduleConfig
+from smoe_ds.config.schema import KScheduleConfig
 from smoe_ds.moe.schedule import default_milestones, k_at_step
 
 

@@ -8,8 +8,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from smoe_ds import distributed as D
-from smoe_ds.config import TrainConfig, config_from_dict
+from smoe_ds.config.schema import TrainConfig, config_from_dict
+from smoe_ds.distributed import process_group as D
 
 
 def tiny_config(*, ep_size: int = 1, zero_stage: int = 0, num_experts: int = 4, **moe) -> TrainConfig:

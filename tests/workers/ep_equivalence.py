@@ -17,8 +17,8 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from smoe_ds import distributed as D
-from smoe_ds.config import MoEConfig
+from smoe_ds.config.schema import MoEConfig
+from smoe_ds.distributed import process_group as D
 from smoe_ds.models.lm import build_model
 from smoe_ds.moe.dispatch import DispatchPlan, same_tokens_on_every_rank
 from smoe_ds.moe.layer import SMoEDropoutMoE, moe_layers, set_active_experts

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from smoe_ds.models.lm import build_model
-from smoe_ds.runtime import optimizer_param_groups
+from smoe_ds.training.runtime import optimizer_param_groups
 from tests.workers.common import finish, start, tiny_config, train_random_steps, worker_args
 
 

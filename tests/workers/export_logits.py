@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from smoe_ds import checkpoint
-from smoe_ds import distributed as D
+from smoe_ds.distributed import process_group as D
 from smoe_ds.models.lm import build_model
-from smoe_ds.runtime import initialize_engine
+from smoe_ds.training.runtime import initialize_engine
 from tests.workers.common import engine_logits_at_ks, start, tiny_config, train_random_steps, worker_args
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from smoe_ds import checkpoint
-from smoe_ds import distributed as D
+from smoe_ds.distributed import process_group as D
 from smoe_ds.models.lm import build_model
-from smoe_ds.runtime import optimizer_param_groups
+from smoe_ds.training.runtime import optimizer_param_groups
 from tests.workers.common import engine_logits_at_ks, start, tiny_config, worker_args
 
 STEPS = 20

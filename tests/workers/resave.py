@@ -13,9 +13,9 @@ from pathlib import Path
 
 from smoe_ds import checkpoint
 from smoe_ds.cli import run_main
-from smoe_ds.config import config_cli
-from smoe_ds.results import validation_loss
-from smoe_ds.runtime import build_runtime
+from smoe_ds.config.schema import config_cli
+from smoe_ds.training.runtime import build_runtime
+from smoe_ds.training.self_slimming import validation_loss
 from tests.workers.common import worker_args
 
 

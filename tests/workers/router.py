@@ -10,11 +10,11 @@ import os
 import deepspeed
 import torch
 
-from smoe_ds.deepspeed_ops import shm_buffers
 from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.router import frozen_router_weight
-from smoe_ds.runtime import optimizer_param_groups
+from smoe_ds.ops.prebuild import shm_buffers
+from smoe_ds.training.runtime import optimizer_param_groups
 from tests.workers.common import all_gather_cat, finish, start, tiny_config, train_random_steps, worker_args
 
 

@@ -13,10 +13,10 @@ import deepspeed
 import torch
 
 from smoe_ds import checkpoint
-from smoe_ds import distributed as D
+from smoe_ds.distributed import process_group as D
 from smoe_ds.models.lm import build_model
 from smoe_ds.moe.layer import moe_layers
-from smoe_ds.runtime import optimizer_param_groups
+from smoe_ds.training.runtime import optimizer_param_groups
 from tests.workers.common import start, tiny_config, worker_args
 
 

@@ -12,10 +12,10 @@ import json
 
 import torch.distributed as dist
 
-from smoe_ds import distributed as D
+from smoe_ds.distributed import process_group as D
+from smoe_ds.distributed.zero3 import expert_params, partition_share
 from smoe_ds.models.lm import build_model
-from smoe_ds.runtime import initialize_engine
-from smoe_ds.zero3 import expert_params, partition_share
+from smoe_ds.training.runtime import initialize_engine
 from tests.workers.common import start, tiny_config, worker_args
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: the layer, end to end, memory, overlap and packing. Each prints a table and writes JSON."""

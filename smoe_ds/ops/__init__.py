@@ -1,0 +1,1 @@
+"""Just-in-time built ops: DeepSpeed's and smoe-ds's own, built once up front."""
