@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from .launch import REPO, run_ranks
-from .malicious import RunsCode
+from tests.helpers.launch import REPO, run_ranks
+from tests.helpers.malicious import RunsCode
 
 CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
 ERROR = "smoe-ds: error:"

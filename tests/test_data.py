@@ -14,8 +14,7 @@ from smoe_ds.data import (
     stdlib_files,
     train_batches,
 )
-
-from .corpora import write_stdlib_text
+from tests.helpers.corpora import write_stdlib_text
 
 
 def test_default_corpus_is_the_stdlib_split_by_file_deterministically():

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from .launch import REPO
+from tests.helpers.launch import REPO
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, gpu-check runs the whole check")

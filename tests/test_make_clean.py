@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from .launch import REPO
+from tests.helpers.launch import REPO
 
 BUILT = [".venv/bin/python", "build/lib/smoe_ds/x.py", "smoe_ds.egg-info/PKG-INFO", "smoe_ds/__pycache__/x.pyc"]
 RUNS = ["runs/cpu_tiny/self_slimming.json", "runs/cpu_tiny/checkpoints/latest", "runs/cpu_tiny/eval/step500/x.json"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .launch import REPO
+from tests.helpers.launch import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 

@@ -5,15 +5,14 @@ import torch
 
 from smoe_ds.convert import convert
 from smoe_ds.inference import load_model
-from tests.launch import run_ranks
-
-from .common import DEVICE, MARKS, REL_TOL, rel_error
+from tests.gpu.common import DEVICE, MARKS, REL_TOL, rel_error
+from tests.helpers.launch import run_ranks
 
 pytestmark = MARKS
 
 
 def test_one_gpu_bf16_zero2_engine_trains_checkpoints_and_its_export_gives_the_engines_logits(tmp_path):
-    run_ranks("deepspeed", 1, ["tests.workers.gpu_engine", str(tmp_path)], module=True, timeout=300)
+    run_ranks("deepspeed", 1, ["tests.helpers.workers.gpu_engine", str(tmp_path)], module=True, timeout=300)
     saved = torch.load(tmp_path / "engine.pt")
     assert saved["device"].split(":")[0] == DEVICE.type
     losses = saved["losses"]

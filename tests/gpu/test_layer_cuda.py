@@ -13,9 +13,8 @@ from smoe_ds.config.schema import MoEConfig
 from smoe_ds.moe.experts import FeedForward, grouped_matmul
 from smoe_ds.moe.layer import SMoEDropoutMoE, set_active_experts
 from smoe_ds.moe.router import topk_routes
-from tests.reference import naive_moe
-
-from .common import DEVICE, MARKS, ON_CUDA, REL_TOL, rel_error
+from tests.gpu.common import DEVICE, MARKS, ON_CUDA, REL_TOL, rel_error
+from tests.helpers.reference import naive_moe
 
 pytestmark = MARKS
 

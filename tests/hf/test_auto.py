@@ -12,7 +12,7 @@ import transformers
 from smoe_ds.config.schema import ConfigError
 from smoe_ds.hf import convert_model, save_smoe, set_active_experts
 from smoe_ds.hf.surgery import active_experts
-from tests.hf.conftest import outputs, run_plain_transformers, tiny_inputs, tiny_model
+from tests.helpers.hf_models import outputs, run_plain_transformers, tiny_inputs, tiny_model
 
 N = 4
 TOL = 1e-6

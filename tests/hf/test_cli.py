@@ -13,7 +13,7 @@ import transformers
 
 from smoe_ds.hf import convert_model, load_smoe, save_smoe
 from smoe_ds.hf_convert import main
-from tests.hf.conftest import tiny_model
+from tests.helpers.hf_models import tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 

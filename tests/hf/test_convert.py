@@ -11,8 +11,8 @@ from smoe_ds.config.schema import ConfigError
 from smoe_ds.hf import convert_model, set_active_experts
 from smoe_ds.hf.ffn import ConvertedFFN
 from smoe_ds.moe.router import frozen_router_weight
-from tests.hf.conftest import outputs, tiny_inputs, tiny_model
-from tests.reference import naive_split_ffn
+from tests.helpers.hf_models import outputs, tiny_inputs, tiny_model
+from tests.helpers.reference import naive_split_ffn
 
 TOL = 1e-5
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from smoe_ds.config.schema import MoEConfig
 from smoe_ds.moe.layer import SMoEDropoutMoE, build_ffn, set_active_experts
 from smoe_ds.moe.router import capacity_for, slot_positions, topk_routes
-from tests.reference import naive_moe
+from tests.helpers.reference import naive_moe
 
 TOL = 1e-5
 
