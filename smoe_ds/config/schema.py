@@ -57,12 +57,12 @@ class ModelConfig:
     """The built-in decoder-only language model."""
 
     vocab_size: int = 256  # bytes; replaced by the tokenizer's size when data.tokenizer is set
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    d_model: int = 128  # width of the residual stream (token embeddings and every block's input and output)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads per block; d_model must divide by it
     block_size: int = 128  # tokens per training sequence
     positions: str = "rope"  # "rope" or "learned"
-    dropout: float = 0.0
+    dropout: float = 0.0  # in training: dropout on the embeddings, the attention weights and each block's branches
     # Which transformer blocks get the (S)MoE FFN: "all", "every_other" (1, 3, 5, ...) or a list of indices.
     moe_layers: Any = "all"
     init_seed: int = 0  # every weight is a pure function of this seed and its name, whatever the world size
@@ -81,10 +81,10 @@ class ModelConfig:
 class KScheduleConfig:
     """How many experts are active at each global step (see ``smoe_ds.moe.schedule``)."""
 
-    kind: str = "linear"
+    kind: str = "linear"  # "linear", "cosine", "exponential" or "multistep" (smoe_ds.moe.schedule)
     k_min: int | None = None  # default: N // 2, as in the paper's 8 -> 16 of 16
     k_max: int | None = None  # default: N, so training ends at full capacity
-    start_step: int = 0
+    start_step: int = 0  # k grows from k_min at this step (multistep: its default milestones start here)
     end_step: int | None = None  # default: run.max_steps
     milestones: list = field(default_factory=list)  # multistep only; default: evenly spaced
 
@@ -108,7 +108,7 @@ class MoEConfig:
     # or the experts' "weights" to the tokens (one all-gather forward, one reduce-scatter
     # backward per layer; smoe_ds.moe.dispatch says when each is cheaper).
     ep_exchange: str = "weights"
-    k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)
+    k_schedule: KScheduleConfig = field(default_factory=KScheduleConfig)  # k at each step, "smoe_dropout" only
     k: int = 2  # fixed k of the "learned" baseline and the "random_fixed" ablation
     aux_loss_coef: float = 0.01  # balance-loss weight of the "learned" baseline
     thor_alpha: float = 1.0  # "thor": weight of the symmetric-KL consistency loss between its two passes
@@ -125,7 +125,7 @@ class DataConfig:
     # Otherwise a local text file, a folder of text files, or a Hugging Face hub dataset name.
     path: str | None = None
     hub_config: str | None = None  # the dataset's config name, for hub datasets
-    text_column: str = "text"
+    text_column: str = "text"  # the column holding the text in hub datasets and single .json/.jsonl/.csv/.parquet files
     val_fraction: float = 0.05  # share of documents (files, or paragraphs of a single file) held out
     tokenizer: str | None = None  # local path of a Hugging Face tokenizer; None = UTF-8 bytes
     seed: int = 0  # shuffling of the training blocks and the train/validation split
@@ -133,10 +133,10 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # the run's folder: config.json, checkpoints/, self_slimming.json, train_summary.json
     max_steps: int = 200  # optimizer steps
     seed: int = 0  # torch RNG for dropout and anything stochastic in training
-    log_interval: int = 10
+    log_interval: int = 10  # steps between training-loss lines (each the mean loss since the last)
     eval_interval: int = 50  # 0 disables periodic validation
     eval_batches: int = 8  # validation micro-batches per rank
     final_eval_batches: int = 16  # per rank, for the self-slimming table at the end

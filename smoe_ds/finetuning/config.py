@@ -54,10 +54,10 @@ class TaskDataConfig:
     # folder, or a hub dataset with a text column.
     path: str | None = None
     validation: str | None = None  # a local file; default: the hub's validation split, else val_fraction of path
-    hub_config: str | None = None
+    hub_config: str | None = None  # the hub dataset's config name (e.g. "sst2" of "glue")
     text_column: str | None = None  # null: by hf.task, "text" for causal_lm (as the trainer), else "sentence" (GLUE's)
     text_pair_column: str | None = None  # for sentence-pair tasks (e.g. GLUE's MRPC: sentence1, sentence2)
-    label_column: str = "label"
+    label_column: str = "label"  # classification: the column of each example's label
     val_fraction: float = 0.05  # held out of data.path when there is no validation split
     max_train_examples: int | None = None  # None: all
     max_eval_examples: int | None = None  # None: all
