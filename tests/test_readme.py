@@ -1,4 +1,4 @@
-"""Every command the README (and docs/) shows parses with the real argument parser of what it runs.
+"""Every command the README (and CONTRIBUTING.md, docs/) shows parses with the real argument parser of what it runs.
 
 A command in a ```bash block is taken apart as the shell would (continuation lines joined, comments
 dropped, ``for VAR in ...; do ... done`` expanded, ``VAR=$(...)`` run for real to get the value):
@@ -10,7 +10,12 @@ dropped, ``for VAR in ...; do ... done`` expanded, ``VAR=$(...)`` run for real t
 - a ``--config FILE --set ...`` command also loads and validates its config, as the run would first;
 - ``make`` targets are the CI's own (``make test``) or too long for a test (``make train``, minutes);
 - ``bash SCRIPT ...`` (an experiment's recorded run script): the script must exist and pass ``bash -n``,
-  and each command in it that runs smoe-ds is checked as above.
+  and each command in it that runs smoe-ds is checked as above;
+- a launcher of ``launch/`` (``sbatch launch/slurm.sbatch CONFIG``, ``VAR=... launch/torchrun.sh CONFIG``):
+  the script must exist and pass ``bash -n``, and the trainer it starts is checked with the
+  ``.json`` config and the arguments after it, as above.
+
+Every relative link of the README, CONTRIBUTING.md and docs/*.md names a file that exists.
 
 Parsing stops right after ``parse_args``: nothing trains, nothing is written.
 """
@@ -31,7 +36,7 @@ import pytest
 
 from tests.helpers.launch import REPO
 
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
 def bash_blocks(path: Path) -> list[str]:
@@ -149,10 +154,30 @@ def check_script(words: list[str], env: dict[str, str]) -> None:
         check_command(line, env)
 
 
+def check_launcher(script: str, args: list[str], env: dict[str, str]) -> None:
+    """A ``launch/`` script: it parses, and the trainer it starts takes the config and what follows it."""
+    path = REPO / script
+    assert path.is_file(), f"{script} does not exist"
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"{script} does not parse: {proc.stderr}"
+    assert "smoe_ds.train" in path.read_text(encoding="utf-8"), f"{script} does not start smoe_ds.train"
+    config = next((i for i, a in enumerate(args) if a.endswith(".json")), None)
+    assert config is not None, f"{script} {args}: no .json config"
+    check_command(["python", "-m", "smoe_ds.train", "--config", *args[config:]], env)
+
+
 def check_command(words: list[str], env: dict[str, str]) -> None:
     words = [re.sub(r"\$(\w+)", lambda m: env.get(m[1], m[0]), w) for w in words]
+    while len(words) > 1 and re.fullmatch(r"\w+=\S*", words[0]):  # VAR=value before a command
+        words = words[1:]
     head = Path(words[0]).name
     if head == "make":
+        return
+    if head == "sbatch":
+        check_launcher(words[1], words[2:], env)
+        return
+    if words[0].startswith("launch/"):
+        check_launcher(words[0], words[1:], env)
         return
     if head == "bash":
         check_script(words, env)
@@ -197,3 +222,18 @@ def test_a_stale_command_is_caught():
         check_command(["python", "-m", "smoe_ds.convert", "ckpt", "out", "--no-such-flag"], {})
     with pytest.raises(AssertionError, match="does not exist"):
         check_command(["bash", "docs/no_such_script.sh"], {})
+    with pytest.raises(AssertionError, match="does not exist"):
+        check_command(["sbatch", "launch/no_such.sbatch", "ds_configs/cpu_tiny.json"], {})
+
+
+def test_every_relative_link_in_the_docs_names_a_file():
+    """``[text](path)`` in the README, CONTRIBUTING.md and docs/*.md (not docs/results/, dated records)."""
+    pages = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
+    missing = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            path = target.partition("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (page.parent / path).exists():
+                missing.append(f"{page.relative_to(REPO)}: {target}")
+    assert not missing, missing
