@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 
 from smoe_ds.checkpoint.files import EXPP_FILE, MODEL_FILE, ZERO_SHARD, CheckpointError, load_file
+from smoe_ds.checkpoint.reshard_common import OPTIMIZER_FIELDS, checkpoint_entries, local_value
 from smoe_ds.config.schema import TrainConfig
 from smoe_ds.distributed import process_group as D
-from smoe_ds.moe.experts import global_expert_name, is_stacked_expert_param, split_stacked, stack_experts
+from smoe_ds.moe.experts import is_stacked_expert_param
 from smoe_ds.moe.parallel import ep_rank_of, local_experts
-
-OPTIMIZER_FIELDS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 def read_zero_state(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[str, dict[str, torch.Tensor]] | None:
@@ -67,20 +66,6 @@ def read_zero_state(tag_dir: Path, cfg: TrainConfig, world_size: int) -> dict[st
     for (field, name, ep_rank), parts in pieces.items():
         out[field].update(checkpoint_entries(name, torch.cat(parts).view(shapes[name]).clone(), ep_rank, n_local))
     return out
-
-
-def checkpoint_entries(name: str, tensor: torch.Tensor, ep_rank: int, n_local: int) -> dict[str, torch.Tensor]:
-    """A rank's parameter ``name`` as checkpoint entries: stacked experts split per expert, global ids."""
-    if is_stacked_expert_param(name):
-        return {k: v.contiguous() for k, v in split_stacked(name, tensor, first_expert=ep_rank * n_local).items()}
-    return {global_expert_name(name, ep_rank, n_local): tensor}
-
-
-def local_value(full: dict[str, torch.Tensor], name: str, ep_rank: int, ep_size: int, num_experts: int) -> torch.Tensor:
-    """The inverse of ``checkpoint_entries``: this rank's parameter ``name`` from global entries."""
-    if is_stacked_expert_param(name):
-        return stack_experts(full, name, local_experts(ep_rank, ep_size, num_experts))
-    return full[global_expert_name(name, ep_rank, num_experts // ep_size)]
 
 
 def reshard_optimizer(engine, cfg: TrainConfig, zero_state: dict) -> None:

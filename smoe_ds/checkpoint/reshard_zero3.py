@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from smoe_ds.checkpoint.files import CheckpointError, load_file, zero3_model_file
+from smoe_ds.checkpoint.reshard_common import OPTIMIZER_FIELDS, checkpoint_entries, local_value
 from smoe_ds.config.schema import TrainConfig
 from smoe_ds.distributed import process_group as D
 from smoe_ds.moe.parallel import ep_rank_of
@@ -30,8 +31,6 @@ FIELDS = {"fp32": None, "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}  # fie
 def read_zero3_state(tag_dir: Path, shards: dict[int, Path], cfg: TrainConfig, world_size: int) -> dict:
     """The whole fp32 masters and Adam moments from a ZeRO-3 checkpoint's optimizer ``shards``
     ({rank: file}), in ``read_zero_state``'s layout."""
-    from smoe_ds.checkpoint.reshard import OPTIMIZER_FIELDS, checkpoint_entries
-
     ep, n_local = cfg.expert_parallel_size, cfg.moe.num_experts // cfg.expert_parallel_size
     # (field, name) -> {rank in its partition group: this rank's partition}
     parts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
@@ -68,8 +67,6 @@ def reshard_zero3_optimizer(engine, cfg: TrainConfig, zero_state: dict) -> None:
     """Fill this rank's ZeRO-3 partitions of the fp32 masters and Adam moments from a whole state,
     exactly (no collective: each rank copies its own slices, through DeepSpeed's setters)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from smoe_ds.checkpoint.reshard import local_value
 
     ep = cfg.expert_parallel_size
     ep_rank = ep_rank_of(D.rank(), ep)

@@ -26,10 +26,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
 
 from smoe_ds.config.schema import ConfigError
+from smoe_ds.hf.families import MODEL_TYPE
 from smoe_ds.hf.surgery import SMoESpec, active_experts, convert_model, spec_of
 from smoe_ds.moe.layer import set_active_experts
 
-MODEL_TYPE = "smoe_dropout_hf"
 FORMAT_VERSION = 2  # 1 was smoe_config.json + smoe_model.safetensors
 # Auto classes the loader joins; each returns the saved architecture, head included, and a task
 # class refuses an architecture that is not its own (AutoModel takes any).

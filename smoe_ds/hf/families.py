@@ -122,6 +122,9 @@ FAMILIES = (
 )
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(t for f in FAMILIES for t in f.model_types))
+# The model_type of a converted model's saved config (hf.auto registers it with the Auto classes;
+# hf.surgery refuses to convert a model that has it already).
+MODEL_TYPE = "smoe_dropout_hf"
 
 
 def family_for(model_type: str) -> Family:

@@ -23,7 +23,7 @@ import transformers
 from transformers import PreTrainedModel
 
 from smoe_ds.config.schema import ConfigError
-from smoe_ds.hf.families import Family, family_for
+from smoe_ds.hf.families import MODEL_TYPE, Family, family_for
 from smoe_ds.hf.ffn import ConvertedFFN
 from smoe_ds.moe.layer import moe_layers
 
@@ -47,8 +47,6 @@ class SMoESpec:
 def dense_config(src: str, convertible: bool = True):
     """SRC's (a local directory or a hub name) ``transformers`` config; ConfigError when it cannot be
     read, is an SMoE directory already, or (``convertible``) is of an architecture we cannot convert."""
-    from smoe_ds.hf.auto import MODEL_TYPE  # hf.auto imports this module
-
     if not Path(src).exists() and (src.startswith((".", "/", "~")) or src.count("/") > 1):
         raise ConfigError(f"{src}: no such model directory")
     try:

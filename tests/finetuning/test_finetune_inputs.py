@@ -135,7 +135,8 @@ def test_bad_config_is_refused_before_anything_runs(sets, message):
 
 @pytest.mark.parametrize("mode", ["thor", "learned"])
 def test_a_hugging_face_model_does_not_convert_to_thor_or_the_learned_router(mode):
-    """They fine-tune only models pretrained in that mode by smoe_ds.train (tests/finetuning/test_finetune_smoe_export.py)."""
+    """They fine-tune only models pretrained in that mode by smoe_ds.train
+    (tests/finetuning/test_finetune_smoe_export.py)."""
     cfg = load_config(CONFIG, ["data.path=t", "hf.model=m", f"moe.mode={mode}"], cls=FinetuneConfig)
     with pytest.raises(ConfigError, match=f"moe.mode '{mode}' is not available for fine-tuning a Hugging Face model"):
         cfg.check_mode_for_hf_model()
