@@ -115,7 +115,7 @@ def describe_exchange(cfg: TrainConfig, tokens_per_rank: int) -> str:
         f" and micro-batch from each rank at k = {k}; the {other} would be {mb[other]:.1f} MiB"
     )
     if mb[other] < mb[m.ep_exchange]:
-        line += f"\n  warning: moe.ep_exchange={other} would move fewer bytes here (docs/ep_communication.md)"
+        line += f"\n  warning: moe.ep_exchange={other} would move fewer bytes here (docs/expert_parallelism.md)"
     return line
 
 

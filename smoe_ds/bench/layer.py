@@ -211,7 +211,7 @@ def bench_shape(
 
 def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
     from smoe_ds.distributed.process_group import init_distributed, shutdown
-    from smoe_ds.moe.dispatch import bytes_sent, gathered_bytes_sent
+    from smoe_ds.moe.dispatch import tokens_bytes_sent, weights_bytes_sent
 
     os.environ.update(
         DS_ACCELERATOR="cpu",  # gloo CPU ranks even on a GPU host, where DeepSpeed would pick NCCL
@@ -249,8 +249,8 @@ def _ep_worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
                 t = time_once(layer, x, grad, torch.device("cpu"))
                 if rep:
                     times[name].append(t)
-        ours_bytes = bytes_sent(dispatcher.last_plan, d, elem, rank)
-        weights_bytes = gathered_bytes_sent(dispatcher.experts._stacked(), world)
+        ours_bytes = tokens_bytes_sent(dispatcher.last_plan, d, elem, rank)
+        weights_bytes = weights_bytes_sent(dispatcher.experts._stacked(), world)
         # The stock layer ships its whole [N, C, D] buffer both ways; (P-1)/P of it leaves the rank.
         capacity = int(layers.stock.deepspeed_moe.exp_counts.max())
         cap = torch.tensor([capacity])

@@ -25,7 +25,7 @@ hold them. The result and every gradient are those of the token exchange (the sa
 same routes), at any k. Per layer and micro-batch that is one collective forward and one backward
 instead of four (five while counting), and its bytes are the experts' weights whatever the k and
 the batch, where the tokens' grow with both: it wins when a layer's experts are small against
-the tokens of a micro-batch (``docs/ep_communication.md`` has the crossover). The gathered
+the tokens of a micro-batch (``docs/expert_parallelism.md`` has the crossover). The gathered
 weights stay alive from forward to backward: each rank transiently holds every expert of every
 MoE layer, as without expert parallelism.
 """
@@ -287,7 +287,7 @@ def ranks_reached(k: int, num_experts: int, ep_size: int) -> float:
 def exchange_elements(tokens: int, d_model: int, num_experts: int, d_expert: int, ep_size: int, k: int) -> dict:
     """Elements one rank sends per MoE layer and micro-batch, forward and backward, for each
     ``moe.ep_exchange`` (times the element size for bytes): ``tokens`` routed at k, or the built-in
-    experts' weights (2 x d_model x d_expert each). The formulas of ``docs/ep_communication.md``."""
+    experts' weights (2 x d_model x d_expert each). The formulas of ``docs/expert_parallelism.md``."""
     P, N, D = ep_size, num_experts, d_model
     share = (P - 1) / P  # of what a rank moves, the part that leaves it
     return {
@@ -296,13 +296,13 @@ def exchange_elements(tokens: int, d_model: int, num_experts: int, d_expert: int
     }
 
 
-def gathered_bytes_sent(stacked: dict[str, torch.Tensor], ep_size: int) -> int:
+def weights_bytes_sent(stacked: dict[str, torch.Tensor], ep_size: int) -> int:
     """Bytes this rank puts on the wire for one forward of the weights exchange: its E experts'
     stacked tensors to each of the other P - 1 ranks (backward returns as many as gradients)."""
     return (ep_size - 1) * sum(t.numel() * t.element_size() for t in stacked.values())
 
 
-def bytes_sent(plan: DispatchPlan | None, d_model: int, elem_size: int, rank: int) -> int:
+def tokens_bytes_sent(plan: DispatchPlan | None, d_model: int, elem_size: int, rank: int) -> int:
     """Bytes this rank put on the wire for one forward (tokens out plus results back), self excluded."""
     if plan is None:
         return 0

@@ -1,11 +1,11 @@
-"""The byte model behind moe.ep_exchange (docs/ep_communication.md) and the trainer's line about it."""
+"""The byte model behind moe.ep_exchange (docs/expert_parallelism.md) and the trainer's line about it."""
 
 import random
 
 import pytest
 
 from smoe_ds.config.schema import load_config
-from smoe_ds.moe.dispatch import exchange_elements, gathered_bytes_sent, ranks_reached
+from smoe_ds.moe.dispatch import exchange_elements, ranks_reached, weights_bytes_sent
 from smoe_ds.moe.experts import GroupedExperts
 from smoe_ds.train import describe_exchange
 
@@ -23,7 +23,7 @@ def test_ranks_reached_matches_counting_random_routes(n, p):
 
 def test_weights_bytes_are_what_the_gather_sends_forward_and_the_gradients_return():
     experts = GroupedExperts(4, 128, 64, "ep_size_2")  # the default job's rank: 4 of 8 experts
-    per_direction = gathered_bytes_sent(dict(experts.named_parameters()), ep_size=2) / 4  # elements
+    per_direction = weights_bytes_sent(dict(experts.named_parameters()), ep_size=2) / 4  # elements
     assert exchange_elements(1024, 128, 8, 64, 2, k=8)["weights"] == 2 * per_direction
 
 
