@@ -110,9 +110,8 @@ def time_in_rounds(layers: Layers, x, grad, device, repeats: int) -> dict[str, f
     them alike. Blocks rather than single calls in turn, because in training a layer follows
     itself: its allocations find the heap as its own previous step left it. Timed one call
     each in turn, a layer instead inherits the heap the stock layer's 64 MiB+ buffers leave
-    behind, and pays page faults it never sees in training (shape B at k = N, Python path:
-    1.09 and 1.11 x dense in turn, with 7,700-12,300 faults per call; 0.99-1.07 in blocks,
-    with none).
+    behind, and pays page faults it never sees in training (docs/performance.md, "Measurements
+    behind the code's choices").
     """
     per_block = max(1, -(-repeats // ROUNDS))
     samples: dict[str, list[float]] = {"ours": [], "stock": [], "dense": []}

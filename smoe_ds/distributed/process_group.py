@@ -75,8 +75,8 @@ def share_cpu_cores() -> None:
 
     The deepspeed launcher and mpirun leave every rank at torch's default of one thread per core,
     so R ranks run R times as many threads as there are cores, and OpenMP's spinning workers fight
-    over them. Measured here: 2 ranks of tests/configs/e2e_tiny.json (SMoE-Dropout, ep_size 1) on
-    2 cores that another job was also using took 911 ms per step, and 58 ms with one thread each.
+    over them: steps many times slower than with one thread per core each (docs/performance.md,
+    "Measurements behind the code's choices").
     """
     if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
         return

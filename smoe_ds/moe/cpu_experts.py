@@ -23,10 +23,8 @@ OP_NAME = "smoe_ds_gelu_experts"
 SOURCE = Path(__file__).with_name("csrc") / "gelu_experts.cpp"
 
 # Token rows per block of the dense-masked op: about this many bytes of [rows, E * H] hidden
-# units, so that a block's two hidden buffers stay in a core's cache. Shape B of the bench
-# (E * H = 1024, fp32), k = N, as a multiple of the dense FFN: 256 rows 0.829 and 0.844,
-# 128 rows 0.836 and 0.851, 64 rows 0.869 (two runs, 2 threads, while memory was busy: the
-# dense FFN took 76-79 ms).
+# units, so that a block's two hidden buffers stay in a core's cache (the block sizes tried:
+# docs/performance.md, "Measurements behind the code's choices").
 DENSE_BLOCK_BYTES = 1 << 20
 
 

@@ -193,13 +193,11 @@ class GroupedExperts(nn.Module):
 
         Narrow experts (H <= D), and every width on a GPU: one GEMM over the concatenated
         experts, each expert's H hidden units scaled by its gate; the built-in experts run it on
-        the CPU as a compiled op, in token blocks that stay in cache (shape B of the bench at
-        k = N: 0.98-1.03 x the dense FFN on a quiet machine, the Python form 0.99-1.08; with
-        memory busy, 0.84 against 1.05). Wide experts (H > D) on the CPU: one GEMM pair per
-        expert over all tokens, scaling the D-wide outputs, which is less memory traffic than
-        the hidden units (shape A at k = N: 0.86 x dense, against 0.94 for the compiled op in
-        blocks). On a GPU that loop's 16 small GEMM pairs cost 9.5 x the dense FFN (the paper's
-        shape on an H200, bf16), launch-bound, where the concatenated pair is one large GEMM each.
+        the CPU as a compiled op, in token blocks that stay in cache. Wide experts (H > D) on the
+        CPU: one GEMM pair per expert over all tokens, scaling the D-wide outputs, which is less
+        memory traffic than the hidden units. Not on a GPU, where that loop's small GEMM pairs
+        are launch-bound and the concatenated pair is one large GEMM each. The measurements
+        behind each choice: docs/performance.md, "Measurements behind the code's choices".
         """
         w = self._stacked() if w is None else w
         T, E, H = x_TD.shape[0], w["w_in"].shape[0], self.d_hidden

@@ -19,9 +19,9 @@ FFN's, and from 1.13 to 1.04 x its time (same process, 2 threads).
 The gates' gradient is sum_h grad_out * gelu(pre). On the CPU, when no gate is so small that
 dividing by it loses precision, gelu(pre) is read back as output / gate rather than
 recomputed: a batched dot product of grad_out and the output, divided by the gates once per
-[T, E], costs less than a second GELU over [T, E, H] and its temporary (backward 2.3 ms
-instead of 3.5 ms on shape B at k = N, 2 threads). GPUs recompute it, which needs no host
-sync to check the gates.
+[T, E], costs less than a second GELU over [T, E, H] and its temporary (measured in
+docs/performance.md, "Measurements behind the code's choices"). GPUs recompute it, which needs
+no host sync to check the gates.
 """
 
 from __future__ import annotations

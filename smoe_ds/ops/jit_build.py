@@ -35,9 +35,9 @@ def use_this_pythons_ninja() -> None:
     environment with pip's ninja), for this process and the builds it starts.
 
     torch's builder runs whichever ninja PATH finds, and ninja versions log build commands
-    differently (pip's 1.13 and the system's 1.11 here), so an op built by one and loaded by the
-    other is rebuilt: 30-45 s on this machine, each time a run is started the other way
-    (``.venv/bin/python -m ...`` with and without the venv on PATH). Called before any op loads."""
+    differently, so an op built by one and loaded by the other is rebuilt, each time a run is
+    started the other way (``.venv/bin/python -m ...`` with and without the venv on PATH).
+    Called before any op loads."""
     bin_dir = Path(sys.executable).parent
     path = os.environ.get("PATH", "")
     if (bin_dir / "ninja").exists() and path.split(os.pathsep)[0] != str(bin_dir):

@@ -5,16 +5,14 @@ change size from step to step fragments the heap: freed blocks stay resident but
 the next, differently sized, requests, so the resident memory of each rank keeps growing without
 any tensor being leaked. Fine-tuning a Hugging Face model with SMoE-Dropout is such a run: the
 batches are padded to their longest sequence, and under expert parallelism each rank's experts
-receive a different number of tokens at every layer and step. Measured (MiniLM, ASDiv-A, ep_size
-2, 240 steps, 2 ranks on 2 cores; the README's "Memory over a long CPU run" gives the figures):
-each rank grew from 1.2 to 3.2 GiB in 7 minutes; the dense fine-tune stayed flat.
+receive a different number of tokens at every layer and step: each rank's memory grows for
+minutes while the dense fine-tune's stays flat.
 
 ``malloc_trim(0)`` returns the free pages inside the heap as well as at its top. Checked every
 ``run.heap_trim_interval`` steps and called once a rank grew by ``MIN_GROWTH_BYTES`` it slows the
-growth at no measurable cost (peak 3,113 -> 2,012 MiB per rank over 160 steps, 260 -> 254 s); it
-does not stop it. Making glibc return every large block as it is freed (``MALLOC_TRIM_THRESHOLD_=0``)
-keeps the memory flat but made the fine-tune 20 % slower, so that is left to the user (the README
-says how).
+growth at no measurable cost; it does not stop it. Making glibc return every large block as it is
+freed (``MALLOC_TRIM_THRESHOLD_=0``) keeps the memory flat but slows the fine-tune, so that is left
+to the user. docs/memory.md, "Memory over a long CPU run", has the figures and says how.
 """
 
 from __future__ import annotations
