@@ -38,7 +38,7 @@ from smoe_ds.finetuning.tasks import TASK_CLASSES, Task
 from smoe_ds.hf.surgery import dense_config
 from smoe_ds.moe.layer import set_ep_exchange
 from smoe_ds.moe.parallel import ep_rank_of
-from smoe_ds.moe.thor import thor_loss
+from smoe_ds.moe.thor import training_loss
 from smoe_ds.training import preflight
 from smoe_ds.training.loop import Evaluation, Job, report_breakdown, run_steps
 from smoe_ds.training.loop_helpers import write_run_config, write_summary
@@ -168,10 +168,8 @@ def job_of(engine, cfg: FinetuneConfig, task: Task, rank: int, world: int) -> Jo
 
     def loss_of(batch: dict):  # the task's tensors by name -> (the loss to backpropagate, the loss to log)
         inputs = {key: t.to(engine.device) for key, t in batch.items()}
-        out = engine(**inputs)
-        if cfg.moe.mode == "thor":  # a second pass with fresh random routes, and their consistency (as the trainer)
-            return thor_loss(out, engine(**inputs), cfg.moe.thor_alpha), out.loss
-        return out.loss, out.loss
+        loss, out = training_loss(lambda: engine(**inputs), cfg.moe.mode, cfg.moe.thor_alpha)
+        return loss, out.loss
 
     def evaluate(k: int) -> Evaluation:
         row = task.evaluate(engine, k, rank)

@@ -28,7 +28,7 @@ from smoe_ds.distributed import memory, placement
 from smoe_ds.distributed import process_group as D
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.dispatch import exchange_elements, same_tokens_on_every_rank
-from smoe_ds.moe.thor import thor_loss
+from smoe_ds.moe.thor import training_loss
 from smoe_ds.training.loop import Evaluation, Job, report_breakdown, run_steps
 from smoe_ds.training.loop_helpers import MicroBatchLoss, write_run_config, write_summary
 from smoe_ds.training.runtime import Runtime, build_runtime
@@ -44,10 +44,7 @@ def micro_batch_loss(rt: Runtime) -> MicroBatchLoss:
         x, y = batch
         x, y = x.to(engine.device), y.to(engine.device)
         with same_tokens_on_every_rank():  # every rank's micro-batch is [micro_batch, block_size]
-            out = engine(x, y)
-            loss = out.loss
-            if moe.mode == "thor":  # a second pass with fresh random routes, and their consistency
-                loss = thor_loss(out, engine(x, y), moe.thor_alpha)
+            loss, out = training_loss(lambda: engine(x, y), moe.mode, moe.thor_alpha)
         return loss, out.lm_loss
 
     return loss_of

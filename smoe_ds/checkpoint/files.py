@@ -175,3 +175,8 @@ def resolve_tag_dir(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint folder not found: {path}")
     raise CheckpointError(f"{path} is not a DeepSpeed checkpoint: no {MODEL_FILE} and no 'latest' file")
+
+
+def checkpoint_dir(cfg) -> Path:
+    """Where a run (``TrainConfig`` or ``FinetuneConfig``) saves and finds its checkpoints."""
+    return Path(cfg.run.out_dir) / "checkpoints"

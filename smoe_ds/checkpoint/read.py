@@ -114,6 +114,14 @@ def check_resumable(cfg: TrainConfig, tag_dir: Path, meta: dict) -> list[Path]:
     return needed
 
 
+def same_layout(meta: dict, saved: TrainConfig, world_size: int, cfg: TrainConfig) -> bool:
+    """Whether a checkpoint (its ``meta`` and ``saved`` config) was saved at this run's layout:
+    the same world size and ep_size, and ZeRO-3 on both sides or on neither (DeepSpeed's ZeRO-3
+    files, per-rank partitions, and those of the other stages do not mix)."""
+    same_kind = (saved.zero_stage == 3) == (cfg.zero_stage == 3)
+    return meta["world_size"] == world_size and meta["ep_size"] == cfg.moe.ep_size and same_kind
+
+
 def check_same_layout(cfg: TrainConfig, saved: TrainConfig, tag_dir: Path, meta: dict) -> None:
     """A fine-tune resumes at the layout it was saved at: its checkpoint is read by DeepSpeed's own
     loader, which needs the same world size, ep_size and kind of ZeRO (smoe-ds's resharding knows
@@ -125,8 +133,7 @@ def check_same_layout(cfg: TrainConfig, saved: TrainConfig, tag_dir: Path, meta:
 
     then = layout(meta["world_size"], meta["ep_size"], saved.zero_stage)
     now = layout(D.world_size(), cfg.moe.ep_size, cfg.zero_stage)
-    same_kind = (saved.zero_stage == 3) == (cfg.zero_stage == 3)
-    if (meta["world_size"], meta["ep_size"]) != (D.world_size(), cfg.moe.ep_size) or not same_kind:
+    if not same_layout(meta, saved, D.world_size(), cfg):
         raise CheckpointError(
             f"{tag_dir} was saved at {then}; a fine-tune resumes only at that layout, not at {now}: "
             "relaunch with the saved one, or set run.resume=false to start over"

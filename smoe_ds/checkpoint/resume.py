@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from smoe_ds.checkpoint.files import MODEL_FILE, CheckpointError, latest_tag, load_file, read_meta, rng_file
-from smoe_ds.checkpoint.read import check_resumable, model_mismatch, read_model, saved_config
+from smoe_ds.checkpoint.read import check_resumable, model_mismatch, read_model, same_layout, saved_config
 from smoe_ds.checkpoint.reshard import read_zero_state, reshard_optimizer, reshard_plain_optimizer
 from smoe_ds.checkpoint.reshard_zero3 import reshard_zero3_optimizer
 from smoe_ds.checkpoint.save import set_rng_states
@@ -44,9 +44,7 @@ def restore(engine, cfg: TrainConfig, save_dir: str | Path) -> tuple[int, dict]:
 def _load(engine, cfg: TrainConfig, save_dir: Path, tag: str, meta: dict, world: int, ep: int) -> int:
     tag_dir = save_dir / tag
     saved_cfg = saved_config(meta["config"], tag_dir, type(cfg))
-    # DeepSpeed's ZeRO-3 files (per-rank partitions) and those of the other stages do not mix.
-    same_kind = (saved_cfg.zero_stage == 3) == (cfg.zero_stage == 3)
-    if meta["world_size"] == world and meta["ep_size"] == ep and same_kind:
+    if same_layout(meta, saved_cfg, world, cfg):
         path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
         set_rng_states(load_file(tag_dir / rng_file(D.rank())))
     else:

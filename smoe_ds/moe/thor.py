@@ -6,6 +6,9 @@ predictions together, so that whichever expert a token meets, the model says the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -22,3 +25,13 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor
 def thor_loss(first, second, alpha: float) -> torch.Tensor:
     """Training loss from two passes (``LMOutput``s) over one batch: mean LM loss + alpha x consistency."""
     return 0.5 * (first.loss + second.loss) + alpha * symmetric_kl(first.logits, second.logits)
+
+
+def training_loss(run_forward: Callable[[], Any], mode: str, alpha: float) -> tuple[torch.Tensor, Any]:
+    """One batch's loss to backpropagate, and the first pass's output: ``run_forward()``'s loss, or
+    under THOR (``mode == "thor"``) a second pass with fresh random routes, and the mean of the two
+    losses plus ``alpha`` x their consistency. The trainer and the fine-tuner both train through it."""
+    out = run_forward()
+    if mode != "thor":
+        return out.loss, out
+    return thor_loss(out, run_forward(), alpha), out

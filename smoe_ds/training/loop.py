@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -90,13 +89,9 @@ class LoopResult:
         return steps * job.items_per_step / max(self.sitting_s, 1e-9)
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.run.out_dir) / "checkpoints"
-
-
 def resume(job: Job) -> tuple[int, dict]:
     """The step to start from and the trainer state saved with it: (0, {}) unless run.resume finds a checkpoint."""
-    ckpt_dir = checkpoint_dir(job.cfg)
+    ckpt_dir = checkpoint.checkpoint_dir(job.cfg)
     start_step, saved = checkpoint.restore(job.engine, job.cfg, ckpt_dir) if job.cfg.run.resume else (0, {})
     if start_step and D.is_main():
         print(f"resumed from {ckpt_dir / f'step{start_step}'}", flush=True)
@@ -177,7 +172,7 @@ def run_steps(job: Job) -> LoopResult:
     """Resume if there is a checkpoint, then steps start..run.max_steps with their log lines,
     evaluations and saves, then the final save. Every rank calls this."""
     cfg, engine, run = job.cfg, job.engine, job.cfg.run
-    ckpt_dir = checkpoint_dir(cfg)
+    ckpt_dir = checkpoint.checkpoint_dir(cfg)
     start_step, saved = resume(job)
     gas = engine.gradient_accumulation_steps()
     # Micro-batches skipped for NaN/inf losses were read too: the data resumes after them.

@@ -101,7 +101,7 @@ def check_training(cfg: TrainConfig, corpus: Corpus, world_size: int) -> None:
 def check_checkpoint_to_resume(cfg: TrainConfig) -> None:
     """With ``run.resume``, the newest checkpoint in ``run.out_dir/checkpoints`` (if any) is
     complete and fits this run (``smoe_ds.checkpoint.check_resumable``)."""
-    ckpt_dir = Path(cfg.run.out_dir) / "checkpoints"
+    ckpt_dir = checkpoint.checkpoint_dir(cfg)
     tag = checkpoint.latest_tag(ckpt_dir) if cfg.run.resume else None
     if tag is not None:
         tag_dir = ckpt_dir / tag
