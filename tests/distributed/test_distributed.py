@@ -19,7 +19,7 @@ def test_frozen_router_identical_absent_from_optimizer_and_unchanged(tmp_path, l
     r = json.loads(out.read_text())
     if launcher == "deepspeed":  # LOCAL_SIZE would switch DeepSpeed's leaky shm allreduce on; it stays off
         assert r["local_size"] == str(world) and r["shm_buffers"] == []
-    assert r["world"] == world
+    assert r["world"] == r["ranks_reporting"] == world  # every rank's flags below, not rank 0's only
     assert r["router_identical_across_ranks"] and r["router_matches_seed"]
     assert not r["router_requires_grad"] and r["router_grad_is_none"]
     assert not r["router_in_optimizer"] and r["every_trainable_param_in_optimizer"]

@@ -51,6 +51,32 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+def on_every_rank(flags: dict[str, bool]) -> dict[str, bool]:
+    """Each flag true only if it is true on every rank (an all-reduce MIN), so that rank 0's report
+    (``finish``) shows a flag that failed on any rank; every rank must call it, with the same keys."""
+    return _reduced(flags, dist.ReduceOp.MIN)
+
+
+def on_any_rank(flags: dict[str, bool]) -> dict[str, bool]:
+    """Each flag true if it is true on at least one rank (an all-reduce MAX); see ``on_every_rank``."""
+    return _reduced(flags, dist.ReduceOp.MAX)
+
+
+def _reduced(flags: dict[str, bool], op) -> dict[str, bool]:
+    values = torch.tensor([int(bool(flags[key])) for key in sorted(flags)], dtype=torch.int64)
+    if D.world_size() > 1:
+        dist.all_reduce(values, op=op)
+    return {key: bool(v) for key, v in zip(sorted(flags), values.tolist())}
+
+
+def ranks_reporting() -> int:
+    """How many ranks take part in the reductions above (an all-reduce SUM of 1 from each rank)."""
+    one = torch.ones(1, dtype=torch.int64)
+    if D.world_size() > 1:
+        dist.all_reduce(one)
+    return int(one.item())
+
+
 def train_random_steps(engine, steps: int, seed: int) -> None:
     """``steps`` optimizer steps on random byte sequences [2, 16] drawn from ``seed``."""
     gen = torch.Generator().manual_seed(seed)

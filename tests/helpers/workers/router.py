@@ -1,4 +1,6 @@
 """The frozen router on real engines: identical everywhere, in no optimizer group, never changes.
+Every flag is reduced over the ranks before rank 0 writes it: true only if true on every rank (or,
+for the ones that must be false, true if true on any rank).
 
 torchrun --nproc_per_node N -m tests.helpers.workers.router OUT.json EP_SIZE ZERO_STAGE
 """
@@ -15,7 +17,17 @@ from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.router import frozen_router_weight
 from smoe_ds.ops.prebuild import shm_buffers
 from smoe_ds.training.runtime import optimizer_param_groups
-from tests.helpers.workers.common import all_gather_cat, finish, start, tiny_config, train_random_steps, worker_args
+from tests.helpers.workers.common import (
+    all_gather_cat,
+    finish,
+    on_any_rank,
+    on_every_rank,
+    ranks_reporting,
+    start,
+    tiny_config,
+    train_random_steps,
+    worker_args,
+)
 
 
 def optimizer_params(engine) -> set[int]:
@@ -62,19 +74,33 @@ def main(out: str, ep_size: int, zero_stage: int) -> None:
     train_random_steps(engine, 20, seed=rank)
     unchanged = all(torch.equal(r.detach(), b) for r, b in zip(routers, before))
     expert_after = next(moe_layers(engine.module)).deepspeed_moe.experts.w_in
-    finish(
-        out,
+    # Every rank's flags count, not rank 0's only: rank 0 holds experts 0.. (local index = global
+    # index), so only another rank shows an expert initialised by its local index, and a router
+    # in one rank's optimizer or changed on one rank shows on that rank only.
+    everywhere = on_every_rank(
         {
-            "world": world,
             "router_identical_across_ranks": identical,
             "router_matches_seed": matches_seed,
-            "router_requires_grad": any(r.requires_grad for r in routers),
-            "router_in_optimizer": in_optimizer,
             "every_trainable_param_in_optimizer": trainable_held,
             "router_grad_is_none": all(r.grad is None for r in routers),
             "router_unchanged_after_20_steps": unchanged,
             "experts_trained": not torch.equal(expert_after.detach(), expert_before),
             "expert_init_independent_of_ep_size": expert_init_matches,
+        }
+    )
+    anywhere = on_any_rank(
+        {
+            "router_requires_grad": any(r.requires_grad for r in routers),
+            "router_in_optimizer": in_optimizer,
+        }
+    )
+    finish(
+        out,
+        {
+            "world": world,
+            "ranks_reporting": ranks_reporting(),
+            **everywhere,
+            **anywhere,
             "local_size": os.environ.get("LOCAL_SIZE"),
             "shm_buffers": [p.name for p in shm_buffers(os.environ["MASTER_PORT"])],
         },
