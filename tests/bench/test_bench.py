@@ -7,8 +7,11 @@ import pytest
 
 from smoe_ds.bench import e2e as bench_e2e
 from smoe_ds.bench import memory as bench_memory
+from smoe_ds.config.schema import load_config
+from smoe_ds.models.lm import build_model
+from smoe_ds.moe.layer import moe_layers
 from smoe_ds.training.step_breakdown import OTHER, PHASES
-from tests.helpers.launch import run_ranks
+from tests.helpers.launch import REPO, run_ranks
 
 
 def test_bench_tiny_shape_writes_table_and_json(tmp_path):
@@ -131,8 +134,10 @@ def test_bench_overlap_times_every_mode_on_two_spawned_ranks_and_writes_json(tmp
 
 
 def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3(tmp_path):
-    """2 ranks at ep_size 2 (tests/configs/e2e_tiny.json): ZeRO-3 holds half the non-expert weights of
-    ZeRO-2 on each rank, and fp32 AdamW keeps two moments the size of this rank's master partition."""
+    """2 ranks at ep_size 2 (tests/configs/e2e_tiny.json): ZeRO-2 holds the whole model less the other
+    rank's experts, ZeRO-3 its own experts and half the non-expert weights (up to ZeRO-3's padding of
+    each weight to a multiple of the 2 ranks: at most one element per weight), and fp32 AdamW keeps
+    two moments the size of this rank's master partition."""
     out = tmp_path / "memory"
     args = ["--ranks", "2", "--steps", "1", "--variants", "ZeRO-2,ZeRO-3", "--config", "tests/configs/e2e_tiny.json"]
     proc = run_ranks("python", 1, ["smoe_ds.bench.memory", *args, "--out", str(out)], module=True)
@@ -144,9 +149,18 @@ def test_bench_memory_reads_each_ranks_share_from_the_engines_at_zero2_and_zero3
             assert r["optimizer_moments"] == 2 * r["master_weights"] > 0 and r["peak_rss"] > 0
     # Each rank's parameters: every weight under ZeRO-2 (its own experts only), and under ZeRO-3 its
     # partition: with ep_size 2 on 2 ranks the experts are not split further (each expert-data-parallel
-    # group is one rank), so only the non-expert half goes.
-    z2, z3 = ranks["ZeRO-2"][0]["parameters"], ranks["ZeRO-3"][0]["parameters"]
-    assert z3 < z2
+    # group is one rank), so only the non-expert half goes. The model's bytes come from building it
+    # here (fp32); measured: ZeRO-2 266,752 bytes, experts 65,536, ZeRO-3 166,144 = 65,536 + 201,216 / 2.
+    cfg = load_config(str(REPO / "tests" / "configs" / "e2e_tiny.json"))
+    model = build_model(cfg.model, cfg.moe, ep_rank=0)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    experts = [p for layer in moe_layers(model) for p in layer.deepspeed_moe.experts.parameters()]
+    expert_bytes = sum(p.numel() * p.element_size() for p in experts)
+    padding = 4 * (len(list(model.parameters())) - len(experts))  # one fp32 element per partitioned weight
+    for rank in range(2):
+        z2, z3 = ranks["ZeRO-2"][rank]["parameters"], ranks["ZeRO-3"][rank]["parameters"]
+        assert z2 == whole and 0 < expert_bytes < whole, (z2, whole, expert_bytes)
+        assert 0 <= 2 * (z3 - expert_bytes) - (z2 - expert_bytes) <= 2 * padding, (z2, z3, expert_bytes)
     # and the master partitions are the same size at both stages (ZeRO-2 splits the optimizer the same way)
     assert abs(ranks["ZeRO-2"][0]["master_weights"] - ranks["ZeRO-3"][0]["master_weights"]) <= 64 * 4
 
