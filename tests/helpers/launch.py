@@ -76,6 +76,23 @@ def rank_env(extra: dict | None = None) -> dict:
     return {**os.environ, **quiet, **(extra or {})}
 
 
+_ops_built = False
+
+
+def ensure_ops_built() -> None:
+    """Compile DeepSpeed's CPU shm op (and smoe_ds's CPU experts op) once per test process, before it
+    first starts ranks: ranks that all compile it at once under a test timeout can be killed
+    mid-build and leave a stale lock. A few seconds once it is built; about a minute the first time.
+    Tests that start no ranks never pay for it (tests/conftest.py's ``deepspeed_ops_built`` is the
+    same for a test that starts DeepSpeed in its own process)."""
+    global _ops_built
+    if not _ops_built:
+        from smoe_ds.ops.prebuild import prebuild
+
+        prebuild()
+        _ops_built = True
+
+
 def failure(cmd: list[str], what: str, stdout: str, stderr: str) -> str:
     return f"{' '.join(cmd)} {what}\n--- stdout ---\n{stdout[-6000:]}\n--- stderr ---\n{stderr[-6000:]}"
 
@@ -92,6 +109,7 @@ def run_ranks(
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run and wait; with ``check`` a non-zero exit fails the test and prints the output tail."""
+    ensure_ops_built()
     port = free_port()
     full_env = rank_env({"MASTER_PORT": str(port), **(env or {})})
     cmd = launcher_command(launcher, nprocs, target, port, module)
@@ -122,6 +140,7 @@ def start_torchrun_node(
 
     Started in a session of its own; stop it with ``kill_tree``. stdout and stderr go to one pipe.
     """
+    ensure_ops_built()
     cmd = [
         tool("torchrun"),
         "--nnodes",
