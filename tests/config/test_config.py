@@ -84,6 +84,41 @@ def test_bad_values_raise_one_line_naming_the_key(tmp_path, sets, message):
     assert "\n" not in str(info.value)
 
 
+# The trainer's refusals that loading the config already makes, with the whole line it prints (moved
+# here from tests/test_cli_errors.py, which ran a trainer process for each; it keeps one of them on the
+# command line, and the checks that come after loading).
+TRAINER_CONFIG = str(REPO / "tests" / "configs" / "e2e_tiny.json")
+WHOLE_MESSAGES = {  # --set overrides on tests/configs/e2e_tiny.json at ep_size 1 -> the message
+    "wrong_type": (["moe.num_experts=four"], "moe.num_experts must be int, got str 'four'"),
+    "set_without_equals": (["moe.num_experts"], "--set expects KEY=VALUE, got 'moe.num_experts'"),
+    "k_max_above_n": (["moe.k_schedule.k_max=5"], "moe.k_schedule.k_max (5) must be in [1, num_experts=4]"),
+    "k_min_below_1": (["moe.k_schedule.k_min=0"], "moe.k_schedule.k_min (0) must be in [1, num_experts=4]"),
+    "k_schedule_ends_before_it_starts": (
+        ["moe.k_schedule.start_step=20", "moe.k_schedule.end_step=10"],
+        "moe.k_schedule.end_step (10) is before start_step (20)",
+    ),
+    "eval_ks_outside_1_to_n": (["run.eval_ks=[1,8]"], "run.eval_ks has values outside [1, num_experts=4]: [8]"),
+    "max_steps_zero": (["run.max_steps=0"], "run.max_steps must be >= 1, got 0"),
+    "negative_lr": (["optimizer.params.lr=-0.001"], "optimizer.params.lr must be >= 0, got -0.001"),
+    "fp16_and_bf16": (
+        ["fp16.enabled=true", "bf16.enabled=true"],
+        "fp16.enabled and bf16.enabled are both true; choose one",
+    ),
+    "zero3_with_the_learned_router": (
+        ["zero_optimization.stage=3", "moe.mode=learned"],
+        "zero_optimization.stage 3 does not support moe.mode learned",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WHOLE_MESSAGES))
+def test_the_trainers_config_refusals_in_whole(case):
+    overrides, message = WHOLE_MESSAGES[case]
+    with pytest.raises(ConfigError) as info:
+        load_config(TRAINER_CONFIG, ["moe.ep_size=1", *overrides])
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
 def test_json_syntax_error_names_the_line(tmp_path):
     path = write(tmp_path, '{\n  "train_micro_batch_size_per_gpu": 2,\n  "model": {"d_model": 64,}\n}')
     with pytest.raises(ConfigError, match="invalid JSON at line 3"):
