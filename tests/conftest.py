@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def deepspeed_ops_built():
     """DeepSpeed's CPU shm op compiled (once per test process), for a test that starts DeepSpeed's
     process group in its own process. Tests that start ranks need not ask: the launch helpers
-    (tests.helpers.launch.run_ranks, start_torchrun_node) build the ops before the first ranks
-    start, and pure unit tests never wait for the build."""
+    build the ops before the first ranks start (tests.helpers.launch.rank_env, which every way of
+    starting ranks takes), and pure unit tests never wait for the build."""
     from tests.helpers.launch import ensure_ops_built
 
     ensure_ops_built()

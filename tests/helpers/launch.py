@@ -70,12 +70,6 @@ def kill_tree(pid: int) -> None:
             proc.kill()
 
 
-def rank_env(extra: dict | None = None) -> dict:
-    """The environment tests start ranks with: one thread each, offline, unbuffered, plus ``extra``."""
-    quiet = {"OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return {**os.environ, **quiet, **(extra or {})}
-
-
 _ops_built = False
 
 
@@ -91,6 +85,15 @@ def ensure_ops_built() -> None:
 
         prebuild()
         _ops_built = True
+
+
+def rank_env(extra: dict | None = None) -> dict:
+    """The environment tests start ranks with: one thread each, offline, unbuffered, plus ``extra``.
+    Every way tests start ranks takes it (run_ranks, start_torchrun_node, and ranks started by hand),
+    so the ops are built here first (``ensure_ops_built``)."""
+    ensure_ops_built()
+    quiet = {"OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **quiet, **(extra or {})}
 
 
 def failure(cmd: list[str], what: str, stdout: str, stderr: str) -> str:
@@ -109,7 +112,6 @@ def run_ranks(
     env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run and wait; with ``check`` a non-zero exit fails the test and prints the output tail."""
-    ensure_ops_built()
     port = free_port()
     full_env = rank_env({"MASTER_PORT": str(port), **(env or {})})
     cmd = launcher_command(launcher, nprocs, target, port, module)
@@ -140,7 +142,6 @@ def start_torchrun_node(
 
     Started in a session of its own; stop it with ``kill_tree``. stdout and stderr go to one pipe.
     """
-    ensure_ops_built()
     cmd = [
         tool("torchrun"),
         "--nnodes",
