@@ -1,7 +1,9 @@
 # make train: set up .venv and run the default main job (2 CPU ranks, or every local GPU);
 #             make train ARGS="--set run.resume=false" starts it over in the same folder.
 # make test:  set up .venv if needed and run the linter and every test (what CI runs).
-# make test-fast: the same without the tests marked slow (the longest multi-rank runs).
+# make test-fast: the linter, the unit tests and one end-to-end run (2 ranks under the deepspeed
+#             launcher, 50 steps), in under 5 minutes on 2 cores: it skips every other test that
+#             starts ranks (marked e2e by tests/conftest.py, which names the one it keeps) and slow.
 # Tests run in PYTEST_WORKERS pytest-xdist workers: most of a multi-rank test's time is start-up
 # and waiting (launchers, rendezvous, heartbeats), so two workers fill two cores better than one.
 # --dist loadfile keeps each test file on one worker, so its module fixtures (trained runs) run once.
@@ -42,7 +44,7 @@ test: $(VENV)/.installed lint
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: $(VENV)/.installed lint
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow" --durations=15
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not e2e" --durations=15
 
 # make gpu-wheels (here, with the package registry): .whl/ gets what the offline GPU machine lacks.
 # make gpu-check (there): every GPU path checked and measured in a few minutes; see launch/gpu_check.sh.

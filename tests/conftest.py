@@ -73,6 +73,66 @@ LONGEST_FILES = (
 )
 
 
+# What starts ranks: the launch helpers (tests/helpers/launch.py; rank_env and launcher_command for
+# ranks started by hand). A test that uses one, through any function, class or fixture of tests/ (a
+# module-scoped run included), is marked e2e.
+STARTS_RANKS = frozenset({"run_ranks", "run_worker", "start_torchrun_node", "rank_env", "launcher_command"})
+# The one end-to-end run `make test-fast` keeps: 2 ranks under the deepspeed launcher training
+# tests/configs/e2e_tiny.json (ep_size 2, ZeRO-2, 50 steps), and the two tests that read it.
+FAST_E2E = (
+    "tests/training/test_train_e2e.py::test_deepspeed_launcher_ep2_zero2_lowers_validation_loss",
+    "tests/training/test_train_e2e.py::test_outputs_table_json_plot_monitor_and_per_expert_checkpoint",
+)
+
+
+def _code_objects(code):
+    yield code
+    for const in code.co_consts:  # lambdas, nested functions and classes
+        if hasattr(const, "co_names"):
+            yield from _code_objects(const)
+
+
+def _starts_ranks(func, seen: set) -> bool:
+    """Whether ``func`` uses a launch helper, itself or through the functions and classes of tests/ it names."""
+    if isinstance(func, type):
+        return any(_starts_ranks(f, seen) for f in vars(func).values())
+    func = getattr(func, "__wrapped__", func)
+    code = getattr(func, "__code__", None)
+    if code is None or code in seen:
+        return False
+    seen.add(code)
+    scope = getattr(func, "__globals__", {})
+    for c in _code_objects(code):
+        if STARTS_RANKS & set(c.co_names):
+            return True
+        for name in c.co_names:
+            found = scope.get(name)
+            if getattr(found, "__module__", "").startswith("tests.") and _starts_ranks(found, seen):
+                return True
+    return False
+
+
+def _test_starts_ranks(item) -> bool:
+    seen: set = set()
+    if _starts_ranks(getattr(item, "function", None), seen):
+        return True
+    defs = getattr(item, "_fixtureinfo", None)
+    for name in getattr(item, "fixturenames", ()):
+        for fixture in defs.name2fixturedefs.get(name, ()) if defs else ():
+            if _starts_ranks(fixture.func, seen):
+                return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k and -m deselect: they see the e2e marks, FAST_E2E all of its tests
 def pytest_collection_modifyitems(config, items):
     order = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: order.get(item.nodeid.split("::")[0].removeprefix("tests/"), len(order)))
+    nodeids = {item.nodeid for item in items}
+    files = {nodeid.split("::")[0] for nodeid in nodeids}
+    missing = [n for n in FAST_E2E if n.split("::")[0] in files and n not in nodeids]
+    if missing:  # renamed: make test-fast would keep no end-to-end run
+        raise pytest.UsageError(f"tests/conftest.py's FAST_E2E names tests that do not exist: {missing}")
+    for item in items:
+        if item.nodeid not in FAST_E2E and _test_starts_ranks(item):
+            item.add_marker(pytest.mark.e2e)
