@@ -72,3 +72,16 @@ def test_the_cycle_finder_finds_a_circle():
 def test_the_top_level_holds_the_commands_and_a_few_shared_modules_only():
     top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+# The command modules: smoe-train, smoe-finetune, smoe-evaluate, smoe-convert, smoe-generate, smoe-hf-convert.
+COMMANDS = {f"smoe_ds.{name}" for name in ("train", "finetune", "evaluate", "convert", "generate", "hf_convert")}
+
+
+def test_commands_import_the_library_and_nothing_imports_a_command():
+    """A command module parses its arguments and calls the library; what another module needs
+    lives in the library, so that the commands stay thin."""
+    graph = import_graph()
+    assert COMMANDS <= set(graph), sorted(COMMANDS - set(graph))
+    importers = {m: sorted(graph[m] & COMMANDS) for m in graph if m not in COMMANDS and graph[m] & COMMANDS}
+    assert not importers, importers

@@ -50,7 +50,7 @@ def is_checkpoint(path: str) -> bool:
 def export_checkpoint(path: str, out: Path) -> Path:
     """Convert a checkpoint to an export in ``out`` (rank 0; kept for a rerun) and return ``out``.
     A collective: a conversion error reaches every rank as the same ConfigError."""
-    from smoe_ds.convert import convert
+    from smoe_ds.checkpoint.export import convert
     from smoe_ds.distributed import process_group as D
 
     error = None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smoe_ds.checkpoint import CheckpointError
-from smoe_ds.convert import convert
+from smoe_ds.checkpoint.export import convert
 from smoe_ds.inference import load_model
 from tests.helpers.launch import REPO, run_ranks
 from tests.helpers.malicious import RunsCode

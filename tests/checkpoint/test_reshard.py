@@ -50,8 +50,8 @@ def test_resharded_weights_and_optimizer_state_are_bit_identical(tmp_path, zero,
     from safetensors.torch import load_file
 
     from smoe_ds.checkpoint import read_zero_state, resolve_tag_dir
+    from smoe_ds.checkpoint.export import convert
     from smoe_ds.config.schema import config_from_dict
-    from smoe_ds.convert import convert
 
     run = args_for(tmp_path, "run.max_steps=6", f"zero_optimization.stage={zero}")
     run_ranks("deepspeed", 2, run, module=True)

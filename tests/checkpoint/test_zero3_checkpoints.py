@@ -18,8 +18,8 @@ def test_zero3_checkpoint_reshards_to_zero2_on_2_ranks_and_back_bit_for_bit(tmp_
     from safetensors.torch import load_file
 
     from smoe_ds.checkpoint import read_meta, read_zero_state
+    from smoe_ds.checkpoint.export import convert
     from smoe_ds.checkpoint.read import saved_config
-    from smoe_ds.convert import convert
 
     run = args_for(tmp_path, "run.max_steps=6", *FOUR_RANKS, ZERO3)
     run_ranks("deepspeed", 4, run, module=True)
@@ -82,7 +82,7 @@ def test_zero3_sigkill_mid_training_then_relaunch_gives_the_uninterrupted_losses
 def test_a_bf16_zero3_checkpoint_holds_the_fp32_masters_and_exports_them(tmp_path):
     from safetensors.torch import load_file
 
-    from smoe_ds.convert import convert
+    from smoe_ds.checkpoint.export import convert
 
     bf16 = args_for(tmp_path, "run.max_steps=5", "bf16.enabled=true", *FOUR_RANKS, ZERO3)
     run_ranks("deepspeed", 4, bf16, module=True)

@@ -3,7 +3,7 @@ checkpoints, and its export runs single-GPU inference at every k with the engine
 
 import torch
 
-from smoe_ds.convert import convert
+from smoe_ds.checkpoint.export import convert
 from smoe_ds.inference import load_model
 from tests.gpu.common import DEVICE, MARKS, REL_TOL, rel_error
 from tests.helpers.launch import run_ranks
