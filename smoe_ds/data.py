@@ -9,6 +9,8 @@ Sources, by ``data.path``:
 - a local folder: each text file in it is a document;
 - anything else: a Hugging Face hub dataset name, loaded with ``datasets.load_dataset``.
 
+The embedded default's byte streams are cached on disk (``stdlib_streams``; ``cache_dir``).
+
 Documents are split into train and validation deterministically: by a hash of each file's
 relative path for folders (so the split never depends on the file count or order), and by
 ``Dataset.train_test_split(seed=data.seed)`` for a single file's paragraphs or a hub dataset
@@ -26,6 +28,8 @@ from __future__ import annotations
 import codecs
 import itertools
 import os
+import shutil
+import sys
 import sysconfig
 import zlib
 from collections.abc import Iterator
@@ -278,11 +282,8 @@ def make_tokenizer(cfg: DataConfig):
     return HFTokenizer(cfg.tokenizer) if cfg.tokenizer else ByteTokenizer()
 
 
-def pack_split(ds, tokenizer, block_size: int) -> tuple[np.ndarray, int, int]:
-    """Tokenise a text split and cut its token stream into [M, block_size + 1] blocks.
-
-    Returns the blocks, the number of tokens and the number of UTF-8 bytes in the split.
-    """
+def token_stream(ds, tokenizer) -> tuple[np.ndarray, int]:
+    """A text split's documents tokenised into one stream [n_tokens], and its UTF-8 byte count."""
 
     def tokenize(batch):
         return {
@@ -295,17 +296,69 @@ def pack_split(ds, tokenizer, block_size: int) -> tuple[np.ndarray, int, int]:
     ids_column = tokenized["ids"]
     stream = np.concatenate(list(ids_column)) if len(ids_column) else np.zeros(0, dtype=np.int64)
     n_bytes = int(np.sum(tokenized["n_bytes"])) if len(tokenized) else 0
+    return stream, n_bytes
+
+
+def pack_stream(stream: np.ndarray, block_size: int) -> np.ndarray:
+    """A token stream [n] cut into non-overlapping int64 blocks [n // (block_size + 1), block_size + 1]."""
     width = block_size + 1
     n_blocks = len(stream) // width
-    return stream[: n_blocks * width].reshape(n_blocks, width).astype(np.int64), len(stream), n_bytes
+    return stream[: n_blocks * width].reshape(n_blocks, width).astype(np.int64)
+
+
+# -- the embedded default, cached -----------------------------------------------------------
+# Every rank of every launch would otherwise walk, read and tokenise the standard library again
+# (about 2 s of a core each, most of a test suite's data time). Its byte streams depend on the
+# interpreter and data.val_fraction only, so they are kept on disk per (interpreter, fraction).
+DEFAULT_CACHE_FORMAT = 1  # bump when what is cached, or how it is split, changes
+
+
+def cache_dir() -> Path:
+    """$SMOE_DS_CACHE, else $XDG_CACHE_HOME/smoe_ds, else ~/.cache/smoe_ds."""
+    if os.environ.get("SMOE_DS_CACHE"):
+        return Path(os.environ["SMOE_DS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "smoe_ds"
+
+
+def stdlib_streams(val_fraction: float) -> dict[str, np.ndarray]:
+    """{"train"/"validation": UTF-8 byte stream [n]} of the embedded default, read from the cache,
+    or made and cached (written whole under a temporary name, then renamed, so that ranks starting
+    together never read half a file)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    key = (DEFAULT_CACHE_FORMAT, sys.version, str(root), root.stat().st_mtime_ns, val_fraction)
+    folder = cache_dir() / f"stdlib-{zlib.crc32(repr(key).encode()):08x}"
+    try:
+        return {split: np.load(folder / f"{split}.npy", allow_pickle=False) for split in ("train", "validation")}
+    except (OSError, ValueError):
+        pass
+    root, files = stdlib_files()
+    train, val = split_files_by_hash(root, files, val_fraction)
+    splits = _load_local_documents({"train": train, "validation": val})
+    streams = {split: token_stream(splits[split], ByteTokenizer())[0] for split in ("train", "validation")}
+    try:
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for split, stream in streams.items():
+            np.save(tmp / f"{split}.npy", stream.astype(np.uint8), allow_pickle=False)
+        os.replace(tmp, folder)
+    except OSError:  # a read-only home, or another rank renamed its copy first: the streams stand
+        shutil.rmtree(tmp, ignore_errors=True)
+    return streams
 
 
 def load_corpus(cfg: DataConfig, block_size: int) -> Corpus:
-    """Load, split, tokenise and pack the configured corpus (``datasets`` caches the heavy parts)."""
+    """Load, split, tokenise and pack the configured corpus (``datasets`` caches the heavy parts;
+    the embedded default's byte streams are cached whole, ``stdlib_streams``)."""
     tokenizer = make_tokenizer(cfg)
-    splits = load_text_splits(cfg)
-    train, _, _ = pack_split(splits["train"], tokenizer, block_size)
-    val, val_tokens, val_bytes = pack_split(splits["validation"], tokenizer, block_size)
+    if cfg.path is None and cfg.tokenizer is None:
+        # one byte, one token: a split's byte count is its stream's length
+        streams = {split: (stream, len(stream)) for split, stream in stdlib_streams(cfg.val_fraction).items()}
+    else:
+        splits = load_text_splits(cfg)
+        streams = {split: token_stream(splits[split], tokenizer) for split in ("train", "validation")}
+    (train_stream, _), (val_stream, val_bytes) = streams["train"], streams["validation"]
+    train, val = pack_stream(train_stream, block_size), pack_stream(val_stream, block_size)
+    val_tokens = len(val_stream)
     where = cfg.path or "the Python standard library (embedded default)"
     for name, blocks in (("training", train), ("validation", val)):
         if len(blocks) == 0:

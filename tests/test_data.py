@@ -6,12 +6,15 @@ import torch
 
 from smoe_ds.config.schema import ConfigError, DataConfig
 from smoe_ds.data import (
+    ByteTokenizer,
     eval_batches,
     first_non_utf8,
     load_corpus,
     load_text_splits,
+    pack_stream,
     split_files_by_hash,
     stdlib_files,
+    token_stream,
     train_batches,
 )
 from tests.helpers.corpora import write_stdlib_text
@@ -35,6 +38,24 @@ def test_default_corpus_packs_into_blocks_of_bytes():
     assert corpus.train_blocks.shape[1] == 65 and corpus.val_blocks.shape[1] == 65
     assert corpus.vocab_size == 256 and corpus.bytes_per_token == 1.0
     assert int(corpus.train_blocks.max()) < 256 and len(corpus.val_blocks) > 100
+
+
+def test_the_default_corpus_is_cached_per_val_fraction_and_reads_back_the_same_blocks(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMOE_DS_CACHE", str(tmp_path))
+    made = load_corpus(DataConfig(), block_size=64)
+    (folder,) = tmp_path.iterdir()  # one per (interpreter, val_fraction), written whole
+    assert sorted(f.name for f in folder.iterdir()) == ["train.npy", "validation.npy"]
+    read = load_corpus(DataConfig(), block_size=32)  # another block size cuts the same streams
+    splits = load_text_splits(DataConfig())  # the uncached path, tokenised here
+    for split, blocks in (("train", read.train_blocks), ("validation", read.val_blocks)):
+        stream, n_bytes = token_stream(splits[split], ByteTokenizer())
+        assert n_bytes == len(stream)
+        assert torch.equal(blocks, torch.from_numpy(pack_stream(stream, 32)))
+    n = min(made.train_blocks.numel(), read.train_blocks.numel())  # both cut one stream, from its start
+    assert torch.equal(made.train_blocks.flatten()[:n], read.train_blocks.flatten()[:n])
+    assert (read.bytes_per_token, read.vocab_size) == (1.0, 256)
+    load_corpus(DataConfig(val_fraction=0.1), block_size=64)
+    assert len(list(tmp_path.iterdir())) == 2
 
 
 def test_single_file_is_split_by_paragraph_with_the_seed(tmp_path):
