@@ -117,6 +117,8 @@ def check_config(module: str, args: argparse.Namespace) -> None:
     # The transfer experiment's --config is the base that each of its runs completes (model, data).
     if not getattr(args, "config", None) or module == "smoe_ds.experiments.transfer":
         return
+    if str(args.config).startswith("runs/") and not (REPO / args.config).exists():  # written by the command before
+        return
     from smoe_ds.config.schema import TrainConfig, load_config
     from smoe_ds.finetuning.config import FinetuneConfig
 
@@ -160,10 +162,13 @@ def check_launcher(script: str, args: list[str], env: dict[str, str]) -> None:
     assert path.is_file(), f"{script} does not exist"
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, f"{script} does not parse: {proc.stderr}"
-    assert "smoe_ds.train" in path.read_text(encoding="utf-8"), f"{script} does not start smoe_ds.train"
+    text = path.read_text(encoding="utf-8")
+    assert "smoe_ds.train" in text or "smoe-train" in text, f"{script} does not start smoe_ds.train"
     config = next((i for i, a in enumerate(args) if a.endswith(".json")), None)
     assert config is not None, f"{script} {args}: no .json config"
-    check_command(["python", "-m", "smoe_ds.train", "--config", *args[config:]], env)
+    # the trainer's own options follow the config; a word before them is the script's (autotune.sh's mode)
+    options = next((i for i in range(config + 1, len(args)) if args[i].startswith("--")), len(args))
+    check_command(["python", "-m", "smoe_ds.train", "--config", args[config], *args[options:]], env)
 
 
 def check_command(words: list[str], env: dict[str, str]) -> None:
@@ -178,6 +183,9 @@ def check_command(words: list[str], env: dict[str, str]) -> None:
         return
     if words[0].startswith("launch/"):
         check_launcher(words[0], words[1:], env)
+        return
+    if head == "bash" and len(words) > 1 and words[1].startswith("launch/"):
+        check_launcher(words[1], words[2:], env)
         return
     if head == "bash":
         check_script(words, env)

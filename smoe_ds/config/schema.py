@@ -20,6 +20,7 @@ Semantic checks that need the world size (ep_size against ranks, batch sizes) li
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import dataclasses
 import difflib
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 OUR_SECTIONS = ("model", "moe", "data", "run")
+AUTOTUNING_END_PROFILE_STEP_DEFAULT = 5  # deepspeed.autotuning.constants' (not imported: it loads DeepSpeed)
 MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed", "thor")
 FULL_ROUTE_DISPATCH = ("all_to_all", "gather_scatter", "counted")
 # What expert parallelism moves between the ranks of a group: the tokens to the experts
@@ -202,6 +204,7 @@ class TrainConfig:
         sched = sched.get("params") if isinstance(sched, dict) else None  # a malformed one is refused in validate
         if isinstance(sched, dict) and sched.get("total_num_steps") == "auto":
             sched["total_num_steps"] = self.run.max_steps
+        self._as_autotuning_experiment()
         for monitor in ("csv_monitor", "tensorboard"):  # monitors write under run.out_dir unless told otherwise
             section = self.deepspeed.get(monitor)
             if isinstance(section, dict) and section.get("enabled") and not section.get("output_path"):
@@ -209,6 +212,27 @@ class TrainConfig:
                 section.setdefault("job_name", Path(self.run.out_dir).name)
         self.validate()
         return self
+
+    def _as_autotuning_experiment(self) -> None:
+        """One experiment of DeepSpeed's autotuner: its config has ``autotuning.metric_path`` (or, for
+        the profiling run, ``model_info_path``) set by the tuner, and the engine writes the metric there
+        after ``end_profile_step`` and exits. Such a run gets its own folder beside that file, starts
+        fresh and saves nothing: experiments would otherwise resume each other's checkpoints and
+        report the metric of a run that trained no step (docs/results/autotuning_cpu)."""
+        tuning = self.deepspeed.get("autotuning")
+        if not (isinstance(tuning, dict) and tuning.get("enabled")):
+            return
+        written = tuning.get("metric_path") or tuning.get("model_info_path")
+        if written:
+            self.run.out_dir = str(Path(written).parent / "smoe_run")
+            self.run.resume, self.run.save_checkpoint, self.run.save_interval = False, False, 0
+            self.run.eval_interval = 0
+        end = tuning.get("end_profile_step", AUTOTUNING_END_PROFILE_STEP_DEFAULT)
+        _require(
+            self.run.max_steps > end,
+            f"autotuning.end_profile_step is {end}: run.max_steps ({self.run.max_steps}) must be larger, "
+            "or the engine never writes the metric and the tuner ranks the experiment 0",
+        )
 
     def precision_enabled(self, kind: str) -> bool:
         """Whether the DeepSpeed section turns on ``kind`` ("fp16" or "bf16")."""
@@ -463,22 +487,39 @@ def _require(cond: bool, message: str) -> None:
 
 
 def load_config(path: str | None, overrides: tuple[str, ...] | list[str] = (), cls: type = TrainConfig) -> TrainConfig:
-    """Read ``path`` (JSON), apply ``KEY=VALUE`` overrides, build and resolve a ``cls`` config."""
+    """Read ``path`` (a JSON file, or JSON in base64 as DeepSpeed's autotuner passes it), apply
+    ``KEY=VALUE`` overrides, build and resolve a ``cls`` config."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        text, where = _config_text(path)
         try:
-            raw = json.loads(p.read_text())
+            raw = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise ConfigError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a JSON object")
+            raise ConfigError(f"{where}: the top level must be a JSON object")
     raw = copy.deepcopy(raw)
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw, cls).resolve()
+
+
+def _config_text(path: str) -> tuple[str, str]:
+    """The text of the config ``path`` names, and how messages name it. DeepSpeed's autotuner
+    replaces the value of ``--deepspeed_config`` with the experiment's config as urlsafe base64
+    (``deepspeed/autotuning/scheduler.py``), often too long a name for the file system."""
+    try:
+        if Path(path).is_file():
+            return Path(path).read_text(), path
+    except OSError:  # a name too long to be a file's
+        pass
+    try:
+        text = base64.urlsafe_b64decode(path.encode("ascii")).decode("utf-8")
+    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
+        text = ""
+    if not text.lstrip().startswith("{"):
+        raise ConfigError(f"config file not found: {path[:200]}")
+    return text, "the base64 config"
 
 
 def config_cli(
@@ -488,7 +529,13 @@ def config_cli(
     to be called inside ``run_main`` so that a ConfigError becomes its one-line message."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     sections = "/".join(cls.SECTIONS)
-    p.add_argument("--config", required=True, help=f"JSON file: a DeepSpeed config plus {sections} sections")
+    p.add_argument(
+        "--config",
+        "--deepspeed_config",  # the flag DeepSpeed's autotuner finds the config by, and rewrites per experiment
+        dest="config",
+        required=True,
+        help=f"JSON file: a DeepSpeed config plus {sections} sections",
+    )
     p.add_argument(
         "--set",
         action="append",
