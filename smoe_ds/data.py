@@ -331,9 +331,7 @@ def stdlib_streams(val_fraction: float) -> dict[str, np.ndarray]:
         return {split: np.load(folder / f"{split}.npy", allow_pickle=False) for split in ("train", "validation")}
     except (OSError, ValueError):
         pass
-    root, files = stdlib_files()
-    train, val = split_files_by_hash(root, files, val_fraction)
-    splits = _load_local_documents({"train": train, "validation": val})
+    splits = load_text_splits(DataConfig(path=None, val_fraction=val_fraction))
     streams = {split: token_stream(splits[split], ByteTokenizer())[0] for split in ("train", "validation")}
     try:
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")

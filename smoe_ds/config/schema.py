@@ -153,9 +153,7 @@ class RunConfig:
     heartbeat_interval_s: float = 2.0  # how often each rank tells the others it is alive
     max_bad_steps: int = 3  # consecutive steps with a NaN/inf loss (fp32, bf16) before the run stops
     step_breakdown: bool = False  # time each phase of a step and its collectives (smoe_ds.training.step_breakdown)
-    heap_trim_interval: int = (
-        5  # CPU runs: steps between checks for trimming the heap (smoe_ds.training.heap; 0: never)
-    )
+    heap_trim_interval: int = 5  # CPU runs: steps between heap-trim checks (smoe_ds.training.heap; 0: never)
 
 
 @dataclass
