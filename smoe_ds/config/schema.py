@@ -291,22 +291,7 @@ class TrainConfig:
             f"moe.capacity_factor must be positive or null (dropless), got {moe.capacity_factor}",
         )
         n = moe.num_experts
-        _require(
-            ks.kind in SCHEDULE_KINDS,
-            f"moe.k_schedule.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {ks.kind!r}",
-        )
-        _require(1 <= ks.k_min <= n, f"moe.k_schedule.k_min ({ks.k_min}) must be in [1, num_experts={n}]")
-        _require(1 <= ks.k_max <= n, f"moe.k_schedule.k_max ({ks.k_max}) must be in [1, num_experts={n}]")
-        _require(ks.k_min <= ks.k_max, f"moe.k_schedule.k_min ({ks.k_min}) is above k_max ({ks.k_max})")
-        _require(ks.start_step >= 0, "moe.k_schedule.start_step must be >= 0")
-        _require(
-            ks.end_step >= ks.start_step,
-            f"moe.k_schedule.end_step ({ks.end_step}) is before start_step ({ks.start_step})",
-        )
-        _require(
-            all(isinstance(s, int) for s in ks.milestones) and ks.milestones == sorted(ks.milestones),
-            "moe.k_schedule.milestones must be an increasing list of steps",
-        )
+        check_k_schedule(ks, n)
         _require(1 <= moe.k <= n, f"moe.k ({moe.k}) must be in [1, num_experts={n}]")
         _require(run.max_steps >= 1, f"run.max_steps must be >= 1, got {run.max_steps}")
         _require(
@@ -479,6 +464,22 @@ class TrainConfig:
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def check_k_schedule(ks: KScheduleConfig, num_experts: int, name: str = "moe.k_schedule") -> None:
+    """ConfigError naming the key (``name``.k_max, ...) unless ``ks``, its defaults filled, is a
+    schedule of k in [1, ``num_experts``]."""
+    n = num_experts
+    _require(ks.kind in SCHEDULE_KINDS, f"{name}.kind must be one of {', '.join(SCHEDULE_KINDS)}, got {ks.kind!r}")
+    _require(1 <= ks.k_min <= n, f"{name}.k_min ({ks.k_min}) must be in [1, num_experts={n}]")
+    _require(1 <= ks.k_max <= n, f"{name}.k_max ({ks.k_max}) must be in [1, num_experts={n}]")
+    _require(ks.k_min <= ks.k_max, f"{name}.k_min ({ks.k_min}) is above k_max ({ks.k_max})")
+    _require(ks.start_step >= 0, f"{name}.start_step must be >= 0")
+    _require(ks.end_step >= ks.start_step, f"{name}.end_step ({ks.end_step}) is before start_step ({ks.start_step})")
+    _require(
+        all(isinstance(s, int) for s in ks.milestones) and ks.milestones == sorted(ks.milestones),
+        f"{name}.milestones must be an increasing list of steps",
+    )
 
 
 # -- loading ------------------------------------------------------------------------------

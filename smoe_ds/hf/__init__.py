@@ -7,12 +7,22 @@
 - ``auto``: the saved SMoE directory's config and its loader for transformers' Auto classes.
 - ``gather``: the whole model on rank 0 from an expert-parallel engine (the fine-tuner's export).
 - ``tasks``: the fine-tuning tasks (head, batches, metric); ``labelled_data``: their labelled files.
+- ``trainer_callback``: ``SMoEDropoutCallback``, SMoE-Dropout inside a Hugging Face ``Trainer`` script.
 
 The CLI is ``python -m smoe_ds.hf_convert``.
 """
 
 from smoe_ds.hf.save import export_dense, load_smoe, save_smoe
 from smoe_ds.hf.surgery import SMoESpec, convert_model
+from smoe_ds.hf.trainer_callback import SMoEDropoutCallback
 from smoe_ds.moe.layer import set_active_experts
 
-__all__ = ["SMoESpec", "convert_model", "export_dense", "load_smoe", "save_smoe", "set_active_experts"]
+__all__ = [
+    "SMoEDropoutCallback",
+    "SMoESpec",
+    "convert_model",
+    "export_dense",
+    "load_smoe",
+    "save_smoe",
+    "set_active_experts",
+]
