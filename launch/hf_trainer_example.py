@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predictions", action="store_true", help="write the validation logits at each k of --eval_ks")
     p.add_argument("--report_to", default="tensorboard", help="Trainer's report_to, e.g. none")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p.parse_args(argv)
 
 

@@ -5,6 +5,9 @@ dropped, ``for VAR in ...; do ... done`` expanded, ``VAR=$(...)`` run for real t
 
 - ``deepspeed ...`` goes through the deepspeed launcher's own parser (``deepspeed.launcher.runner``),
   then the module or script it starts through that module's parser;
+- ``torchrun ...`` goes through torchrun's own parser, then the module or script it starts as above;
+  a script (``deepspeed ... launch/SCRIPT.py``, ``torchrun ... launch/SCRIPT.py``) must be one of
+  ``launch/`` and is parsed by its own ``main``;
 - ``python -m MODULE ...`` and the installed commands (``smoe-train``, ...; setup.cfg's entry points)
   go through the module's parser;
 - a ``--config FILE --set ...`` command also loads and validates its config, as the run would first;
@@ -26,6 +29,7 @@ import argparse
 import configparser
 import contextlib
 import importlib
+import importlib.util
 import re
 import shlex
 import subprocess
@@ -100,8 +104,18 @@ def stop_after_parsing():
         argparse.ArgumentParser.parse_args = original
 
 
+def script_main(path: str):
+    """The ``main`` of a script of ``launch/`` (``launch/hf_trainer_example.py``), imported from its file."""
+    script = REPO / path
+    assert script.is_file() and script.parent == REPO / "launch", f"{path}: not a script of launch/"
+    spec = importlib.util.spec_from_file_location(f"launch_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def parse_module(module: str, argv: list[str]) -> argparse.Namespace:
-    main = importlib.import_module(module).main
+    main = script_main(module) if module.endswith(".py") else importlib.import_module(module).main
     with stop_after_parsing():
         try:
             main(argv)
@@ -197,8 +211,13 @@ def check_command(words: list[str], env: dict[str, str]) -> None:
             launcher = launcher_args(words[1:])
         except SystemExit as e:
             raise AssertionError(f"the deepspeed launcher refused {words} (exit {e.code})") from None
-        assert launcher.module, f"{words}: run a smoe_ds module with --module"
+        assert launcher.module or launcher.user_script.endswith(".py"), f"{words}: run a smoe_ds module with --module"
         module, argv = launcher.user_script, launcher.user_args
+    elif head == "torchrun":
+        from torch.distributed.run import get_args_parser
+
+        launcher = get_args_parser().parse_args(words[1:])
+        module, argv = launcher.training_script, launcher.training_script_args
     elif head.startswith("python"):
         assert words[1] == "-m", words
         module, argv = words[2], words[3:]
