@@ -104,7 +104,9 @@ def causal_lm_data(args, tokenizer) -> tuple[Dataset, Dataset]:
 
 
 def tiny_gpt2(max_length: int) -> transformers.GPT2LMHeadModel:
-    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=max_length)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=max_length, bos_token_id=None, eos_token_id=None
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
