@@ -8,7 +8,9 @@ carry their shape as a suffix, torchtitan style: ``x_SD`` is [S, D]):
 - N experts in all, K active experts per token (the k of the schedule);
 - P ranks in the expert-parallel group (ep_size), E = N / P experts held by this rank;
 - T tokens reaching this rank's experts (after dispatch), H an expert's hidden width;
-- R routes: (token, local expert) pairs with a non-zero gate, sorted by expert;
-- M rows sent in the all-to-all (messages), X = D + E payload columns (the token and its gates);
-- G a group of routes run together (the CPU sparse path's route buffers).
+- R = T x K routes, (token, expert) pairs in token-major order (a route dropped by a capacity keeps
+  gate 0); Q rows of the padded route buffer (R, each expert's group padded to the grouped GEMM's
+  alignment: ``smoe_ds.moe.routes``);
+- M rows sent in the all-to-all (messages), X = D + E payload columns (the token and its gates),
+  Y = min(K, P) slots per token for the rows coming back.
 """

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from smoe_ds.moe.row_gather import gather_rows
+
 COLLECTIVES = (
     "moe_counts",
     "moe_dispatch",
@@ -196,17 +198,39 @@ class _ExpertGather(torch.autograd.Function):
         return (None, *(part.reshape(-1, *shape).contiguous() for part, shape in zip(parts, ctx.shapes, strict=True)))
 
 
+def _gather_experts_traceable(group, *w_E: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``_ExpertGather`` as ``torch.compile`` can trace it: the same packed all-gather, by torch's
+    functional collective, whose gradient is the reduce-scatter (sum). DeepSpeed's ``comm``
+    wrappers around the collective (timers, the comms logger) are Python the compiler cannot
+    follow, so inside a compiled graph this exchange is not in DeepSpeed's comms log."""
+    from torch.distributed import _functional_collectives as funcol
+
+    E = w_E[0].shape[0]
+    packed_EW = torch.cat([t.reshape(E, -1) for t in w_E], dim=1)
+    gathered_GW = funcol.all_gather_single_autograd(packed_EW, 0, group)
+    parts = gathered_GW.split([t[0].numel() for t in w_E], dim=1)
+    return tuple(part.reshape(-1, *t.shape[1:]).contiguous() for part, t in zip(parts, w_E, strict=True))
+
+
 def gather_experts(stacked: dict[str, torch.Tensor], group) -> dict[str, torch.Tensor]:
     """This rank's stacked expert tensors by name (``w_in`` [E, H, D], ...) -> every rank's of the
     expert-parallel ``group``, [P * E, ...] in global expert order; differentiable (their gradients
-    are reduce-scattered back), one collective each way."""
-    gathered = _ExpertGather.apply(group, *stacked.values())
-    return dict(zip(stacked, gathered, strict=True))
+    are reduce-scattered back), one collective each way. The sizes are the weights', whatever the
+    tokens: nothing is counted or read back."""
+    gather = _gather_experts_traceable if torch.compiler.is_compiling() else _ExpertGather.apply
+    return dict(zip(stacked, gather(group, *stacked.values()), strict=True))
 
 
 @dataclass(frozen=True)
 class DispatchPlan:
-    """What ``combine`` needs to return each rank's results to the tokens that asked for them."""
+    """What ``combine`` needs to return each rank's results to the tokens that asked for them.
+
+    Counted routes give each token Y = min(k, P) slots, one per rank it can reach (a token's k
+    experts lie on at most that many ranks): ``slot_M`` is the slot (token * Y + its j-th rank)
+    of every row sent, ``row_of_slot`` [S * Y] the row of each slot (M where the token reached
+    fewer ranks). The results come back by gathering with the second and summing each token's Y
+    slots: a fixed order, no atomics.
+    """
 
     token_M: torch.Tensor | None  # [M] local token of every row sent, by destination; None: full routes
     send_counts: list[int]  # rows sent to each rank of the group
@@ -215,6 +239,9 @@ class DispatchPlan:
     group: dist.ProcessGroup | None
     gate_columns: int  # gates sent with each row: E, or all N when gathered
     gathered: bool = False  # full routes by all-gather and reduce-scatter
+    slot_M: torch.Tensor | None = None  # [M] counted routes only
+    row_of_slot: torch.Tensor | None = None  # [S * Y] counted routes only
+    slots_per_token: int = 1  # Y
 
 
 def full_routes(k: int, num_experts: int, ep_size: int) -> bool:
@@ -229,12 +256,17 @@ def dispatch(
     group: dist.ProcessGroup | None,
     ep_size: int,
     full_route: str | None = None,
+    k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, DispatchPlan | None]:
     """Send each token once to every rank holding one of its routed experts.
 
     Returns ``x_TD``, ``gates_TE`` (the gates for this rank's E experts) and the plan; with
     ep_size 1 nothing moves and the plan is None. ``full_route`` (one of ``FULL_ROUTE_COLLECTIVES``,
     only where ``full_routes`` holds) sends every token everywhere with that collective, uncounted.
+    ``k`` (the routes per token; default N) bounds the ranks one token reaches.
+
+    Counted routes read the device back once per forward: ``all_to_all_single`` takes its split
+    sizes, and so the size of what it receives, as host integers, and those depend on the routes.
     """
     S, N = gates_SN.shape
     if ep_size == 1:
@@ -250,19 +282,40 @@ def dispatch(
     if full_route == "all_to_all":
         x_TD, gates_TE = _FullRouteExchange.apply(x_SD, gates_SN.to(x_SD.dtype), group, ep_size)
         return x_TD, gates_TE, DispatchPlan(None, [S] * ep_size, [S] * ep_size, S, group, E)
-    if full_route is None:
-        dest_M, token_M = (gates_SPE != 0).any(-1).t().nonzero(as_tuple=True)  # sorted by destination rank
-        send = torch.bincount(dest_M, minlength=ep_size)
-        recv = torch.empty_like(send)
-        _all_to_all(recv, send, None, None, group, "moe_counts")
-        send_counts, recv_counts = send.tolist(), recv.tolist()
-        # One message per row: the token and its gates for the destination's experts.
-        payload_MX = torch.cat([x_SD.index_select(0, token_M), gates_SPE[token_M, dest_M].to(x_SD.dtype)], dim=1)
-    else:
+    if full_route is not None:
         raise ValueError(f"full_route must be one of {FULL_ROUTE_COLLECTIVES} or None, got {full_route!r}")
+    reach_PS = (gates_SPE != 0).any(-1).t()  # does token s go to rank p
+    send = reach_PS.sum(1)
+    recv = torch.empty_like(send)
+    _all_to_all(recv, send, None, None, group, "moe_counts")
+    send_counts, recv_counts = torch.stack([send, recv]).tolist()  # the exchange's one read-back
+    dest_M, token_M, slot_M, row_of_slot, Y = _counted_slots(reach_PS, sum(send_counts), k or N)
+    # One message per row: the token and its gates for the destination's experts.
+    x_MD = gather_rows(x_SD, slot_M, row_of_slot, fold=Y)
+    payload_MX = torch.cat([x_MD, gates_SPE[token_M, dest_M].to(x_SD.dtype)], dim=1)
     received_TX = _AllToAll.apply(payload_MX, recv_counts, send_counts, group, "moe_dispatch")
-    plan = DispatchPlan(token_M, send_counts, recv_counts, S, group, E)
+    plan = DispatchPlan(token_M, send_counts, recv_counts, S, group, E, False, slot_M, row_of_slot, Y)
     return received_TX[:, :D], received_TX[:, D:], plan
+
+
+def _counted_slots(reach_PS: torch.Tensor, rows: int, k: int):
+    """The rows to send, in destination order, from the [P, S] mask of (rank, token) pairs that
+    ``rows`` of them hold, without ``nonzero``: dest_M, token_M, slot_M, row_of_slot and Y (see
+    ``DispatchPlan``)."""
+    P, S = reach_PS.shape
+    Y = min(k, P)
+    reach = reach_PS.reshape(-1)
+    # Each reached pair's row is the count of reached pairs before it; the others all land in one
+    # spare entry past the end, which is dropped.
+    row = torch.where(reach, torch.cumsum(reach, 0) - 1, rows)
+    pairs = torch.arange(P * S, device=reach.device)
+    pair_M = torch.empty(rows + 1, dtype=torch.long, device=reach.device).scatter_(0, row, pairs)[:rows]
+    dest_M, token_M = pair_M // S, pair_M % S
+    nth_rank_PS = torch.cumsum(reach_PS, 0) - 1  # the j-th rank this token reaches, for each reached rank
+    slot_M = token_M * Y + nth_rank_PS.reshape(-1)[pair_M]
+    row_of_slot = torch.full((S * Y,), rows, dtype=torch.long, device=reach.device)
+    row_of_slot.scatter_(0, slot_M, torch.arange(rows, device=reach.device))
+    return dest_M, token_M, slot_M, row_of_slot, Y
 
 
 def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
@@ -274,7 +327,8 @@ def combine(y_TD: torch.Tensor, plan: DispatchPlan | None) -> torch.Tensor:
     back_MD = _AllToAll.apply(y_TD, plan.send_counts, plan.recv_counts, plan.group, "moe_combine")
     if plan.token_M is None:  # full routes: rank r's block of S rows answers all S tokens
         return back_MD.view(len(plan.send_counts), plan.num_tokens, -1).sum(0)
-    return y_TD.new_zeros((plan.num_tokens, y_TD.shape[1])).index_add_(0, plan.token_M, back_MD)
+    back_SYD = gather_rows(back_MD, plan.row_of_slot, plan.slot_M).view(plan.num_tokens, plan.slots_per_token, -1)
+    return back_SYD.sum(1)  # each token's partial results, in a fixed order
 
 
 def ranks_reached(k: int, num_experts: int, ep_size: int) -> float:

@@ -5,7 +5,7 @@ The stacked experts also hold slices of pretrained FFNs (``smoe_ds.hf``): option
 in-projection biases, another activation, or a SwiGLU gate projection.
 
 Shape legend: T tokens reaching this rank's experts, D d_model, E local experts, H expert
-width, R routes (token, expert pairs) with a non-zero gate.
+width, K routes per token, R = T x K routes, Q rows of the padded route buffer (``smoe_ds.moe.routes``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from torch import nn
 from smoe_ds.moe.cpu_experts import dense_gelu_experts, load_op, sparse_gelu_experts
 from smoe_ds.moe.dispatch import gather_experts
 from smoe_ds.moe.gated_gelu import gated_gelu
+from smoe_ds.moe.routes import Routes, group_alignment, grouped_layout
+from smoe_ds.moe.row_gather import gather_rows
 
 
 class FeedForward(nn.Module):
@@ -40,16 +42,16 @@ class FeedForward(nn.Module):
         return self.w_out(F.gelu(self.w_in(x)))
 
 
-# The compute path is a documented rule, not a flag: the dense-masked path (every expert on
-# every token, zero gates included) once the share of non-zero gates reaches a threshold, the
-# sparse path (only the routed pairs) below it. The thresholds are where the two paths' measured
-# fwd+bwd times cross with the compiled CPU ops (`python -m smoe_ds.bench.layer` at k near N; the
-# figures are in the README's Performance section): near k/N = 0.8 for narrow experts (H <= D),
+# The compute path is a documented rule, not a flag: the dense-masked path (every expert on every
+# token, zero gates included) once the share of (token, expert) pairs routed reaches a threshold,
+# the sparse path (only the routes) below it. That share is k / N, which the host knows from the
+# schedule (``Routes.density``): the choice never reads the data back. The thresholds are where the
+# two paths' measured fwd+bwd times cross with the compiled CPU ops (`python -m smoe_ds.bench.layer`
+# at k near N; the figures are in docs/performance.md): near k/N = 0.8 for narrow experts (H <= D),
 # and above 15/16 for wide ones, whose dense-masked path runs a GEMM pair per expert (see
-# ``forward_dense``). Re-measure them when either path changes. GPUs have their own threshold:
-# there the dense-masked path is one concatenated GEMM pair for every width, and the sparse path
-# pays a fixed cost per layer (host syncs for the route counts, a dozen small kernels) that a
-# dense FFN does not (`make gpu-check`, bench_paths.json; the README's GPU section).
+# ``forward_dense``). Re-measure them when either path changes. GPUs have their own threshold: there
+# the dense-masked path is one concatenated GEMM pair for every width (`make gpu-check`,
+# bench_paths.json; docs/results/gpu_check).
 DENSE_PATH_MIN_DENSITY_NARROW = 0.8
 DENSE_PATH_MIN_DENSITY_WIDE = 0.95
 DENSE_PATH_MIN_DENSITY_GPU = 0.5
@@ -58,36 +60,42 @@ DENSE_PATH_MIN_DENSITY_GPU = 0.5
 _GROUPED_MM_FAILED: set = set()  # (device type, dtype) pairs whose backend refused torch._grouped_mm
 
 
-def grouped_mm_applies(x_RA: torch.Tensor, w_EAB: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these operands: its kernels want every row and start
-    address 16-byte aligned (on the GPU and the CPU alike), so A and B must be multiples of
-    16 bytes' worth of elements. Checked up front rather than caught: an expert's two GEMMs
-    share A and B, so both take the same path, and a first GEMM that ran grouped before a
-    second one fell back would fail in backward."""
-    if not hasattr(torch, "_grouped_mm") or (x_RA.device.type, x_RA.dtype) in _GROUPED_MM_FAILED:
+def grouped_mm_applies(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether ``torch._grouped_mm`` takes rows in ``x``'s dtype times each stacked [E, A, B]
+    weight: its kernels want every row and start address 16-byte aligned (on the GPU and the
+    CPU alike), so A and B must be multiples of 16 bytes' worth of elements; the row buffers are
+    fresh allocations, aligned. Decided once for an expert's GEMMs: a first GEMM that ran grouped
+    before a second one fell back would fail in backward. Under ``torch.compile`` only bf16
+    qualifies (what the op's shape function accepts) and addresses are not known until the
+    graph runs."""
+    if not hasattr(torch, "_grouped_mm") or (x.device.type, x.dtype) in _GROUPED_MM_FAILED:
         return False
-    align = 16 // x_RA.element_size()
-    rows_aligned = all(n % align == 0 for n in (x_RA.shape[1], w_EAB.shape[1], w_EAB.shape[2]))
-    return rows_aligned and x_RA.data_ptr() % 16 == 0 and w_EAB.data_ptr() % 16 == 0
+    align = 16 // x.element_size()
+    widths_aligned = all(n % align == 0 for w in weights for n in w.shape[1:])
+    if torch.compiler.is_compiling():
+        return widths_aligned and x.dtype == torch.bfloat16
+    return widths_aligned and all(w.data_ptr() % 16 == 0 for w in weights)
 
 
-def grouped_matmul(x_RA: torch.Tensor, w_EAB: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Rows of ``x_RA``, sorted by expert with ``counts[e]`` rows for expert e, times w_EAB[e] -> [R, B]."""
-    if grouped_mm_applies(x_RA, w_EAB):
+def grouped_matmul(x_QA: torch.Tensor, w_EAB: torch.Tensor, offs_E: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Rows of ``x_QA``, in consecutive groups per expert ending at ``offs_E`` [E] (int32, on the
+    device), times w_EAB[e] -> [Q, B]. ``grouped``: by ``torch._grouped_mm``, which takes ``offs``
+    on the device; else (widths or dtypes it does not take) one GEMM per expert, which needs the
+    group sizes on the host and so reads them back."""
+    if grouped:
         try:
-            offs = torch.tensor(counts, device=x_RA.device).cumsum(0).to(torch.int32)
-            return torch._grouped_mm(x_RA, w_EAB, offs=offs)
+            return torch._grouped_mm(x_QA, w_EAB, offs=offs_E)
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, NotImplementedError) as e:  # a backend without kernels for this dtype
-            _GROUPED_MM_FAILED.add((x_RA.device.type, x_RA.dtype))
+            _GROUPED_MM_FAILED.add((x_QA.device.type, x_QA.dtype))
             warnings.warn(
-                f"torch._grouped_mm refused {x_RA.dtype} on {x_RA.device.type} ({str(e).splitlines()[0]}); "
+                f"torch._grouped_mm refused {x_QA.dtype} on {x_QA.device.type} ({str(e).splitlines()[0]}); "
                 "the experts run one GEMM each there instead",
                 stacklevel=2,
             )
-    parts = [xe @ w_EAB[e] for e, xe in enumerate(x_RA.split(counts))]
-    return torch.cat(parts)
+    counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).tolist()
+    return torch.cat([xe @ w_EAB[e] for e, xe in enumerate(x_QA.split(counts))])
 
 
 class GroupedExperts(nn.Module):
@@ -141,23 +149,23 @@ class GroupedExperts(nn.Module):
             handle.remove()
         self._layout_hooks = []
 
-    def forward(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, gather_group=None) -> torch.Tensor:
-        """sum_e gates_TE[t, e] * expert_e(x_TD[t]) -> [T, D]; zero gates cost nothing on the sparse path.
+    def forward(self, x_TD: torch.Tensor, routes: Routes, gather_group=None) -> torch.Tensor:
+        """sum over each token's routes of gate * expert(x_TD[t]) -> [T, D], for ``routes`` over this
+        module's E experts; the path follows ``routes.density`` (k / N), never the data.
 
         With ``gather_group`` (an expert-parallel group of P ranks) the experts of every rank of
-        the group are gathered first and ``gates_TE`` holds gates for all P * E of them, in
-        global order; their gradients return to the ranks that hold them (the "weights" exchange
-        of ``smoe_ds.moe.dispatch``). Gathered here, inside the module's own forward, because
-        ZeRO-3 gathers a module's partitioned parameters only around that forward.
+        the group are gathered first and ``routes`` name all P * E of them, in global order; their
+        gradients return to the ranks that hold them (the "weights" exchange of
+        ``smoe_ds.moe.dispatch``). Gathered here, inside the module's own forward, because ZeRO-3
+        gathers a module's partitioned parameters only around that forward.
         """
         w = self._stacked() if gather_group is None else gather_experts(self._stacked(), gather_group)
-        density = float((gates_TE != 0).sum()) / max(gates_TE.numel(), 1)
-        if density >= self.dense_path_min_density(x_TD.device):
-            return self.forward_dense(x_TD, gates_TE, w=w)
-        return self.forward_sparse(x_TD, gates_TE, w=w)
+        if routes.density >= self.dense_path_min_density(x_TD.device):
+            return self.forward_dense(x_TD, routes, w=w)
+        return self.forward_sparse(x_TD, routes, w=w)
 
     def dense_path_min_density(self, device: torch.device) -> float:
-        """The share of non-zero gates from which ``forward`` takes the dense-masked path on ``device``."""
+        """The share of routed (token, expert) pairs from which ``forward`` takes the dense-masked path."""
         if device.type != "cpu":
             return DENSE_PATH_MIN_DENSITY_GPU
         return DENSE_PATH_MIN_DENSITY_NARROW if self.concatenates(device) else DENSE_PATH_MIN_DENSITY_WIDE
@@ -177,6 +185,13 @@ class GroupedExperts(nn.Module):
             return self.activation(pre)
         return self.activation(project(w["w_gate"])) * pre
 
+    def _gated_hidden(self, project, w: dict, b_in: torch.Tensor | None, gate: torch.Tensor, shape) -> torch.Tensor:
+        """``_hidden`` viewed as ``shape`` and times ``gate`` (broadcast over H): for the built-in
+        GELU in one fused elementwise pass (``gated_gelu``), so the gate costs no pass of its own."""
+        if self.activation is F.gelu and w.get("w_gate") is None:
+            return gated_gelu(self._pre_activation(project, w, b_in).view(shape), gate)
+        return self._hidden(project, w, b_in).view(shape) * gate
+
     @staticmethod
     def _pre_activation(project: Callable[[torch.Tensor], torch.Tensor], w: dict, b_in: torch.Tensor | None):
         """``project(w_in)`` plus the bias rows ``b_in`` when there are any."""
@@ -187,20 +202,22 @@ class GroupedExperts(nn.Module):
         """The stacked parameters this module has, by name."""
         return {name: getattr(self, name) for name in _PER_EXPERT_NAMES if getattr(self, name) is not None}
 
-    def forward_dense(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, *, w: dict | None = None) -> torch.Tensor:
+    def forward_dense(self, x_TD: torch.Tensor, routes: Routes, *, w: dict | None = None) -> torch.Tensor:
         """Every expert on every token, weighted by the gates (zero gates included): no dispatch.
         ``w``: the stacked weights to run (gathered ones; default this module's own).
 
         Narrow experts (H <= D), and every width on a GPU: one GEMM over the concatenated
-        experts, each expert's H hidden units scaled by its gate; the built-in experts run it on
-        the CPU as a compiled op, in token blocks that stay in cache. Wide experts (H > D) on the
-        CPU: one GEMM pair per expert over all tokens, scaling the D-wide outputs, which is less
-        memory traffic than the hidden units. Not on a GPU, where that loop's small GEMM pairs
-        are launch-bound and the concatenated pair is one large GEMM each. The measurements
-        behind each choice: docs/performance.md, "Measurements behind the code's choices".
+        experts, each expert's H hidden units scaled by its gate inside the activation; the
+        built-in experts run it on the CPU as a compiled op, in token blocks that stay in cache.
+        Wide experts (H > D) on the CPU: one GEMM pair per expert over all tokens, scaling the
+        D-wide outputs, which is less memory traffic than the hidden units. Not on a GPU, where
+        that loop's small GEMM pairs are launch-bound and the concatenated pair is one large GEMM
+        each. The measurements behind each choice: docs/performance.md, "Measurements behind the
+        code's choices".
         """
         w = self._stacked() if w is None else w
         T, E, H = x_TD.shape[0], w["w_in"].shape[0], self.d_hidden
+        gates_TE = routes.dense()
         if H <= self.d_model and self._compiled_op_applies(x_TD):
             return dense_gelu_experts(x_TD, w["w_in"], w["w_out"], gates_TE)
         gates_TE = gates_TE.to(x_TD.dtype)
@@ -208,10 +225,7 @@ class GroupedExperts(nn.Module):
         if self.concatenates(x_TD.device):
             project = lambda m: x_TD @ m.view(E * H, -1).t()  # noqa: E731
             b_in = None if b is None else b.view(E * H)
-            if self.activation is F.gelu and self.w_gate is None:  # the built-in LM's experts: fused
-                h_TEH = gated_gelu(self._pre_activation(project, w, b_in).view(T, E, H), gates_TE.unsqueeze(-1))
-            else:
-                h_TEH = self._hidden(project, w, b_in).view(T, E, H) * gates_TE.unsqueeze(-1)
+            h_TEH = self._gated_hidden(project, w, b_in, gates_TE.unsqueeze(-1), (T, E, H))
             return h_TEH.view(T, E * H) @ w["w_out"].view(E * H, -1)
         y_TD = torch.zeros_like(x_TD)
         for e in range(E):
@@ -219,85 +233,55 @@ class GroupedExperts(nn.Module):
             y_TD = y_TD + gates_TE[:, e : e + 1] * (h_TH @ w["w_out"][e])
         return y_TD
 
-    def forward_sparse(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, *, w: dict | None = None) -> torch.Tensor:
-        """Only the routed (token, expert) pairs: the compiled CPU op for the built-in experts
-        (GELU, no biases, not gated) where it is built, else grouped GEMMs. ``w`` as in ``forward_dense``."""
+    def forward_sparse(self, x_TD: torch.Tensor, routes: Routes, *, w: dict | None = None) -> torch.Tensor:
+        """Only the routes: the compiled CPU op for the built-in experts (GELU, no biases, not
+        gated) where it is built, else grouped GEMMs. ``w`` as in ``forward_dense``."""
         w = self._stacked() if w is None else w
         if self._compiled_op_applies(x_TD):
-            _, token_R, gate_R, counts = self._routes(x_TD, gates_TE)
-            return sparse_gelu_experts(x_TD, w["w_in"], w["w_out"], gate_R, token_R, counts)
-        return self.forward_grouped(x_TD, gates_TE, w=w)
+            token_R, gate_R, counts_E = self._nonzero_routes_by_expert(routes)
+            return sparse_gelu_experts(x_TD, w["w_in"], w["w_out"], gate_R.to(x_TD.dtype), token_R, counts_E)
+        return self.forward_grouped(x_TD, routes, w=w)
 
-    def _routes(self, x_TD: torch.Tensor, gates_TE: torch.Tensor):
-        """The non-zero gates as routes sorted by expert: expert_R, token_R, gate_R (in x's dtype)
-        and the routes per expert ``counts`` [E] (E: gates_TE's columns)."""
-        expert_R, token_R = gates_TE.t().nonzero(as_tuple=True)  # row-major over [E, T]: sorted by expert
-        counts = torch.bincount(expert_R, minlength=gates_TE.shape[1])
-        return expert_R, token_R, gates_TE[token_R, expert_R].to(x_TD.dtype), counts
+    @staticmethod
+    def _nonzero_routes_by_expert(routes: Routes):
+        """For the CPU op: the routes with a non-zero gate, sorted by expert and then by token:
+        token_R, gate_R and the routes per expert [E]. Reads the device back (the CPU op needs the
+        count on the host anyway)."""
+        K = routes.expert_TK.shape[1]
+        expert_ids, order = torch.sort(routes.expert_TK.reshape(-1), stable=True)
+        gate_R = routes.gate_TK.reshape(-1)[order]
+        kept = gate_R != 0
+        return order[kept] // K, gate_R[kept], torch.bincount(expert_ids[kept], minlength=routes.num_experts)
 
     def _compiled_op_applies(self, x_TD: torch.Tensor) -> bool:
         built_in = self.activation is F.gelu and self.b_in is None and self.w_gate is None
         same_dtype = x_TD.dtype == self.w_in.dtype
         return x_TD.device.type == "cpu" and built_in and same_dtype and load_op() is not None
 
-    def forward_grouped(self, x_TD: torch.Tensor, gates_TE: torch.Tensor, *, w: dict | None = None) -> torch.Tensor:
-        """Sort the routes by expert, run grouped GEMMs, add the weighted rows back per token.
+    def forward_grouped(self, x_TD: torch.Tensor, routes: Routes, *, w: dict | None = None) -> torch.Tensor:
+        """The routes sorted by expert into padded groups, grouped GEMMs with the gate inside the
+        activation, then each token's K result rows gathered back and summed -> [T, D].
 
-        The experts run in consecutive groups whose route buffers stay under
-        ``route_buffer_limit`` (one group on GPUs; see ``CPU_ROUTE_BUFFER_BYTES``). ``w`` as in
-        ``forward_dense``.
+        Nothing is read back to the host where ``torch._grouped_mm`` applies: the layout is built
+        on the device (``grouped_layout``), and both ways of every row move are gathers, so the
+        result is the same from run to run (no atomics). ``w`` as in ``forward_dense``.
         """
-        expert_R, token_R, gate_R, counts_E = self._routes(x_TD, gates_TE)
-        counts = counts_E.tolist()
-        row_bytes = max(self.d_model, self.d_hidden) * x_TD.element_size()
-        groups = expert_groups(counts, route_buffer_limit(x_TD.device) // row_bytes)
-        sizes = [len(g) for g in groups]
-        routes = [sum(g) for g in groups]
-        weight_parts = {name: p.split(sizes) for name, p in (self._stacked() if w is None else w).items()}
-        y_TD, first_expert = torch.zeros_like(x_TD), 0
-        for i, (token_G, gate_G, expert_G) in enumerate(zip(*(t.split(routes) for t in (token_R, gate_R, expert_R)))):
-            w_G = {name: parts[i] for name, parts in weight_parts.items()}
-            y_GD = self._routed_rows(x_TD.index_select(0, token_G), gate_G, expert_G - first_expert, w_G, groups[i])
-            y_TD.index_add_(0, token_G, y_GD)  # in place: no copy of y_TD per group
-            first_expert += sizes[i]
-        return y_TD
-
-    def _routed_rows(self, x_RD, gate_R, expert_R, w: dict, counts: list[int]) -> torch.Tensor:
-        """Routes x_RD [R, D], sorted by expert with ``counts[e]`` rows for expert e of the stacked
-        weights ``w`` (and ``expert_R`` [R] naming it), through their experts, times their gates -> [R, D]."""
-        b_in = None if w.get("b_in") is None else w["b_in"].index_select(0, expert_R)
-        h_RH = self._hidden(lambda m: grouped_matmul(x_RD, m.transpose(1, 2), counts), w, b_in)
-        # The gate scales a row of the second GEMM's input or of its output: the same result, so
-        # scale the narrower of the two.
-        if self.d_hidden <= self.d_model:
-            return grouped_matmul(h_RH * gate_R.unsqueeze(-1), w["w_out"], counts)
-        return grouped_matmul(h_RH, w["w_out"], counts) * gate_R.unsqueeze(-1)
-
-
-# On the CPU, glibc serves every block over 32 MiB with a fresh mmap (and smaller ones too after
-# it trims its heap, the more often the bigger they are), and the page faults of filling a fresh
-# block can cost more than the GEMMs that use it. So the sparse path runs the experts in groups
-# whose route buffers stay under this size: big enough that per-group overhead stays small,
-# small enough to be reused from the heap. 8 MiB measured best against 1, 2, 16 and 32 MiB
-# (`python -m smoe_ds.bench.layer`, shape B; the README's Performance section explains the effect).
-# GPU caching allocators have no such cliff, and there one group keeps the grouped GEMM one kernel.
-CPU_ROUTE_BUFFER_BYTES = 8 << 20
-
-
-def route_buffer_limit(device: torch.device) -> int:
-    """Largest route buffer (bytes) one expert group may fill on ``device``."""
-    return CPU_ROUTE_BUFFER_BYTES if device.type == "cpu" else 1 << 62
-
-
-def expert_groups(counts: list[int], max_rows: int) -> list[list[int]]:
-    """Split per-expert route counts into consecutive groups of at most ``max_rows`` routes
-    (an expert with more routes than that forms a group alone) -> each group's counts."""
-    groups: list[list[int]] = [[]]
-    for c in counts:
-        if groups[-1] and sum(groups[-1]) + c > max_rows:
-            groups.append([])
-        groups[-1].append(c)
-    return groups
+        w = self._stacked() if w is None else w
+        (T, K), E = routes.expert_TK.shape, w["w_in"].shape[0]
+        grouped = grouped_mm_applies(x_TD, [w["w_in"], w["w_out"]])
+        layout = grouped_layout(routes.expert_TK, E, group_alignment(x_TD) if grouped else 1)
+        # Padding rows get copies of real rows (finite): their results are never gathered back.
+        x_QD = gather_rows(x_TD, layout.route_Q, layout.slot_R, fold=K, zero_missing=False)
+        gate_R1 = routes.gate_TK.reshape(-1, 1).to(x_TD.dtype)
+        gate_Q1 = gather_rows(gate_R1, layout.route_Q, layout.slot_R, zero_missing=False)
+        b = w.get("b_in")
+        b_in = None if b is None else b.index_select(0, layout.expert_Q())
+        project = lambda m: grouped_matmul(x_QD, m.transpose(1, 2), layout.offs_E, grouped)  # noqa: E731
+        h_QH = self._gated_hidden(project, w, b_in, gate_Q1, (-1, self.d_hidden))
+        y_QD = grouped_matmul(h_QH, w["w_out"], layout.offs_E, grouped)
+        # Back in token order; padding rows get a zero gradient, so they add nothing to the weights'.
+        y_RD = gather_rows(y_QD, layout.slot_R, layout.route_Q)
+        return y_RD.view(T, K, -1).sum(1)
 
 
 # -- the checkpoint layout of experts ------------------------------------------------------------

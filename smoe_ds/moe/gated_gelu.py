@@ -1,30 +1,40 @@
-"""GELU of each expert's hidden units times that expert's gate, with fewer full-size buffers.
+"""GELU of each expert's hidden units times that expert's gate, in one fused elementwise pass.
 
-The dense-masked path's Python form, used on GPUs and where the compiled CPU ops
-(``smoe_ds.moe.cpu_experts``) are not built.
+The Python paths' form (GPUs, and the CPU where the compiled ops of ``smoe_ds.moe.cpu_experts`` are
+not built or do not apply), on both the dense-masked path ([T, E, H] hidden units, gates
+[T, E, 1]) and the sparse one ([Q, H] route rows, gates [Q, 1]). ``gated_gelu`` picks the form:
 
-The dense-masked path computes ``gelu(pre) * gate`` over every token and every expert's hidden
-units ([T, E, H], as big as a dense FFN's hidden layer). Left to autograd, that costs the GELU
-output, the product, and in backward three more buffers of that size, and the GELU output
-stays alive until backward. This function keeps ``pre``, the gates and its own output (which
-the next GEMM saves anyway). Backward works in row chunks of a few MiB, reusing each chunk's
-buffer, and writes the input gradient in place, so on the CPU its only full-size buffer is
-that gradient. On a GPU the chunk is the whole tensor (one kernel each), so backward holds two
-full-size buffers there, as a dense FFN's backward does. On the CPU every large buffer may
-be a fresh mmap whose page faults cost more than the arithmetic (see
-``smoe_ds.moe.experts.CPU_ROUTE_BUFFER_BYTES``): at k = N on the benchmark's shape B the
-dense-masked path went from seven [T, E, H] buffers per step to four, as many as the dense
-FFN's, and from 1.13 to 1.04 x its time (same process, 2 threads).
+- inside ``torch.compile``, the plain expression: the compiler fuses it with its neighbours;
+- on a GPU, the same expression compiled once (dynamic shapes) into one kernel each way, so the
+  gate costs no pass over the hidden units of its own; where it cannot be compiled (no Triton),
+  ``GatedGelu`` with a one-line warning;
+- on the CPU, ``GatedGelu``: compiling there needs a C++ compiler in every process that runs the
+  layer (seconds each, and none where the CPU ops could not be built either).
+
+The two forms are timed against each other by ``python -m smoe_ds.bench.gated_gelu`` (figures in
+docs/performance.md); on the CPU the built-in experts run the compiled CPU ops, not this.
+
+``GatedGelu`` keeps ``pre``, the gates and its own output (which the next GEMM saves anyway).
+Left to autograd, ``gelu(pre) * gate`` costs the GELU output, the product, and in backward three
+more buffers of that size, and the GELU output stays alive until backward. Backward works in row
+chunks of a few MiB, reusing each chunk's buffer, and writes the input gradient in place, so on
+the CPU its only full-size buffer is that gradient; on a GPU the chunk is the whole tensor. On the
+CPU every large buffer may be a fresh mmap whose page faults cost more than the arithmetic: at
+k = N on the benchmark's shape B the dense-masked path went from seven [T, E, H] buffers per step
+to four, as many as the dense FFN's, and from 1.13 to 1.04 x its time (same process, 2 threads).
 
 The gates' gradient is sum_h grad_out * gelu(pre). On the CPU, when no gate is so small that
 dividing by it loses precision, gelu(pre) is read back as output / gate rather than
 recomputed: a batched dot product of grad_out and the output, divided by the gates once per
-[T, E], costs less than a second GELU over [T, E, H] and its temporary (measured in
-docs/performance.md, "Measurements behind the code's choices"). GPUs recompute it, which needs
-no host sync to check the gates.
+row, costs less than a second GELU and its temporary (measured in docs/performance.md,
+"Measurements behind the code's choices"). GPUs recompute it, which needs no host sync to check
+the gates.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +56,7 @@ def _can_read_back(gates: torch.Tensor) -> bool:
 
 
 class GatedGelu(torch.autograd.Function):
-    """pre [T, E, H], gates [T, E, 1] -> gelu(pre) * gates [T, E, H] (exact GELU, as ``F.gelu``)."""
+    """pre [..., H], gates [..., 1] -> gelu(pre) * gates [..., H] (exact GELU, as ``F.gelu``)."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -62,7 +72,7 @@ class GatedGelu(torch.autograd.Function):
         read_back = need_gates and _can_read_back(gates)
         grad_gates = None
         if read_back:  # a batched dot product over H: no [T, E, H] temporary at all
-            grad_gates = torch.einsum("teh,teh->te", grad_out, out).unsqueeze(-1).div_(gates)
+            grad_gates = torch.einsum("...h,...h->...", grad_out, out).unsqueeze(-1).div_(gates)
         elif need_gates:
             grad_gates = torch.empty_like(gates)
         # On the CPU in row chunks, all through one buffer allocated once: a buffer allocated per
@@ -82,5 +92,35 @@ class GatedGelu(torch.autograd.Function):
         return grad_pre, grad_gates
 
 
-def gated_gelu(pre_TEH: torch.Tensor, gates_TE1: torch.Tensor) -> torch.Tensor:
-    return GatedGelu.apply(pre_TEH, gates_TE1)
+def _gelu_times_gate(pre: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    return F.gelu(pre) * gates
+
+
+@functools.cache
+def _compiled_gelu_times_gate():
+    """``_gelu_times_gate`` compiled for any shape: one generated kernel forward, one backward."""
+    return torch.compile(_gelu_times_gate, dynamic=True)
+
+
+_COMPILE_FAILED: set = set()  # device types where compiling the fused pass failed
+
+
+def fuses_by_compiling(pre: torch.Tensor) -> bool:
+    """Whether ``gated_gelu`` runs the compiled one-kernel form for ``pre`` (see the module's docstring)."""
+    return pre.device.type == "cuda" and pre.device.type not in _COMPILE_FAILED
+
+
+def gated_gelu(pre: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """gelu(pre) * gates, ``pre`` [..., H] and ``gates`` [..., 1], in one fused elementwise pass."""
+    if torch.compiler.is_compiling():
+        return _gelu_times_gate(pre, gates)
+    if fuses_by_compiling(pre):
+        try:
+            return _compiled_gelu_times_gate()(pre, gates)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # no Triton or no working compiler here: the eager form, once warned
+            _COMPILE_FAILED.add(pre.device.type)
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"smoe_ds: could not compile the fused GELU x gate ({first_line}); eager form", stacklevel=2)
+    return GatedGelu.apply(pre, gates)

@@ -25,6 +25,7 @@ from smoe_ds.moe.dispatch import combine, dispatch, full_routes
 from smoe_ds.moe.experts import FeedForward, GroupedExperts
 from smoe_ds.moe.parallel import expert_group_name
 from smoe_ds.moe.router import FrozenRandomGate
+from smoe_ds.moe.routes import Routes
 
 
 class SMoEDropoutDispatcher(nn.Module):
@@ -59,14 +60,19 @@ class SMoEDropoutDispatcher(nn.Module):
         if used_token is not None:
             raise NotImplementedError("SMoE-Dropout routes every token; used_token masks are not supported")
         x_SD = x.reshape(-1, x.shape[-1])
-        gates_SN = self.gate(x_SD)
-        if self.ep_exchange == "weights" and self.ep_size > 1:  # every expert comes here: no token leaves
-            out_SD, plan = self.experts(x_SD, gates_SN, gather_group=self.ep_group), None
+        routes_S = self.gate.route(x_SD)  # [S, k] ids and gates: sized by k, which the host knows
+        if self.ep_size == 1:
+            out_SD, plan = self.experts(x_SD, routes_S), None
+        elif self.ep_exchange == "weights":  # every expert comes here: no token leaves
+            out_SD, plan = self.experts(x_SD, routes_S, gather_group=self.ep_group), None
         else:
-            full = full_routes(self.gate.k, self.gate.num_experts, self.ep_size)
+            k, full = self.gate.k, full_routes(self.gate.k, self.gate.num_experts, self.ep_size)
             route = self.full_route if full else None
-            x_TD, gates_TE, plan = dispatch(x_SD, gates_SN, self.ep_group, self.ep_size, route)
-            out_SD = combine(self.experts(x_TD, gates_TE), plan)
+            x_TD, gates_TE, plan = dispatch(x_SD, routes_S.dense(), self.ep_group, self.ep_size, route, k)
+            # A received token has at most min(k, E) of its routes here: that many per token keeps
+            # the sizes fixed (the zero gates among them cost work, never correctness).
+            routes_T = Routes.from_dense(gates_TE, min(k, gates_TE.shape[1]), routes_S.density)
+            out_SD = combine(self.experts(x_TD, routes_T), plan)
         self.l_aux, self.exp_counts, self.last_plan = (
             x.new_zeros((), dtype=torch.float32),
             self.gate.last_counts_N,

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smoe_ds.moe.routes import Routes, expert_counts
+
 
 def frozen_router_weight(
     d_model: int, num_experts: int, router_seed: int, layer_index: int, init_std: float | None = None
@@ -58,7 +60,7 @@ def slot_positions(expert_ids_SK: torch.Tensor, num_experts: int) -> tuple[torch
     """
     flat_ids = expert_ids_SK.t().reshape(-1)  # [K*S], route-major
     order = torch.argsort(flat_ids, stable=True)
-    counts_N = torch.bincount(flat_ids, minlength=num_experts)
+    counts_N = expert_counts(flat_ids, num_experts)
     group_start_N = torch.cumsum(counts_N, 0) - counts_N
     positions = torch.empty_like(flat_ids)
     positions[order] = torch.arange(flat_ids.numel(), device=flat_ids.device) - group_start_N[flat_ids[order]]
@@ -75,7 +77,8 @@ ROUTINGS = ("frozen", "random")
 
 
 class FrozenRandomGate(nn.Module):
-    """x_SD -> dense gates_SN: each token's top-k experts weighted, zero elsewhere.
+    """x_SD -> each token's top-k experts and their weights: ``route`` gives them as ``Routes``
+    ([S, K] ids and gates), ``forward`` as dense gates_SN, zero elsewhere.
 
     ``weighting`` "softmax" (the paper's): a softmax over the k selected logits. "rescale"
     (dropout-style, for FFNs split from a pretrained dense one): N / k for every selected
@@ -120,6 +123,12 @@ class FrozenRandomGate(nn.Module):
         self.last_total_routes = 0
 
     def forward(self, x_SD: torch.Tensor) -> torch.Tensor:
+        """Dense gates [S, N]: each token's top-k weights, zero elsewhere."""
+        return self.route(x_SD).dense()
+
+    def route(self, x_SD: torch.Tensor) -> Routes:
+        """Each token's k experts and weights [S, K]; nothing here reads the device back, so k is
+        the only thing that sizes the result."""
         k, n = self.k, self.num_experts
         # fp32 logits whatever the activation dtype, so bf16/fp16 training routes like fp32.
         if self.routing == "random":  # top-k of i.i.d. uniform scores: k distinct experts, uniformly
@@ -131,8 +140,11 @@ class FrozenRandomGate(nn.Module):
             self.last_counts_N = torch.full((n,), x_SD.shape[0], device=x_SD.device)
             self.last_dropped_routes = None
             if self.weighting == "softmax":
-                return torch.softmax(logits_SN, dim=-1)
-            return torch.full_like(logits_SN, 1.0 if self.weighting == "rescale" else 1.0 / n)
+                weights_SN = torch.softmax(logits_SN, dim=-1)
+            else:
+                weights_SN = torch.full_like(logits_SN, 1.0 if self.weighting == "rescale" else 1.0 / n)
+            every_SN = torch.arange(n, device=x_SD.device).expand(x_SD.shape[0], n)
+            return Routes(every_SN, weights_SN, n, density=1.0)
         expert_ids_SK, weights_SK = topk_routes(logits_SN, k)
         if self.weighting != "softmax":  # set, not derived from the softmax, which can underflow to 0
             weights_SK = torch.full_like(weights_SK, n / k if self.weighting == "rescale" else 1.0 / k)
@@ -142,7 +154,9 @@ class FrozenRandomGate(nn.Module):
             weights_SK = weights_SK * kept_SK
             self.last_dropped_routes = (~kept_SK).sum().detach()
         else:  # dropless: only the load per expert is needed, not each route's slot
-            counts_N = torch.bincount(expert_ids_SK.reshape(-1), minlength=n)
+            counts_N = expert_counts(expert_ids_SK, n)
             self.last_dropped_routes = None
         self.last_counts_N = counts_N.detach()
-        return torch.zeros_like(logits_SN).scatter(1, expert_ids_SK, weights_SK)
+        # The density is k / N whatever the gates: a dropped route (gate 0) is still a route the
+        # experts may compute, and contributes nothing.
+        return Routes(expert_ids_SK, weights_SK, n, density=k / n)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smoe_ds.config.schema import MoEConfig
-from smoe_ds.moe.experts import FeedForward, grouped_matmul
+from smoe_ds.moe.experts import FeedForward, grouped_matmul, grouped_mm_applies
 from smoe_ds.moe.layer import SMoEDropoutMoE, set_active_experts
 from smoe_ds.moe.router import topk_routes
 from tests.gpu.common import DEVICE, MARKS, ON_CUDA, REL_TOL, rel_error
@@ -83,7 +83,8 @@ def test_grouped_matmul_with_unaligned_shapes_equals_a_loop_over_experts(d, h, c
     gen = torch.Generator().manual_seed(d + h)
     x_RD = torch.randn(sum(counts), d, generator=gen).to(DEVICE, dtype)
     w_EDH = torch.randn(len(counts), d, h, generator=gen).to(DEVICE, dtype)
-    got = grouped_matmul(x_RD, w_EDH, counts)
+    offs = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
+    got = grouped_matmul(x_RD, w_EDH, offs, grouped_mm_applies(x_RD, [w_EDH]))
     expected = torch.cat([xe.float() @ w_EDH[e].float() for e, xe in enumerate(x_RD.split(counts))])
     assert got.shape == (sum(counts), h) and got.dtype == dtype
     assert rel_error(got, expected) <= REL_TOL[dtype] / 4

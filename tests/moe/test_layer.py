@@ -179,12 +179,12 @@ def test_compiled_ops_in_bfloat16_agree_with_the_python_paths(k):
     experts = layer.deepspeed_moe.experts
     set_active_experts(layer, k)
     x = torch.randn(58, 24, dtype=torch.bfloat16)
-    gates = layer.deepspeed_moe.gate(x).to(torch.bfloat16)
+    routes = layer.deepspeed_moe.gate.route(x)
     results = []
     for compiled in (True, False):
         experts._compiled_op_applies = lambda x, _c=compiled: _c
         xi = x.clone().requires_grad_(True)
-        y = experts(xi, gates)
+        y = experts(xi, routes)
         y.float().square().sum().backward()
         results.append((y.float(), xi.grad.float(), experts.w_in.grad.float()))
         experts.zero_grad()
@@ -212,29 +212,6 @@ def test_a_failed_op_build_warns_once_and_falls_back_to_the_python_paths(tmp_pat
                 assert all(v <= TOL for v in diffs.values()), diffs
     finally:
         cpu_experts.load_op.cache_clear()
-
-
-@pytest.mark.parametrize("k", [2, 5])
-def test_sparse_path_in_several_expert_groups_matches_naive_loop(k, monkeypatch):
-    from smoe_ds.moe import experts as experts_mod
-
-    # Route rows are 24 floats, so a 1 KiB limit allows 10 routes per group: 58 x k routes make
-    # several groups, most of them a single expert.
-    monkeypatch.setattr(experts_mod, "CPU_ROUTE_BUFFER_BYTES", 1024)
-    layer = make_layer()
-    diffs = check_against_naive(layer, k, "grouped")
-    assert all(v <= TOL for v in diffs.values()), diffs
-
-
-def test_expert_groups_keep_order_and_stay_under_the_limit():
-    from smoe_ds.moe.experts import expert_groups
-
-    counts = [5, 3, 0, 9, 2, 2, 7, 1]
-    groups = expert_groups(counts, 8)
-    assert [c for g in groups for c in g] == counts
-    assert all(sum(g) <= 8 or len(g) == 1 for g in groups)
-    assert groups == [[5, 3, 0], [9], [2, 2], [7, 1]]
-    assert expert_groups(counts, 10**9) == [counts]
 
 
 @pytest.mark.parametrize("h", [16, 32])  # narrow experts (H <= D = 24), wide ones
