@@ -67,6 +67,8 @@ LONGEST_FILES = (
     "finetuning/test_finetune_smoe_export.py",
     "training/test_train_e2e.py",
     "finetuning/test_finetune.py",
+    "hf/test_trainer_callback.py",
+    "tuning/test_tune.py",
     "bench/test_bench.py",
     "finetuning/test_mwp_finetune.py",
     "experiments/test_mwp_experiment.py",
