@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             rt.corpus.bytes_per_token,
             args.out or checkpoint_eval_dir(cfg.run.out_dir, tag_dir),
             {"title": f"self-slimming: {args.checkpoint}", "checkpoint": str(path), "mode": cfg.moe.mode},
+            masked=rt.masking is not None,
         )
 
     return run_main(job)

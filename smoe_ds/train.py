@@ -11,7 +11,8 @@ Each optimizer step sets k from the schedule (a pure function of the step), runs
 micro-batches of one step through the engine, and steps (the loop is ``smoe_ds.training.loop``,
 shared with the fine-tuner). Rank 0 shows a progress bar and writes loss, k, lr and per-expert
 load through DeepSpeed's monitor. Training ends with the self-slimming table: validation loss
-and bits per byte at k = 1, 2, 4, ..., N.
+and bits per byte at k = 1, 2, 4, ..., N (an encoder, ``model.objective`` masked_lm: loss and
+accuracy on the masked tokens, docs/encoder.md).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from smoe_ds.config.schema import TrainConfig, config_cli
 from smoe_ds.data import train_batches
 from smoe_ds.distributed import memory, placement
 from smoe_ds.distributed import process_group as D
+from smoe_ds.masking import masked_train_batches
 from smoe_ds.models.lm import count_parameters
 from smoe_ds.moe.dispatch import exchange_elements, same_tokens_on_every_rank
 from smoe_ds.moe.thor import training_loss
 from smoe_ds.training.loop import Evaluation, Job, report_breakdown, run_steps
 from smoe_ds.training.loop_helpers import MicroBatchLoss, write_run_config, write_summary
 from smoe_ds.training.runtime import Runtime, build_runtime
-from smoe_ds.training.self_slimming import LN2, report, validation_loss
+from smoe_ds.training.self_slimming import LN2, masked_lm_metrics, report, validation_loss
 
 
 def micro_batch_loss(rt: Runtime) -> MicroBatchLoss:
@@ -56,9 +58,12 @@ def validation(rt: Runtime) -> Callable[[int], Evaluation]:
     cfg, engine = rt.cfg, rt.engine
     val = rt.val_batches(cfg.run.eval_batches)
 
+    def loss_at(k: int) -> float:  # the encoder's is over the masked tokens
+        return masked_lm_metrics(engine, val, k)["loss"] if rt.masking else validation_loss(engine, val, k)
+
     def evaluate(k: int) -> Evaluation:
         ks = sorted({k, cfg.moe.num_experts}) if cfg.slimmable else [k]
-        losses = {f"k={kk}": validation_loss(engine, val, kk) for kk in ks}
+        losses = {f"k={kk}": loss_at(kk) for kk in ks}
         return Evaluation(
             losses,
             [(f"Eval/loss_{name}", v) for name, v in losses.items()],
@@ -80,8 +85,9 @@ def describe(rt: Runtime) -> str:
     optimizer = type(basic).__name__ if basic is not None else "no optimizer"
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
     optimizer += " (optimizer state offloaded to the CPU)" if offloaded else ""
+    kind = " encoder (masked LM)" if rt.masking else ""
     lines = [
-        f"smoe-ds: {cfg.moe.mode}, {cfg.model.n_layers} layers x d_model {cfg.model.d_model}, "
+        f"smoe-ds: {cfg.moe.mode}{kind}, {cfg.model.n_layers} layers x d_model {cfg.model.d_model}, "
         f"{n} experts x {cfg.moe.d_expert} in layers {moe_at}, {params / 1e6:.2f}M parameters",
         f"  world size {rt.world_size}, ep_size {ep}: rank r holds experts [(r % {ep}) * {n // ep}, +{n // ep}); "
         f"ZeRO stage {zero.get('stage', 0)}, {optimizer}",
@@ -136,13 +142,16 @@ def open_run_folder(rt: Runtime, out_dir: Path) -> None:
 
 def job_of(rt: Runtime) -> Job:
     """The trainer's part of the shared loop (``smoe_ds.training.loop``): the corpus's blocks in the
-    global order, the LM loss, the validation loss, and tokens as the unit of throughput."""
+    global order (masked for the encoder, ``smoe_ds.masking``), the LM loss, the validation loss, and
+    tokens as the unit of throughput."""
     cfg = rt.cfg
 
     def micro_batches(start_step: int, skipped: int):
         gas = rt.engine.gradient_accumulation_steps()
-        blocks = rt.corpus.train_blocks
-        return train_batches(blocks, rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed, gas, start_step, skipped)
+        blocks, order = rt.corpus.train_blocks, (rt.micro_batch, rt.rank, rt.world_size, cfg.data.seed, gas)
+        if rt.masking:
+            return masked_train_batches(blocks, rt.masking, *order, start_step, skipped)
+        return train_batches(blocks, *order, start_step, skipped)
 
     return Job(
         rt.engine,
@@ -172,7 +181,9 @@ def final_sweep(rt: Runtime, wall: float) -> list[dict]:
             "steps": run.max_steps,
             "train_wall_s": wall,
             "num_experts": cfg.moe.num_experts,
+            "objective": cfg.model.objective,
         },
+        masked=rt.masking is not None,
     )
 
 

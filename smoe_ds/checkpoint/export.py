@@ -3,8 +3,9 @@
 Takes a checkpoint of any ZeRO stage 0-2, ep_size and world size (the folder with ``latest``
 or one tag folder), needs no process group, and writes ``model.safetensors`` (every expert
 and every non-expert weight) and ``config.json`` (model config, N, router seed, the training
-k schedule) that ``AutoModelForCausalLM.from_pretrained`` reads after ``import smoe_ds``.
-The command is ``smoe-convert`` (``smoe_ds.convert``).
+k schedule) that ``AutoModelForCausalLM.from_pretrained`` reads after ``import smoe_ds``
+(an encoder, ``model.objective`` masked_lm: ``AutoModelForMaskedLM``). The command is
+``smoe-convert`` (``smoe_ds.convert``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from smoe_ds.config.schema import ConfigError
 
 
 def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
-    """Write the export and return the loaded ``SMoEForCausalLM``."""
+    """Write the export and return the loaded model: ``SMoEForCausalLM``, or ``SMoEForMaskedLM`` for
+    an encoder (``model.objective`` masked_lm), which ``AutoModelForMaskedLM`` then loads."""
     import dataclasses
 
     import torch
 
-    from smoe_ds.models.transformers_lm import SMoEConfig, SMoEForCausalLM
+    from smoe_ds.models.transformers_lm import SMoEConfig, SMoEForCausalLM, SMoEForMaskedLM
     from smoe_ds.moe.experts import stack_per_expert_state
 
     tag_dir = resolve_tag_dir(ckpt)
@@ -44,7 +46,7 @@ def convert(ckpt: str | Path, out_dir: str | Path, k: int | None = None):
         active_experts=k or cfg.moe.export_k(),
         trained_steps=step,
     )
-    model = SMoEForCausalLM(hf_cfg)
+    model = (SMoEForMaskedLM if hf_cfg.is_encoder else SMoEForCausalLM)(hf_cfg)
     state = {f"lm.{key}": v for key, v in state.items()}
     for name, module in model.named_modules():  # DeepSpeed's per-expert layout -> stacked tensors
         if module in model.expert_modules():

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 OUR_SECTIONS = ("model", "moe", "data", "run")
 AUTOTUNING_END_PROFILE_STEP_DEFAULT = 5  # deepspeed.autotuning.constants' (not imported: it loads DeepSpeed)
+OBJECTIVES = ("causal_lm", "masked_lm")
 MOE_MODES = ("smoe_dropout", "dense", "learned", "random_fixed", "thor")
 FULL_ROUTE_DISPATCH = ("all_to_all", "gather_scatter", "counted")
 # What expert parallelism moves between the ranks of a group: the tokens to the experts
@@ -56,7 +57,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The built-in decoder-only language model."""
+    """The built-in language model: a decoder, or (objective masked_lm) a bidirectional encoder."""
 
     vocab_size: int = 256  # bytes; replaced by the tokenizer's size when data.tokenizer is set
     d_model: int = 128  # width of the residual stream (token embeddings and every block's input and output)
@@ -68,6 +69,9 @@ class ModelConfig:
     # Which transformer blocks get the (S)MoE FFN: "all", "every_other" (1, 3, 5, ...) or a list of indices.
     moe_layers: Any = "all"
     init_seed: int = 0  # every weight is a pure function of this seed and its name, whatever the world size
+    # "causal_lm": the decoder, trained on the next token. "masked_lm": a bidirectional encoder trained
+    # with BERT's masking (smoe_ds.masking), which needs data.tokenizer with a mask token (a WordPiece/BPE one).
+    objective: str = "causal_lm"
 
     def moe_layer_indices(self) -> list[int]:
         if self.moe_layers == "all":
@@ -265,6 +269,9 @@ class TrainConfig:
         )
         if m.positions == "rope":
             _require((m.d_model // m.n_heads) % 2 == 0, "model: rotary positions need an even head size")
+        _require(
+            m.objective in OBJECTIVES, f"model.objective must be one of {', '.join(OBJECTIVES)}, got {m.objective!r}"
+        )
         bad = [i for i in m.moe_layer_indices() if not 0 <= i < m.n_layers]
         _require(not bad, f"model.moe_layers has indices outside [0, {m.n_layers}): {bad}")
         _require(moe.mode in MOE_MODES, f"moe.mode must be one of {', '.join(MOE_MODES)}, got {moe.mode!r}")

@@ -70,6 +70,12 @@ class MathWordProblemTask(Task):
 
         return MathWordProblemModel(AutoModel.from_pretrained(path), self.vocab)
 
+    def load_smoe_export(self, path: str, ep_size: int, ep_rank: int, for_deepspeed: bool) -> MathWordProblemModel:
+        """An encoder pretrained by smoe_ds.train (its export as ``SMoEModel``, this rank's experts), a new decoder."""
+        from smoe_ds.models.transformers_lm import SMoEModel
+
+        return MathWordProblemModel(SMoEModel.from_export_sharded(path, ep_size, ep_rank, for_deepspeed), self.vocab)
+
     def hf_part(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.encoder
 

@@ -1,4 +1,5 @@
-"""The built-in decoder-only language model: pre-LayerNorm GPT with (S)MoE FFNs.
+"""The built-in language model: pre-LayerNorm GPT with (S)MoE FFNs, or (``model.objective``
+"masked_lm") the same blocks as a bidirectional encoder trained on BERT's masked tokens.
 
 Shapes (the legend of ``smoe_ds.moe``): B batch, L sequence length, D d_model, A attention heads,
 Dh = D / A head size, V vocab.
@@ -23,11 +24,13 @@ from smoe_ds.config.schema import ModelConfig, MoEConfig
 from smoe_ds.moe.experts import GroupedExperts, global_expert_name, per_expert_key
 from smoe_ds.moe.layer import build_ffn, ffn_forward, moe_layers
 
+IGNORE = -100  # a target that is not scored: the encoder's unmasked positions
+
 
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # [B, L, V]
+    logits: torch.Tensor  # [B, L, V]; with the encoder's targets, the M scored positions' only: [M, V]
     loss: torch.Tensor | None  # what backward runs on: lm_loss + aux_loss_coef * aux_loss
-    lm_loss: torch.Tensor | None  # mean next-token cross-entropy, nats
+    lm_loss: torch.Tensor | None  # mean cross-entropy over the scored targets (next tokens, or masked ones), nats
     aux_loss: torch.Tensor  # sum of the MoE balance losses (0 for SMoE-Dropout and dense)
 
 
@@ -45,7 +48,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-class CausalSelfAttention(nn.Module):
+class SelfAttention(nn.Module):
+    """Causal for the decoder; bidirectional for the encoder, where padding is masked out of the keys."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads = cfg.n_heads
@@ -53,14 +58,26 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.rotary = cfg.positions == "rope"
+        self.causal = cfg.objective == "causal_lm"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, keys_B11L: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, L, D] -> [B, L, D]; ``keys_B11L`` (bool, True = a real token) masks the encoder's padding.
+        The causal mask alone serves the decoder: its inputs are right-padded, so no real token sees a pad."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
         q, k, v = (t.view(B, L, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, A, L, Dh)
         if self.rotary:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if self.causal else keys_B11L,
+            is_causal=self.causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -70,19 +87,26 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = ffn
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x + self.drop(self.attn(self.ln1(x), rope))
+    def forward(
+        self, x: torch.Tensor, rope, keys_B11L: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.drop(self.attn(self.ln1(x), rope, keys_B11L))
         y, aux = ffn_forward(self.ffn, self.ln2(x))
         return x + self.drop(y), aux
 
 
 class SMoELM(nn.Module):
-    """Token ids [B, L] -> logits [B, L, V]; MoE FFNs in the blocks listed by ``model.moe_layers``."""
+    """Token ids [B, L] -> logits [B, L, V]; MoE FFNs in the blocks listed by ``model.moe_layers``.
+
+    ``targets`` [B, L] are the next tokens (decoder) or the masked tokens' ids with -100 at every
+    other position (encoder, ``smoe_ds.masking``): the loss is the mean cross-entropy over the
+    positions that are not -100, which for the decoder is every position.
+    """
 
     def __init__(self, cfg: ModelConfig, moe_cfg: MoEConfig, for_deepspeed: bool = True) -> None:
         super().__init__()
@@ -107,18 +131,26 @@ class SMoELM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> LMOutput:
         x, aux_total = self.hidden_states(idx)
-        logits = self.lm_head(x)  # (B, L, V)
+        if targets is not None and self.cfg.objective == "masked_lm":
+            # Only the masked positions are scored: their logits alone [M, V], about 0.15 of the
+            # output layer's work, which with a WordPiece vocabulary is most of a small encoder's.
+            scored = targets != IGNORE
+            x, targets = x[scored], targets[scored]
+        logits = self.lm_head(x)  # (B, L, V), or the encoder's (M, V)
         if targets is None:
             return LMOutput(logits, None, None, aux_total)
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
         return LMOutput(logits, self.training_loss(lm_loss, aux_total), lm_loss, aux_total)
 
     def training_loss(self, task_loss: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         """What backward runs on: the task's loss, plus the weighted balance loss for the learned router."""
         return task_loss + self.moe_cfg.aux_loss_coef * aux if self.moe_cfg.mode == "learned" else task_loss
 
-    def hidden_states(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, L] -> (the final LayerNorm's output [B, L, D], the summed balance loss)."""
+    def hidden_states(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, L] -> (the final LayerNorm's output [B, L, D], the summed balance loss).
+        ``attention_mask`` [B, L] (1 = a real token) keeps the encoder's padding out of every key."""
         B, L = idx.shape
         if L > self.cfg.block_size:
             raise ValueError(f"sequence length {L} exceeds model.block_size {self.cfg.block_size}")
@@ -130,8 +162,9 @@ class SMoELM(nn.Module):
         rope = rotary_tables(L, self.cfg.d_model // self.cfg.n_heads, idx.device) if self.pos_emb is None else None
         x = self.drop(x)
         aux_total = x.new_zeros((), dtype=torch.float32)
+        keys_B11L = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         for block in self.blocks:
-            x, aux = block(x, rope)
+            x, aux = block(x, rope, keys_B11L)
             aux_total = aux_total + aux
         return self.ln_f(x), aux_total
 

@@ -1,8 +1,10 @@
 """The built-in LM as a Hugging Face ``transformers`` model, for single-device inference.
 
-``import smoe_ds`` registers ``SMoEConfig`` (model_type ``smoe_lm``) and ``SMoEForCausalLM``
-with the Auto classes, so an exported directory loads with
-``AutoModelForCausalLM.from_pretrained(dir)`` and supports ``generate()``. The model runs
+``import smoe_ds`` registers ``SMoEConfig`` (model_type ``smoe_lm``) and the models below with
+the Auto classes, so an exported decoder loads with ``AutoModelForCausalLM.from_pretrained(dir)``
+and supports ``generate()``, and an exported encoder (``model.objective`` masked_lm) with
+``AutoModelForMaskedLM``; ``AutoModel`` gives either one's final hidden states (``SMoEModel``) and
+``AutoModelForSequenceClassification`` either one with a classification head. The model runs
 with every expert on the one device (ep_size 1) and no process group;
 ``set_active_experts(model, k)`` (``smoe_ds.inference``) picks any k in [1, N].
 
@@ -16,7 +18,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput, MaskedLMOutput, SequenceClassifierOutput
 
 from smoe_ds.config.schema import KScheduleConfig, ModelConfig, MoEConfig
 
@@ -49,6 +51,10 @@ class SMoEConfig(PretrainedConfig):
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**self.model)
+
+    @property
+    def is_encoder(self) -> bool:
+        return self.model.get("objective", ModelConfig.objective) == "masked_lm"
 
     def moe_config(self, ep_size: int = 1) -> MoEConfig:
         moe = {**self.moe, "ep_size": ep_size}
@@ -132,6 +138,8 @@ class _SMoEPreTrained(PreTrainedModel):
 
 class SMoEForCausalLM(_SMoEPreTrained, GenerationMixin):
     def __init__(self, config: SMoEConfig, **sharding) -> None:
+        if config.is_encoder:  # bidirectional: it would "predict" tokens it can see
+            raise ValueError("this smoe_lm model is an encoder (masked_lm): load it with AutoModelForMaskedLM")
         super().__init__(config, **sharding)
         self.set_active_experts(config.active_experts)
         self.post_init()
@@ -156,14 +164,53 @@ class SMoEForCausalLM(_SMoEPreTrained, GenerationMixin):
         return {"input_ids": input_ids}
 
 
+class SMoEForMaskedLM(_SMoEPreTrained):
+    """The encoder (``model.objective`` masked_lm) with its tied output layer: logits at every position."""
+
+    def __init__(self, config: SMoEConfig, **sharding) -> None:
+        if not config.is_encoder:
+            raise ValueError("this smoe_lm model is a causal LM: load it with AutoModelForCausalLM")
+        super().__init__(config, **sharding)
+        self.set_active_experts(config.active_experts)
+        self.post_init()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm.lm_head
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs) -> MaskedLMOutput:
+        """input_ids [B, T] -> logits [B, T, V]; with labels [B, T] (-100: not scored), the mean
+        cross-entropy over the scored positions."""
+        hidden_BTD, _ = self.lm.hidden_states(input_ids, attention_mask)
+        logits = self.lm.lm_head(hidden_BTD)
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return MaskedLMOutput(loss=loss, logits=logits)
+
+
+class SMoEModel(_SMoEPreTrained):
+    """The built-in model without a head: ``last_hidden_state`` [B, T, D], what a task's own head
+    reads (the math word problem solver's decoder, ``smoe_ds.finetuning.mwp_model``)."""
+
+    def __init__(self, config: SMoEConfig, **sharding) -> None:
+        super().__init__(config, **sharding)
+        self.set_active_experts(config.active_experts)
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask=None, **kwargs) -> BaseModelOutput:
+        hidden_BTD, _ = self.lm.hidden_states(input_ids, attention_mask)
+        return BaseModelOutput(last_hidden_state=hidden_BTD)
+
+
 class SMoEForSequenceClassification(_SMoEPreTrained):
     """The built-in LM with a classification head: a pretrained export (``smoe_ds.convert``) loads
     into it with ``AutoModelForSequenceClassification.from_pretrained(dir, num_labels=...)``, the
     head (``score``) new.
 
-    Pooling is the last real token's final hidden state: the LM is causal, so only the last
-    position has read the whole sequence (a mean would mix in states that saw only a prefix).
-    Sequences are right-padded; ``attention_mask`` [B, T] marks the real tokens.
+    Pooling: the encoder's first token ([CLS], which attends to every real token); the decoder's
+    last real token's final hidden state, since only the last position of a causal model has read
+    the whole sequence (a mean would mix in states that saw only a prefix). Sequences are
+    right-padded; ``attention_mask`` [B, T] marks the real tokens.
     """
 
     def __init__(self, config: SMoEConfig, **sharding) -> None:
@@ -185,12 +232,14 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
         **kwargs,
     ) -> SequenceClassifierOutput:
         """input_ids [B, T] (right-padded) -> logits [B, num_labels]; with labels [B], cross-entropy."""
-        hidden_BTD, aux = self.lm.hidden_states(input_ids)  # refuses inputs longer than block_size
-        if attention_mask is None:
-            last_B = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        hidden_BTD, aux = self.lm.hidden_states(input_ids, attention_mask)  # refuses inputs longer than block_size
+        if self.config.is_encoder:
+            at_B = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        elif attention_mask is None:
+            at_B = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
         else:
-            last_B = attention_mask.long().sum(-1).clamp(min=1) - 1
-        pooled_BD = hidden_BTD[torch.arange(input_ids.shape[0], device=input_ids.device), last_B]
+            at_B = attention_mask.long().sum(-1).clamp(min=1) - 1
+        pooled_BD = hidden_BTD[torch.arange(input_ids.shape[0], device=input_ids.device), at_B]
         logits = self.score(pooled_BD)
         loss = (
             None
@@ -201,13 +250,22 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
 
 
 def register() -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     from smoe_ds.models.byte_tokenizer import SMoEByteTokenizer
 
     AutoConfig.register(SMoEConfig.model_type, SMoEConfig, exist_ok=True)
     AutoTokenizer.register(SMoEConfig, slow_tokenizer_class=SMoEByteTokenizer, exist_ok=True)
     AutoModelForCausalLM.register(SMoEConfig, SMoEForCausalLM, exist_ok=True)
+    AutoModelForMaskedLM.register(SMoEConfig, SMoEForMaskedLM, exist_ok=True)
+    AutoModel.register(SMoEConfig, SMoEModel, exist_ok=True)
     AutoModelForSequenceClassification.register(SMoEConfig, SMoEForSequenceClassification, exist_ok=True)
 
 

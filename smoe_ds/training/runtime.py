@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from smoe_ds.config.schema import TrainConfig
+from smoe_ds.config.schema import ConfigError, TrainConfig
 from smoe_ds.data import Corpus, eval_batches
 from smoe_ds.distributed import process_group as D
 from smoe_ds.distributed import watchdog
 from smoe_ds.distributed.zero3 import prepare_model as zero3_prepare
+from smoe_ds.masking import MaskingSpec, masked_eval_batches
 from smoe_ds.models.lm import SMoELM, build_model
 from smoe_ds.moe.parallel import ep_rank_of, expert_parallel_rank
 from smoe_ds.training import preflight
@@ -29,9 +30,15 @@ class Runtime:
     rank: int
     world_size: int
     micro_batch: int
+    masking: MaskingSpec | None = None  # the encoder's (model.objective "masked_lm"), else None
 
     def val_batches(self, max_batches: int) -> list:
-        return eval_batches(self.corpus.val_blocks, self.micro_batch, self.rank, self.world_size, max_batches)
+        """This rank's validation micro-batches: (x, next tokens), or the encoder's (inputs, labels)."""
+        blocks, micro = self.corpus.val_blocks, self.micro_batch
+        if self.masking is None:
+            return eval_batches(blocks, micro, self.rank, self.world_size, max_batches)
+        seed = self.cfg.data.seed
+        return masked_eval_batches(blocks, self.masking, seed, micro, self.rank, self.world_size, max_batches)
 
 
 def optimizer_param_groups(
@@ -97,7 +104,13 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
     cfg.validate_for_world(world)
     preflight.check_out_dir(cfg.run.out_dir)
     preflight.check_precision(cfg)
-    corpus = preflight.load_corpus_on_every_rank(cfg)
+    if cfg.model.objective == "masked_lm" and not cfg.data.tokenizer:  # a shipped config leaves it to --set
+        raise ConfigError(
+            "model.objective masked_lm needs data.tokenizer: a Hugging Face tokenizer folder with a mask token "
+            "(e.g. --set data.tokenizer=$(python -m smoe_ds.hf.local_models minilm))"
+        )
+    corpus = preflight.load_corpus_on_every_rank(cfg)  # a data.tokenizer that is no tokenizer fails in here
+    masking = MaskingSpec.of_tokenizer(cfg.data.tokenizer) if cfg.model.objective == "masked_lm" else None
     cfg.model.vocab_size = corpus.vocab_size
     micro = cfg.micro_batch_size(world)
     preflight.check_validation(cfg, corpus, world)
@@ -115,4 +128,4 @@ def build_runtime(cfg: TrainConfig, training: bool = False) -> Runtime:
         actual = expert_parallel_rank(cfg.moe.ep_size)
         if actual != ep_rank:
             raise RuntimeError(f"expert-parallel rank {actual} != assumed {ep_rank}: expert init would be wrong")
-    return Runtime(cfg, engine, model, corpus, rank, world, micro)
+    return Runtime(cfg, engine, model, corpus, rank, world, micro, masking)

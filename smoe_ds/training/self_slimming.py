@@ -1,4 +1,5 @@
-"""The self-slimming results: validation loss at k = 1, 2, 4, ..., N, their table, JSON and plot.
+"""The self-slimming results: validation loss at k = 1, 2, 4, ..., N, their table, JSON and plot
+(the decoder's with bits per byte, the encoder's with the masked tokens' accuracy).
 
 The trainer (``smoe_ds.train``) and ``smoe_ds.evaluate`` sweep the built-in LM with
 :func:`report`; the fine-tuner (``smoe_ds.finetune``) evaluates its task itself and prints
@@ -18,6 +19,7 @@ import torch
 
 from smoe_ds.distributed import faults
 from smoe_ds.distributed import process_group as D
+from smoe_ds.models.lm import IGNORE
 from smoe_ds.moe.layer import moe_layers, set_active_experts, uniform_full_capacity
 
 LN2 = math.log(2.0)  # nats per bit
@@ -47,12 +49,47 @@ def validation_loss(model, batches: list, k: int | None = None) -> float:
     return float(total[0] / total[1])
 
 
-def self_slimming_sweep(model, batches: list, ks: Iterable[int], bytes_per_token: float) -> list[dict]:
-    """One row per k: {"k", "loss" (nats/token), "bpb" (bits per UTF-8 byte), "tokens_per_s"}.
+@torch.no_grad()
+def masked_lm_metrics(model, batches: list, k: int | None = None) -> dict:
+    """The encoder's {"loss": mean cross-entropy (nats), "accuracy": share predicted right} over the
+    masked tokens of every rank's ``batches`` [(inputs [B, T], labels [B, T], -100 = not scored)] at
+    ``k`` active experts. Collective, like ``validation_loss``."""
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
+    was_training = model.training
+    model.eval()
+    if k is not None:
+        set_active_experts(module, k)
+    total = torch.zeros(3, dtype=torch.float64)  # loss sum, right, scored tokens
+    for x, labels in batches:
+        faults.maybe_die("eval", D.rank())
+        labels = labels.to(device)
+        logits = model(x.to(device), labels).logits.float()  # [M, V]: the scored positions'
+        scored = labels[labels != IGNORE]
+        loss = torch.nn.functional.cross_entropy(logits, scored, reduction="sum")
+        right = (logits.argmax(-1) == scored).sum()
+        total += torch.tensor([loss.item(), right.item(), scored.numel()], dtype=torch.float64)
+    total = D.all_reduce_sum(total.to(device)).cpu()
+    model.train(was_training)
+    return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
+
+
+def next_token_metrics(bytes_per_token: float):
+    """The decoder's measure for ``sweep``: {"loss" (nats/token), "bpb" (bits per UTF-8 byte)}."""
+
+    def measure(model, batches: list, k: int) -> dict:
+        loss = validation_loss(model, batches, k)
+        return {"loss": loss, "bpb": loss / LN2 / bytes_per_token}
+
+    return measure
+
+
+def sweep(model, batches: list, ks: Iterable[int], measure) -> list[dict]:
+    """One row per k: ``measure(model, batches, k)``'s figures and "tokens_per_s".
 
     tokens/s is the evaluation throughput over all ranks at that k: the compute side of the
-    self-slimming trade-off. The k = N row of a softmax-routed model also has "loss_uniform"
-    and "bpb_uniform": every expert weighted 1/N instead of by the router's softmax, the
+    self-slimming trade-off. The k = N row of a softmax-routed model also has each figure again
+    with the suffix "_uniform": every expert weighted 1/N instead of by the router's softmax, the
     paper's full-capacity evaluation (``smoe_ds.moe.layer.uniform_full_capacity``).
     """
     module = getattr(model, "module", model)
@@ -60,36 +97,35 @@ def self_slimming_sweep(model, batches: list, ks: Iterable[int], bytes_per_token
     tokens = D.world_size() * sum(x.numel() for x, _ in batches)
     rows = []
     for k in ks:
-        validation_loss(model, batches[:1], k)  # warm-up at this k, so the timing below is steady
+        measure(model, batches[:1], k)  # warm-up at this k, so the timing below is steady
         start = time.perf_counter()
-        loss = validation_loss(model, batches, k)
-        rows.append(
-            {
-                "k": k,
-                "loss": loss,
-                "bpb": loss / LN2 / bytes_per_token,
-                "tokens_per_s": tokens / (time.perf_counter() - start),
-            }
-        )
+        figures = measure(model, batches, k)
+        rows.append({"k": k, **figures, "tokens_per_s": tokens / (time.perf_counter() - start)})
         if k == n:
             with uniform_full_capacity(module) as changed:
                 if changed:
-                    rows[-1]["loss_uniform"] = validation_loss(model, batches, k)
-                    rows[-1]["bpb_uniform"] = rows[-1]["loss_uniform"] / LN2 / bytes_per_token
+                    rows[-1].update({f"{key}_uniform": v for key, v in measure(model, batches, k).items()})
     return rows
+
+
+def self_slimming_sweep(model, batches: list, ks: Iterable[int], bytes_per_token: float) -> list[dict]:
+    """The decoder's sweep: one row per k, {"k", "loss" (nats/token), "bpb" (bits per UTF-8 byte),
+    "tokens_per_s"}, and "loss_uniform", "bpb_uniform" at k = N (see ``sweep``)."""
+    return sweep(model, batches, ks, next_token_metrics(bytes_per_token))
 
 
 def format_table(rows: list[dict], title: str = "self-slimming evaluation") -> str:
     """The sweep's rows (:func:`self_slimming_sweep`) as a text table under ``title``."""
+    second, header = ("bpb", "bits/byte") if "bpb" in rows[0] else ("accuracy", "accuracy")  # decoder, encoder
     lines = [
         title,
-        f"{'k':>4}  {'val loss':>9}  {'bits/byte':>9}  {'tokens/s':>9}",
+        f"{'k':>4}  {'val loss':>9}  {header:>9}  {'tokens/s':>9}",
         f"{'-' * 4}  {'-' * 9}  {'-' * 9}  {'-' * 9}",
     ]
     for r in rows:
-        lines.append(f"{r['k']:>4}  {r['loss']:>9.4f}  {r['bpb']:>9.4f}  {r['tokens_per_s']:>9,.0f}")
+        lines.append(f"{r['k']:>4}  {r['loss']:>9.4f}  {r[second]:>9.4f}  {r['tokens_per_s']:>9,.0f}")
         if "loss_uniform" in r:  # the same k = N, every expert weighted 1/N
-            lines.append(f"{'1/N':>4}  {r['loss_uniform']:>9.4f}  {r['bpb_uniform']:>9.4f}  {'':>9}")
+            lines.append(f"{'1/N':>4}  {r['loss_uniform']:>9.4f}  {r[second + '_uniform']:>9.4f}  {'':>9}")
     if any("loss_uniform" in r for r in rows):
         lines.append("(1/N: k = N with every expert weighted equally, the paper's full-capacity evaluation)")
     return "\n".join(lines)
@@ -136,11 +172,16 @@ def write_results(
     return json_path, png_path
 
 
-def report(engine, batches: list, ks: list[int], bytes_per_token: float, out_dir: str, meta: dict) -> list[dict]:
-    """Run the sweep on all ranks; rank 0 prints the table and writes JSON and PNG."""
-    rows = self_slimming_sweep(engine, batches, ks, bytes_per_token)
+def report(
+    engine, batches: list, ks: list[int], bytes_per_token: float, out_dir: str, meta: dict, masked: bool = False
+) -> list[dict]:
+    """Run the sweep on all ranks (``masked``: the encoder's, on masked batches); rank 0 prints the
+    table and writes JSON and PNG."""
+    measure = masked_lm_metrics if masked else next_token_metrics(bytes_per_token)
+    rows = sweep(engine, batches, ks, measure)
     if D.is_main():
         print("\n" + format_table(rows, meta.get("title", "self-slimming evaluation")), flush=True)
-        json_path, png_path = write_results(rows, out_dir, meta)
+        plot = {"metric": "accuracy", "ylabel": "validation accuracy on masked tokens"} if masked else {}
+        json_path, png_path = write_results(rows, out_dir, meta, **plot)
         print(f"wrote {json_path} and {png_path}", flush=True)
     return rows
