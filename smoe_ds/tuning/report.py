@@ -26,7 +26,9 @@ def _sorted_rows(rows: dict[Candidate, Row]) -> list[Row]:
     return sorted(rows.values(), key=order)
 
 
-def markdown(search: Search, tuned: Candidate, confirmed: bool, settings: dict) -> str:
+def markdown(search: Search, tuned: Candidate, confirmed: bool, settings: dict, only_timed: bool = False) -> str:
+    """The report; ``only_timed`` keeps the table to the timed and failed candidates and counts the
+    rest (what smoe-tune prints)."""
     yours = search.rows[search.yours].trial
     base = yours.tokens_per_s if yours and yours.tokens_per_s else None
     lines = [
@@ -49,7 +51,9 @@ def markdown(search: Search, tuned: Candidate, confirmed: bool, settings: dict) 
         "| tokens/s | vs yours | note |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in _sorted_rows(search.rows):
+    rows = _sorted_rows(search.rows)
+    shown = [r for r in rows if r.trial is not None] if only_timed else rows
+    for r in shown:
         t, p = r.trial, r.predicted
         speed = t.tokens_per_s if t else None
         mark = " (yours)" if r.candidate == search.yours else (" (tuned)" if r.candidate == tuned else "")
@@ -59,6 +63,12 @@ def markdown(search: Search, tuned: Candidate, confirmed: bool, settings: dict) 
             f"| {mib(t.peak_rss_bytes) if t else ''} | {f'{speed:,.0f}' if speed else ''} "
             f"| {f'{speed / base:.2f}' if speed and base else ''} | {r.reason} |"
         )
+    if len(shown) < len(rows):
+        counts: dict[str, int] = {}
+        for r in rows:
+            if r.trial is None:
+                counts[r.status] = counts.get(r.status, 0) + 1
+        lines += ["", "Not timed: " + ", ".join(f"{n} {status}" for status, n in counts.items()) + " (tune_report.md)."]
     return "\n".join(lines) + "\n"
 
 

@@ -155,13 +155,14 @@ def tune(s: Settings) -> Path:
 
     search.on_trial_done = done
     tuned = search.run(s.knobs)
+    bar.total = bar.n  # the plan was an estimate: a stage that moves the start changes the next one's
     bar.close()
     confirmed = bool(search.confirmation) or tuned == search.yours
     mark_untimed(rows)
     tuned_raw = C.apply(raw, cfg, tuned, s.accelerator_is_host)
     tuned_raw.setdefault("run", {})["out_dir"] = f"{cfg.run.out_dir.rstrip('/')}_tuned"
     path = report.write(s.out, search, tuned, confirmed, s.as_dict(), tuned_raw)
-    print((s.out / "tune_report.md").read_text(), flush=True)
+    print(report.markdown(search, tuned, confirmed, s.as_dict(), only_timed=True), flush=True)
     if search.stopped_early:
         print(f"smoe-tune: the time budget ran out; run the same command again to go on ({s.out})", flush=True)
     print(f"smoe-tune: wrote {path}, {s.out / 'tune_report.md'} and {s.out / 'tune_report.json'}", flush=True)
