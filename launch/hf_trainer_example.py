@@ -18,8 +18,8 @@ The FFNs become ``--num_experts`` experts behind frozen random routers; k grows 
 ``--k_max`` over the run, and each evaluation also runs at every k of ``--eval_ks``
 (``eval_k2_accuracy``, ...; all in ``OUT/trainer_state.json``). ``OUT/model`` gets the trained
 model, which ``from_pretrained`` loads at any k after ``import smoe_ds``. A relaunch with
-``--resume`` continues from the newest checkpoint in OUT. Expert parallelism and ZeRO-3 are not
-available through Trainer yet (docs/hf_trainer.md says why): every rank holds all N experts.
+``--resume`` continues from the newest checkpoint in OUT. ``--ep_size E`` spreads the experts over
+runs of E ranks (expert parallelism); ``--deepspeed ds_configs/hf_trainer/zero3.json`` runs ZeRO-3.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 import smoe_ds  # noqa: F401  (registers the saved SMoE directories with the Auto classes)
 from smoe_ds.config.schema import KScheduleConfig
 from smoe_ds.distributed.zero3 import gathered_module
-from smoe_ds.hf import SMoEDropoutCallback, convert_model, save_smoe, set_active_experts
+from smoe_ds.hf import SMoEDropoutCallback, convert_for_trainer, optimizer_cls_and_kwargs, save_smoe, set_active_experts
 from smoe_ds.hf.gather import single_device_copy
 from smoe_ds.hf.local_models import minilm_dir
 from smoe_ds.models.byte_tokenizer import SMoEByteTokenizer
@@ -68,12 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max_length", type=int, default=64, help="tokens per example (causal_lm: per block)")
     p.add_argument("--num_experts", type=int, default=8)
+    p.add_argument("--ep_size", type=int, default=1, help="expert parallelism: each rank holds num_experts / ep_size")
     p.add_argument("--k_min", type=int, help="default: num_experts / 2")
     p.add_argument("--k_max", type=int, help="default: num_experts")
     p.add_argument("--eval_ks", type=int, nargs="*", default=[1, 2, 4, 8])
     p.add_argument("--logging_steps", type=int, default=1)
     p.add_argument("--eval_steps", type=int, default=0, help="evaluate every this many steps (0: at the end only)")
     p.add_argument("--save_steps", type=int, default=0, help="checkpoint every this many steps (0: none)")
+    p.add_argument("--keep_checkpoints", type=int, default=1, help="checkpoints kept (save_total_limit)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--predictions", action="store_true", help="write the validation logits at each k of --eval_ks")
     p.add_argument("--report_to", default="tensorboard", help="Trainer's report_to, e.g. none")
@@ -114,7 +116,8 @@ def accuracy(prediction) -> dict:
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
+    """The script; ``callbacks``: more Trainer callbacks, for a script that imports this one."""
     args = parse_args(argv)
     transformers.set_seed(args.seed)  # the new head (or the tiny GPT-2) starts the same on every rank
     if args.task == "classification":
@@ -129,8 +132,6 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model) if args.model else tiny_gpt2(args.max_length)
         collator, metrics = default_data_collator, None
 
-    convert_model(model, num_experts=args.num_experts)  # SMoE-Dropout
-
     training_args = TrainingArguments(
         output_dir=args.out,
         max_steps=args.max_steps,
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_steps=args.eval_steps or None,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
-        save_total_limit=1,
+        save_total_limit=args.keep_checkpoints,
         deepspeed=args.deepspeed,
         report_to=args.report_to,
         seed=args.seed,
@@ -153,14 +154,19 @@ def main(argv: list[str] | None = None) -> None:
         # without a GPU, accelerate counts the ranks only when told it runs on the CPU (docs/hf_trainer.md)
         use_cpu=not torch.cuda.is_available(),
     )
+    # SMoE-Dropout: this rank's experts, in the layers the ZeRO stage needs (after the model is loaded and
+    # TrainingArguments are built: docs/hf_trainer.md), and the experts' own optimizer groups
+    convert_for_trainer(model, args.num_experts, training_args, ep_size=args.ep_size)
     trainer = Trainer(
         model=model,
         args=training_args,
+        optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(model, training_args),  # SMoE-Dropout
         train_dataset=train,
         eval_dataset=validation,
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=metrics,
+        callbacks=list(callbacks),
     )
     schedule = KScheduleConfig(k_min=args.k_min, k_max=args.k_max)
     SMoEDropoutCallback(schedule, eval_ks=args.eval_ks).install(trainer)  # SMoE-Dropout
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             if trainer.is_world_process_zero():
                 np.save(Path(args.out) / f"predictions_k{k}.npy", logits)
     with gathered_module(trainer.model):  # ZeRO-3: each weight whole for the copy (else nothing to do)
-        whole = single_device_copy(trainer.model, ep_size=1, k=args.num_experts)  # rank 0's; None elsewhere
+        whole = single_device_copy(trainer.model, args.ep_size, k=args.num_experts)  # rank 0's; None elsewhere
     if whole is not None:
         save_smoe(whole, Path(args.out) / "model")  # SMoE-Dropout: from_pretrained loads it at any k
         tokenizer.save_pretrained(Path(args.out) / "model")

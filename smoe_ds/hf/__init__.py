@@ -8,6 +8,8 @@
 - ``gather``: the whole model on rank 0 from an expert-parallel engine (the fine-tuner's export).
 - ``tasks``: the fine-tuning tasks (head, batches, metric); ``labelled_data``: their labelled files.
 - ``trainer_callback``: ``SMoEDropoutCallback``, SMoE-Dropout inside a Hugging Face ``Trainer`` script.
+- ``trainer_deepspeed``: the model and optimizer readied for Trainer's DeepSpeed integration (ZeRO
+  stages, expert parallelism): ``convert_for_trainer``, ``optimizer_cls_and_kwargs``.
 
 The CLI is ``python -m smoe_ds.hf_convert``.
 """
@@ -15,14 +17,17 @@ The CLI is ``python -m smoe_ds.hf_convert``.
 from smoe_ds.hf.save import export_dense, load_smoe, save_smoe
 from smoe_ds.hf.surgery import SMoESpec, convert_model
 from smoe_ds.hf.trainer_callback import SMoEDropoutCallback
+from smoe_ds.hf.trainer_deepspeed import convert_for_trainer, optimizer_cls_and_kwargs
 from smoe_ds.moe.layer import set_active_experts
 
 __all__ = [
     "SMoEDropoutCallback",
     "SMoESpec",
+    "convert_for_trainer",
     "convert_model",
     "export_dense",
     "load_smoe",
+    "optimizer_cls_and_kwargs",
     "save_smoe",
     "set_active_experts",
 ]

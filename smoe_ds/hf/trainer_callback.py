@@ -15,6 +15,10 @@ last step ran at. With ``eval_ks``, every evaluation Trainer runs (``eval_strate
 are named ``eval_k{k}_...`` (``eval_k2_accuracy``) and logged like Trainer's own; the training k is
 restored afterwards.
 
+Under Trainer's DeepSpeed integration the model is readied for ``deepspeed.initialize`` when the
+Trainer is built, and ``install`` also checks the optimizer's groups (``smoe_ds.hf.trainer_deepspeed``:
+every ZeRO stage, and expert parallelism with ``convert_for_trainer`` and ``optimizer_cls_and_kwargs``).
+
 ``install`` puts the callback first among the trainer's callbacks: Trainer hands one ``logs`` dict
 to its callbacks in order, and the reporters of ``report_to`` (TensorBoard, ...) and the printer
 come before a callback passed as ``Trainer(callbacks=[...])``, so only from the front does ``k``
@@ -32,11 +36,10 @@ from transformers import TrainerCallback
 
 from smoe_ds.config.schema import ConfigError, KScheduleConfig, check_k_schedule
 from smoe_ds.distributed import faults
-from smoe_ds.distributed import process_group as D
 from smoe_ds.hf.surgery import active_experts, spec_of
-from smoe_ds.moe.layer import moe_layers, set_active_experts
+from smoe_ds.hf.trainer_deepspeed import check_expert_ranks, optimizer_groups_of, ready_for_trainer
+from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.schedule import k_at_step
-from smoe_ds.ops.prebuild import without_shm_allreduce
 
 SCHEDULE_NAME = "schedule"  # how the refusals name the callback's schedule (its keys: schedule.k_max, ...)
 
@@ -66,36 +69,6 @@ def resolved_schedule(schedule: KScheduleConfig, num_experts: int, max_steps: in
     )
     check_k_schedule(filled, n, SCHEDULE_NAME)
     return filled
-
-
-def ready_for_deepspeed(model) -> None:
-    """Ready a converted model for Trainer's ``deepspeed.initialize``: its experts become ordinary
-    weights, and DeepSpeed's process group joins the one accelerate made.
-
-    The experts' weights carry DeepSpeed's expert tag (``allreduce=False``, what its ``Experts``
-    wrapper sets), and ZeRO-1/2 reduce a tagged weight over its expert-data-parallel group
-    (``runtime/zero/stage_1_and_2.py``, ``average_tensor``), which only a DeepSpeed ``MoE`` layer
-    makes; the converted layers are plain modules, so the engine would fail on the first backward.
-    At ep_size 1 every rank holds all N experts, so they are reduced like every other weight.
-    A model converted with ep_size > 1 is refused: docs/hf_trainer.md says what blocks expert
-    parallelism through Trainer.
-    """
-    import deepspeed
-
-    layers = list(moe_layers(model))
-    sizes = sorted({layer.ep_size for layer in layers})
-    if sizes != [1]:
-        raise ConfigError(
-            f"expert parallelism (ep_size {max(sizes)}) is not available through Trainer: "
-            "convert the model with ep_size 1 (docs/hf_trainer.md)"
-        )
-    for layer in layers:
-        for p in layer.deepspeed_moe.experts.parameters():
-            p.allreduce = True
-    if not deepspeed.comm.is_initialized():
-        # gloo's allreduce on CPU, as in smoe-ds's own runs (smoe_ds.ops.prebuild.without_shm_allreduce)
-        with without_shm_allreduce():
-            deepspeed.init_distributed(dist_backend=D.backend_name(), verbose=False)
 
 
 class SMoEDropoutCallback(TrainerCallback):
@@ -130,8 +103,7 @@ class SMoEDropoutCallback(TrainerCallback):
     def install(self, trainer) -> SMoEDropoutCallback:
         """Check ``trainer.model``, then join ``trainer``'s callbacks first (see the module's docstring)."""
         self.check_model(trainer.model, trainer.args.max_steps if trainer.args.max_steps > 0 else None)
-        if trainer.args.deepspeed:
-            ready_for_deepspeed(trainer.model)
+        ready_for_trainer(trainer.model, trainer.args, optimizer_groups_of(trainer))
         handler = trainer.callback_handler
         if self in handler.callbacks:
             handler.callbacks.remove(self)
@@ -149,12 +121,13 @@ class SMoEDropoutCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self.check_model(model, args.max_steps if args.max_steps > 0 else None)
-        if args.deepspeed:
-            ready_for_deepspeed(model)  # before train() calls deepspeed.initialize
+        ready_for_trainer(model, args)  # before train() calls deepspeed.initialize; install checks the optimizer too
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # state.max_steps is known now (from max_steps or the epochs); it ends a schedule left open
         self.check_model(model, state.max_steps)
+        if args.deepspeed:
+            check_expert_ranks(model, args.process_index)  # the engine exists now, and its expert groups
         if self.eval_ks and self.trainer is None:
             raise ConfigError("eval_ks needs the trainer: call callback.install(trainer) instead of callbacks=[...]")
 

@@ -1,14 +1,19 @@
-"""SMoE-Dropout inside a Hugging Face Trainer (``smoe_ds.hf.SMoEDropoutCallback``).
+"""SMoE-Dropout inside a Hugging Face Trainer (``smoe_ds.hf.SMoEDropoutCallback``, ``smoe_ds.hf.trainer_deepspeed``).
 
 In-process: the callback's logic on a tiny converted BERT with a real single-process Trainer (k per
-step, k in the logs, per-k evaluation through Trainer's own loop, the refusals). On 2 CPU ranks under
-torchrun: ``launch/hf_trainer_example.py`` on the pretrained MiniLM with Trainer's DeepSpeed ZeRO-2,
-one uninterrupted run shared by the learning, logging and export checks, and a run killed after its
-checkpoint then resumed, against it.
+step, k in the logs, per-k evaluation through Trainer's own loop, the refusals), and the optimizer
+groups that Trainer's ``optimizer_cls_and_kwargs`` hook takes. On 2 CPU ranks under torchrun,
+``launch/hf_trainer_example.py`` with Trainer's own DeepSpeed integration:
+
+- the pretrained MiniLM at ZeRO-2 with expert parallelism (ep_size 2): one run shared by the
+  learning, logging, router and export checks;
+- a tiny GPT-2 at ZeRO-3 (ep_size 1): one uninterrupted run shared by the learning, stage and export
+  checks, and a run resumed from its step-4 checkpoint, against it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -21,25 +26,34 @@ from datasets import Dataset
 
 import smoe_ds  # noqa: F401  (registers the SMoE directories with the Auto classes)
 from smoe_ds.config.schema import ConfigError, KScheduleConfig
-from smoe_ds.hf import SMoEDropoutCallback, convert_model, set_active_experts
-from smoe_ds.hf.surgery import active_experts
-from smoe_ds.hf.trainer_callback import ready_for_deepspeed
+from smoe_ds.hf import (
+    SMoEDropoutCallback,
+    convert_for_trainer,
+    convert_model,
+    optimizer_cls_and_kwargs,
+    set_active_experts,
+)
+from smoe_ds.hf.surgery import DEFAULT_ROUTER_SEED, active_experts
+from smoe_ds.hf.trainer_deepspeed import ready_for_deepspeed
+from smoe_ds.moe.layer import moe_layers
+from smoe_ds.moe.router import frozen_router_weight
 from smoe_ds.moe.schedule import k_at_step
 from tests.helpers.corpora import SENTIMENT
 from tests.helpers.launch import REPO, run_ranks
+from tests.helpers.workers.hf_trainer_probe import example_module
 
 EXAMPLE = str(REPO / "launch" / "hf_trainer_example.py")
 N = 8
 
 
-def tiny_bert(num_experts: int | None = N) -> transformers.BertForSequenceClassification:
+def tiny_bert(num_experts: int | None = N, **convert) -> transformers.BertForSequenceClassification:
     """A 2-layer BERT classifier (FFN 64), converted to ``num_experts`` experts unless None."""
     torch.manual_seed(0)
     config = transformers.BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2
     )
     model = transformers.BertForSequenceClassification(config)
-    return model if num_experts is None else convert_model(model, num_experts)
+    return model if num_experts is None else convert_model(model, num_experts, **convert)
 
 
 def tiny_data(n: int = 32) -> Dataset:
@@ -133,32 +147,53 @@ def test_refusals_are_one_line(tmp_path):
     unattached = SMoEDropoutCallback(SCHEDULE, eval_ks=[1])
     trainer = tiny_trainer(tmp_path, tiny_bert(), callbacks=[unattached])
     assert "callback.install(trainer)" in refusal(trainer.train)
-    sharded = convert_model(tiny_bert(num_experts=None), N, ep_size=2, ep_rank=0)
-    assert "expert parallelism (ep_size 2) is not available through Trainer" in refusal(
-        lambda: ready_for_deepspeed(sharded)
+    sharded = tiny_bert(ep_size=2, ep_rank=0)  # plain layers
+    assert "(ep_size 2) needs Trainer's DeepSpeed integration" in refusal(
+        lambda: tiny_trainer(tmp_path, sharded, callbacks=[SMoEDropoutCallback()])
     )
+    assert "convert_for_trainer" in refusal(lambda: ready_for_deepspeed(sharded, zero(2)))
+    assert "(ep_size 2) needs Trainer's DeepSpeed integration" in refusal(
+        lambda: convert_for_trainer(tiny_bert(None), N, tiny_trainer(tmp_path, tiny_bert()).args, ep_size=2)
+    )
+    moe = tiny_bert(ep_size=2, ep_rank=0, for_deepspeed=True)  # DeepSpeed MoE layers
+    assert "at ZeRO-0/1/2, not 3" in refusal(lambda: ready_for_deepspeed(moe, zero(3)))
+    needs_groups = "needs the experts in optimizer groups of their own"
+    assert needs_groups in refusal(lambda: ready_for_deepspeed(moe, {**zero(2), "optimizer": {"type": "AdamW"}}))
+    assert needs_groups in refusal(lambda: ready_for_deepspeed(moe, zero(2), optimizer_groups=[]))  # Trainer's own
 
 
-# -- 2 ranks, torchrun, Trainer's DeepSpeed ZeRO-2 ---------------------------------------------
-
-STEPS, SAVE_AT = 8, 4
-EVAL_KS = [2, N]
-RUN_ARGS = [
-    "--task",
-    "classification",
-    "--max_steps",
-    str(STEPS),
-    "--save_steps",
-    str(SAVE_AT),
-    "--eval_ks",
-    *map(str, EVAL_KS),
-    "--report_to",
-    "none",
-]
+def zero(stage: int) -> dict:
+    return {"zero_optimization": {"stage": stage}}
 
 
-def example(out: Path, *extra: str, env: dict | None = None, check: bool = True):
-    return run_ranks("torchrun", 2, [EXAMPLE, "--out", str(out), *RUN_ARGS, *extra], timeout=420, env=env, check=check)
+def test_trainers_optimizer_takes_the_experts_groups_and_no_router(tmp_path):
+    """Trainer's ``create_optimizer`` (what its DeepSpeed integration calls) builds the optimizer over
+    our groups: at ep_size 2 the experts in MoE groups of their own, the frozen routers in none."""
+    moe = tiny_bert(ep_size=2, ep_rank=1, for_deepspeed=True)
+    args = tiny_trainer(tmp_path, tiny_bert()).args
+    trainer = transformers.Trainer(model=moe, args=args, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(moe, args))
+    groups = trainer.create_optimizer().param_groups
+    held = {id(p): g.get("moe", False) for g in groups for p in g["params"]}
+    experts = {id(p) for layer in moe_layers(moe) for p in layer.deepspeed_moe.experts.parameters()}
+    routers = {id(layer.deepspeed_moe.gate.wg.weight) for layer in moe_layers(moe)}
+    trainable = {id(p) for p in moe.parameters() if p.requires_grad}
+    assert len(routers) == 2 and not routers & set(held) and set(held) == trainable
+    assert {i for i, is_moe in held.items() if is_moe} == experts
+    assert {g["lr"] for g in groups} == {args.learning_rate}
+    plain = tiny_bert()
+    _, kwargs = optimizer_cls_and_kwargs(plain, args)
+    assert not any(g.get("moe") for g in kwargs["params"])  # one device holds all experts: no split
+
+
+# -- 2 ranks, torchrun, Trainer's DeepSpeed -----------------------------------------------------
+
+
+def example(out: Path, *args: str, probe: bool = False):
+    """launch/hf_trainer_example.py on 2 ranks (``probe``: with tests/helpers/workers/hf_trainer_probe.py's
+    callback, which writes what each rank's engine holds)."""
+    target = ["tests.helpers.workers.hf_trainer_probe"] if probe else [EXAMPLE]
+    argv = [*target, "--out", str(out), "--report_to", "none", *args]
+    return run_ranks("torchrun", 2, argv, module=probe, timeout=420)
 
 
 def log_history(out: Path) -> list[dict]:
@@ -169,56 +204,103 @@ def train_losses(history: list[dict]) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
+def assert_k_follows_the_schedule(history: list[dict], steps: int) -> None:
+    resolved = KScheduleConfig(k_min=N // 2, k_max=N, end_step=steps)
+    logged = [(h["step"], h["k"]) for h in history if "loss" in h]
+    assert logged == [(s, k_at_step(resolved, s - 1)) for s in range(1, steps + 1)]
+
+
+EVERY_K = list(range(1, N + 1))
+MINILM_STEPS = 8
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """The MiniLM fine-tune: 8 steps, k 4 -> 8, checkpoint at step 4, evaluated and exported."""
-    out = tmp_path_factory.mktemp("hf_trainer") / "run"
-    example(out, "--predictions")
+def minilm_ep2(tmp_path_factory, minilm_dir) -> Path:
+    """The MiniLM fine-tune at ZeRO-2 with expert parallelism (4 experts per rank): 8 steps, k 4 -> 8,
+    evaluated and predicted at every k, exported, probed."""
+    out = tmp_path_factory.mktemp("hf_trainer") / "minilm_ep2"
+    args = ["--task", "classification", "--ep_size", "2", "--max_steps", str(MINILM_STEPS), "--predictions"]
+    example(out, *args, "--eval_ks", *map(str, EVERY_K), probe=True)
     return out
 
 
 # What the 8 steps at lr 1e-3 score on the 72 dev phrases at k = N (37 positive: always answering
-# positive scores 0.514, at a loss of ln 2 = 0.693). Measured on 2 CPU ranks: training loss 0.697 at
-# step 1, 0.464 at step 8; at k = 8 accuracy 0.833, loss 0.493 (k = 2: 0.458, 0.708, near chance after
-# 8 steps trained at k 4 -> 8).
+# positive scores 0.514, at a loss of ln 2 = 0.693). Measured on 2 CPU ranks at ep_size 2: training loss
+# 0.697 at step 1, 0.464 at step 8; at k = 8 accuracy 0.833, loss 0.493.
 LEARNED_ACCURACY, LEARNED_LOSS = 0.65, 0.65
 
 
-def test_the_loss_falls_and_k_follows_the_schedule_in_the_logs(uninterrupted, minilm_dir):
-    history = log_history(uninterrupted)
+def test_expert_parallel_minilm_learns_and_k_follows_the_schedule_in_the_logs(minilm_ep2):
+    history = log_history(minilm_ep2)
     final = next(h for h in reversed(history) if f"eval_k{N}_loss" in h)
     assert final[f"eval_k{N}_accuracy"] >= LEARNED_ACCURACY and final[f"eval_k{N}_loss"] <= LEARNED_LOSS, final
     assert final[f"eval_k{N}_loss"] < next(h["loss"] for h in history if "loss" in h)
-    resolved = KScheduleConfig(k_min=N // 2, k_max=N, end_step=STEPS)
-    logged = [(h["step"], h["k"]) for h in history if "loss" in h]
-    assert logged == [(s, k_at_step(resolved, s - 1)) for s in range(1, STEPS + 1)]
-    assert {f"eval_k{k}_accuracy" for k in EVAL_KS} <= set(final) | {k for h in history for k in h}
+    assert_k_follows_the_schedule(history, MINILM_STEPS)
+    assert {f"eval_k{k}_accuracy" for k in EVERY_K} <= {key for h in history for key in h}
 
 
-def test_the_saved_model_gives_the_engines_logits_at_every_k(uninterrupted, minilm_dir):
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(uninterrupted / "model")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(uninterrupted / "model")
+def test_expert_parallel_routers_stay_frozen_identical_and_out_of_the_optimizer(minilm_ep2):
+    probes = [torch.load(minilm_ep2 / f"probe_rank{r}.pt") for r in range(2)]
+    for probe in probes:
+        assert probe["moe_groups"] > 0 and probe["frozen_in_optimizer"] == []
+        routers = probe["frozen"]
+        assert len(routers) == 6 and all(name.endswith("gate.wg.weight") for name in routers), sorted(routers)
+        for i, name in enumerate(sorted(routers, key=lambda n: int(n.split(".layer.")[1].split(".")[0]))):
+            assert torch.equal(routers[name], frozen_router_weight(384, N, DEFAULT_ROUTER_SEED, i)), name
+
+
+def test_the_expert_parallel_export_gives_the_engines_logits_at_every_k(minilm_ep2):
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_ep2 / "model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_ep2 / "model")
     sentences = [line.split("\t")[0] for line in (SENTIMENT / "dev.tsv").read_text().splitlines()[1:]]
-    for k in EVAL_KS:
+    batch = tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    for k in EVERY_K:
         set_active_experts(model, k)
-        engine = np.load(uninterrupted / f"predictions_k{k}.npy")
+        engine = torch.from_numpy(np.load(minilm_ep2 / f"predictions_k{k}.npy"))
         with torch.no_grad():
-            # one by one: the engine's batches were padded to their own longest phrase
-            ours = torch.cat(
-                [model(**tokenizer(s, return_tensors="pt", truncation=True, max_length=64)).logits for s in sentences]
-            )
-        assert engine.shape == tuple(ours.shape)
-        torch.testing.assert_close(ours, torch.from_numpy(engine), atol=1e-4, rtol=1e-4)
+            ours = model(**batch).logits  # padding is masked: each phrase's logits as the engine's batches gave
+        torch.testing.assert_close(ours, engine, atol=1e-4, rtol=1e-4)
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_losses(uninterrupted, tmp_path):
+LM_STEPS, LM_SAVE_AT = 6, 4
+LM_ARGS = ["--task", "causal_lm", "--deepspeed", str(REPO / "ds_configs" / "hf_trainer" / "zero3.json")]
+LM_ARGS += ["--max_steps", str(LM_STEPS), "--save_steps", str(LM_SAVE_AT)]
+
+
+@pytest.fixture(scope="module")
+def gpt2_zero3(tmp_path_factory) -> Path:
+    """The tiny GPT-2's continued pretraining at ZeRO-3 (ep_size 1): 6 steps, k 4 -> 7, checkpoints at
+    steps 4 and 6 (both kept), predicted at every k, exported."""
+    out = tmp_path_factory.mktemp("hf_trainer") / "gpt2_zero3"
+    example(out, *LM_ARGS, "--keep_checkpoints", "2", "--predictions", "--eval_ks", *map(str, EVERY_K))
+    return out
+
+
+def test_zero3_trains_the_tiny_gpt2_and_its_export_gives_the_engines_logits_at_every_k(gpt2_zero3):
+    history = log_history(gpt2_zero3)
+    losses = train_losses(history)
+    assert losses[LM_STEPS] < losses[1] - 0.2, losses  # 5.46 -> 5.13 measured
+    assert_k_follows_the_schedule(history, LM_STEPS)
+    shards = {p.name for p in (gpt2_zero3 / f"checkpoint-{LM_STEPS}").glob("global_step*/*.pt")}
+    assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= shards
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_zero3 / "model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_zero3 / "model")
+    _, validation = example_module().causal_lm_data(argparse.Namespace(train=None, max_length=64), tokenizer)
+    ids = torch.tensor(validation["input_ids"])
+    for k in EVERY_K:
+        set_active_experts(model, k)
+        with torch.no_grad():
+            ours = model(input_ids=ids).logits
+        torch.testing.assert_close(ours, torch.from_numpy(np.load(gpt2_zero3 / f"predictions_k{k}.npy")))
+
+
+def test_zero3_resume_from_the_step_4_checkpoint_gives_the_uninterrupted_losses(gpt2_zero3, tmp_path):
+    """A run resumed in a folder that holds only the uninterrupted run's step-4 checkpoint, which is what a
+    run killed after that checkpoint leaves (the kill itself would only cost one more launch)."""
     out = tmp_path / "run"
-    killed = example(out, env={"SMOE_DS_INJECT_FAULT": f"kill:1:train:{SAVE_AT + 1}"}, check=False)
-    assert killed.returncode != 0
-    assert (out / f"checkpoint-{SAVE_AT}").is_dir() and not (out / "trainer_state.json").exists()
-    example(out, "--resume")
-    resumed, whole = train_losses(log_history(out)), train_losses(log_history(uninterrupted))
-    assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(SAVE_AT + 1, STEPS + 1):
+    shutil.copytree(gpt2_zero3 / f"checkpoint-{LM_SAVE_AT}", out / f"checkpoint-{LM_SAVE_AT}")
+    example(out, *LM_ARGS, "--resume", "--eval_ks", str(N))
+    resumed, whole = train_losses(log_history(out)), train_losses(log_history(gpt2_zero3))
+    assert sorted(resumed) == list(range(1, LM_STEPS + 1))
+    for step in range(LM_SAVE_AT + 1, LM_STEPS + 1):
         assert resumed[step] == pytest.approx(whole[step], abs=1e-5), (step, resumed, whole)
-    shutil.rmtree(out)  # two checkpoints of MiniLM with Adam states: 0.5 GB
