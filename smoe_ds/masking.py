@@ -19,6 +19,7 @@ scores the same masks.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,22 +95,17 @@ def mask_tokens(ids_BT: torch.Tensor, spec: MaskingSpec, seeds: list[int]) -> tu
 
 
 def masked_train_batches(
-    blocks: torch.Tensor,
-    spec: MaskingSpec,
-    micro_batch: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    grad_accum: int = 1,
-    start_step: int = 0,
-    extra_micro_batches: int = 0,
+    blocks: torch.Tensor, spec: MaskingSpec, *order_args, **order_kwargs
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (inputs [B, T], labels [B, T]) micro-batches of ``blocks`` [n, T + 1] for this rank, in
-    the trainer's global order (``smoe_ds.data.train_order``, whose arguments these are)."""
-    order = train_order(len(blocks), micro_batch, rank, world_size, seed, grad_accum, start_step, extra_micro_batches)
-    read = start_step * grad_accum + extra_micro_batches  # micro-batches of each rank read before this one
-    for idx in order:
-        salt = read // grad_accum + 1  # the step of the read order: the same on every rank and layout
+    the order of ``train_order(len(blocks), *order_args, **order_kwargs)`` (``smoe_ds.data``)."""
+    bound = inspect.signature(train_order).bind(len(blocks), *order_args, **order_kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    gas, seed = a["grad_accum"], a["seed"]
+    read = a["start_step"] * gas + a["extra_micro_batches"]  # micro-batches of each rank read before this one
+    for idx in train_order(*bound.args, **bound.kwargs):
+        salt = read // gas + 1  # the step of the read order: the same on every rank and layout
         ids = encoder_inputs(blocks[idx][:, :-1], spec.cls_id)
         yield mask_tokens(ids, spec, [block_seed(seed, salt, int(i)) for i in idx])
         read += 1

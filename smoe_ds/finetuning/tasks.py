@@ -176,8 +176,13 @@ class CausalLMTask(Task):
         return {}
 
     def load_smoe_export(self, path: str, ep_size: int, ep_rank: int, for_deepspeed: bool) -> torch.nn.Module:
-        from smoe_ds.models.transformers_lm import SMoEForCausalLM
+        from smoe_ds.models.transformers_lm import SMoEConfig, SMoEForCausalLM
 
+        if SMoEConfig.from_pretrained(path).is_encoder:
+            raise ConfigError(
+                f"{path} is an encoder (model.objective masked_lm): hf.task causal_lm needs a decoder; "
+                "fine-tune an encoder with hf.task classification or math_word_problem"
+            )
         return SMoEForCausalLM.from_export_sharded(path, ep_size, ep_rank, for_deepspeed)
 
     def train_batches(self, rank: int, grad_accum: int, start_step: int, skipped: int = 0) -> Iterator[dict]:

@@ -85,6 +85,11 @@ class _SMoEPreTrained(PreTrainedModel):
     def _init_weights(self, module: torch.nn.Module) -> None:
         pass  # build_model already initialised everything; from_pretrained overwrites it anyway
 
+    def ready(self) -> None:
+        """The end of a model's ``__init__``, once its head exists: the config's k, then transformers' own set-up."""
+        self.set_active_experts(self.config.active_experts)
+        self.post_init()
+
     def expert_modules(self):
         from smoe_ds.moe.experts import GroupedExperts
 
@@ -141,8 +146,7 @@ class SMoEForCausalLM(_SMoEPreTrained, GenerationMixin):
         if config.is_encoder:  # bidirectional: it would "predict" tokens it can see
             raise ValueError("this smoe_lm model is an encoder (masked_lm): load it with AutoModelForMaskedLM")
         super().__init__(config, **sharding)
-        self.set_active_experts(config.active_experts)
-        self.post_init()
+        self.ready()
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm.lm_head
@@ -171,8 +175,7 @@ class SMoEForMaskedLM(_SMoEPreTrained):
         if not config.is_encoder:
             raise ValueError("this smoe_lm model is a causal LM: load it with AutoModelForCausalLM")
         super().__init__(config, **sharding)
-        self.set_active_experts(config.active_experts)
-        self.post_init()
+        self.ready()
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.lm.lm_head
@@ -194,8 +197,7 @@ class SMoEModel(_SMoEPreTrained):
 
     def __init__(self, config: SMoEConfig, **sharding) -> None:
         super().__init__(config, **sharding)
-        self.set_active_experts(config.active_experts)
-        self.post_init()
+        self.ready()
 
     def forward(self, input_ids, attention_mask=None, **kwargs) -> BaseModelOutput:
         hidden_BTD, _ = self.lm.hidden_states(input_ids, attention_mask)
@@ -216,8 +218,7 @@ class SMoEForSequenceClassification(_SMoEPreTrained):
     def __init__(self, config: SMoEConfig, **sharding) -> None:
         super().__init__(config, **sharding)
         self.score = torch.nn.Linear(config.hidden_size, config.num_labels)
-        self.set_active_experts(config.active_experts)
-        self.post_init()
+        self.ready()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         if module is getattr(self, "score", None):  # the new head; the LM's weights come from the export

@@ -26,8 +26,9 @@ LN2 = math.log(2.0)  # nats per bit
 
 
 @torch.no_grad()
-def validation_loss(model, batches: list, k: int | None = None) -> float:
-    """Mean next-token loss (nats) over every rank's ``batches`` at ``k`` active experts.
+def summed_over_ranks(model, batches: list, k: int | None, figures) -> torch.Tensor:
+    """The sums over every rank's ``batches`` of ``figures(model, x, y)`` (a list of floats per
+    batch), at ``k`` active experts, in eval mode, fp64 [F].
 
     ``model`` is a DeepSpeed engine or a plain ``SMoELM``. Under a process group all ranks
     must call this together with the same number of batches: the MoE layers exchange tokens
@@ -39,38 +40,34 @@ def validation_loss(model, batches: list, k: int | None = None) -> float:
     model.eval()
     if k is not None:
         set_active_experts(module, k)
-    total = torch.zeros(2, dtype=torch.float64)
+    total = 0
     for x, y in batches:
         faults.maybe_die("eval", D.rank())
-        out = model(x.to(device), y.to(device))
-        total += torch.tensor([out.lm_loss.item(), 1.0], dtype=torch.float64)
+        total = total + torch.tensor(figures(model, x.to(device), y.to(device)), dtype=torch.float64)
     total = D.all_reduce_sum(total.to(device)).cpu()
     model.train(was_training)
+    return total
+
+
+def validation_loss(model, batches: list, k: int | None = None) -> float:
+    """Mean next-token loss (nats) over every rank's ``batches`` [(x [B, T], y [B, T])] at ``k``
+    active experts (see ``summed_over_ranks``)."""
+    total = summed_over_ranks(model, batches, k, lambda m, x, y: [m(x, y).lm_loss.item(), 1.0])
     return float(total[0] / total[1])
 
 
-@torch.no_grad()
 def masked_lm_metrics(model, batches: list, k: int | None = None) -> dict:
     """The encoder's {"loss": mean cross-entropy (nats), "accuracy": share predicted right} over the
     masked tokens of every rank's ``batches`` [(inputs [B, T], labels [B, T], -100 = not scored)] at
-    ``k`` active experts. Collective, like ``validation_loss``."""
-    module = getattr(model, "module", model)
-    device = next(module.parameters()).device
-    was_training = model.training
-    model.eval()
-    if k is not None:
-        set_active_experts(module, k)
-    total = torch.zeros(3, dtype=torch.float64)  # loss sum, right, scored tokens
-    for x, labels in batches:
-        faults.maybe_die("eval", D.rank())
-        labels = labels.to(device)
-        logits = model(x.to(device), labels).logits.float()  # [M, V]: the scored positions'
+    ``k`` active experts (see ``summed_over_ranks``)."""
+
+    def figures(m, x, labels) -> list[float]:
+        logits = m(x, labels).logits.float()  # [M, V]: the scored positions'
         scored = labels[labels != IGNORE]
         loss = torch.nn.functional.cross_entropy(logits, scored, reduction="sum")
-        right = (logits.argmax(-1) == scored).sum()
-        total += torch.tensor([loss.item(), right.item(), scored.numel()], dtype=torch.float64)
-    total = D.all_reduce_sum(total.to(device)).cpu()
-    model.train(was_training)
+        return [loss.item(), (logits.argmax(-1) == scored).sum().item(), scored.numel()]
+
+    total = summed_over_ranks(model, batches, k, figures)
     return {"loss": float(total[0] / total[2]), "accuracy": float(total[1] / total[2])}
 
 
