@@ -108,8 +108,8 @@ class Search:
 
     def _fits(self, trials: int) -> bool:
         """Whether ``trials`` more trials fit before the deadline, each as long as the longest so
-        far (a minute before any has run)."""
-        longest = max(self.trial_walls_s, default=60.0)
+        far. Before any has run nothing is known, so the first one starts (the deadline stops it)."""
+        longest = max(self.trial_walls_s, default=0.0)
         return time.monotonic() + trials * longest <= self.deadline
 
     def _time(self, c: Candidate) -> bool:

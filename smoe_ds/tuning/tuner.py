@@ -131,14 +131,13 @@ def tune(s: Settings) -> Path:
     yours = C.of_config(cfg, s.ranks)
     tokens_per_step = yours.micro_batch * yours.grad_accum * s.ranks * cfg.model.block_size  # every candidate's
 
-    def trial(name: str, c: C.Candidate):
+    def trial(name: str, c: C.Candidate, hang_s: float | None):
         c_raw = C.apply(raw, cfg, c, s.accelerator_is_host)
-        folder = trial_folder(s.out, name)
         bar.set_description(f"smoe-tune {name}")
-        timeout = max(60.0, deadline - time.monotonic())
-        return run_trial(
-            folder, c_raw, C.load_candidate(c_raw, s.ranks), s.ranks, s.trial_steps, timeout, tokens_per_step
-        )
+        loaded = C.load_candidate(c_raw, s.ranks)
+        budget_left = deadline - time.monotonic()
+        folder = trial_folder(s.out, name)
+        return run_trial(folder, c_raw, loaded, s.ranks, s.trial_steps, tokens_per_step, budget_left, hang_s)
 
     search = Search(
         rows,
