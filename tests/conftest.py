@@ -69,6 +69,8 @@ LONGEST_FILES = (
     "finetuning/test_finetune.py",
     "hf/test_trainer_callback.py",
     "tuning/test_tune.py",
+    "training/test_masked_lm_e2e.py",
+    "experiments/test_encoder_transfer.py",
     "bench/test_bench.py",
     "finetuning/test_mwp_finetune.py",
     "experiments/test_mwp_experiment.py",
