@@ -13,11 +13,15 @@
 #             if it fails or times out, the trainer steps use torch's fused AdamW instead
 #   pytest    pytest -m gpu tests/gpu: the layer against the naive loop (fp32, bf16, each path),
 #             unaligned grouped GEMMs, the router on GPU and CPU, a 1-GPU bf16 ZeRO-2 engine and
-#             its export, peak memory against the dense FFN
+#             its export, peak memory against the dense FFN; no host sync (a training step of the
+#             layer under torch.cuda.set_sync_debug_mode("error")), its forward replayed from a
+#             CUDA graph to the eager output, two runs bit-identical (tests/gpu/test_layer_sync_free.py)
 #   bench     smoe_ds.bench.layer, bf16: d_model 2048, 16 experts x 512, 16k tokens; then the paper's
 #             shape (d_model 256, 16 x 512, 22 x 512 tokens); ours / stock DeepSpeed MoE / dense,
 #             and ours with each compute path forced (--each-path); the profiler's table of ours
-#             at the paper's shape (--profile, in the log)
+#             at the paper's shape (--profile, in the log); the summary prints each figure
+#             against issue 32's goal
+#   gelu      smoe_ds.bench.gated_gelu, bf16: the fused GELU x gate compiled against the eager form
 #   e2e       smoe_ds.bench.e2e with ds_configs/gpu_bf16.json: dense against SMoE-Dropout
 #   train     launch/local.sh ds_configs/gpu_bf16.json for 300 steps on the GPU(s), then convert
 #             and the self-slimming evaluation of the export on one GPU
@@ -101,6 +105,8 @@ step bench 150 "$PYTHON" -m smoe_ds.bench.layer --device "$DEVICE" --dtype bfloa
   --d-expert 512 --tokens 16384 --no-ep --each-path --out "$OUT/bench_d2048.json"
 step bench_paper 90 "$PYTHON" -m smoe_ds.bench.layer --device "$DEVICE" --dtype bfloat16 --d-model 256 --experts 16 \
   --d-expert 512 --tokens 11264 --no-ep --each-path --profile --out "$OUT/bench_paper.json"
+step gelu 60 "$PYTHON" -m smoe_ds.bench.gated_gelu --device "$DEVICE" --dtype bfloat16 --shapes gpu \
+  --out "$WORK/bench_gated_gelu.json"
 
 step e2e 150 "$PYTHON" -m smoe_ds.bench.e2e --config ds_configs/gpu_bf16.json --steps 200 --d-model 512 \
   --layers 8 --experts 16 --d-expert 256 --block-size 512 --batch 32 --out "$WORK/e2e" "${ADAM[@]}" &&
@@ -115,8 +121,8 @@ if step train 180 env PYTHON="$PYTHON" bash launch/local.sh ds_configs/gpu_bf16.
     cp "$RUN/eval/self_slimming.json" "$OUT/"
 fi
 
-"$PYTHON" - "$WORK/steps.tsv" "$OUT" "$((SECONDS - START))" <<'PY'
-"""The summary: versions, each step's status and time, and the headline figures."""
+"$PYTHON" - "$WORK/steps.tsv" "$OUT" "$((SECONDS - START))" "$WORK/bench_gated_gelu.json" <<'PY'
+"""The summary: versions, each step's status and time, and the headline figures against their goals."""
 import json
 import platform
 import sys
@@ -124,7 +130,10 @@ from pathlib import Path
 
 import torch
 
-steps_tsv, out, total_s = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+steps_tsv, out, total_s, gelu = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+# Issue 32's goals, forward + backward time / dense FFN (bf16, one GPU), and end to end.
+GOALS = {"bench_d2048": {16: 1.10, 2: 0.30, 1: 0.20}, "bench_paper": {16: 1.5}}
+E2E_GOAL = 0.95
 steps = [dict(zip(("step", "status", "seconds"), line.split("\t"))) for line in steps_tsv.read_text().splitlines()]
 
 
@@ -158,18 +167,31 @@ for name in ("bench_d2048", "bench_paper"):
         print(f"\n{name}: d_model {shape['d_model']}, {shape['experts']} x {shape['d_expert']}, "
               f"{shape['tokens']} tokens, fwd+bwd time / dense FFN")
         print("   k " + " ".join(f"{r['k']:>6}" for r in shape["rows"]))
+        print("k/N  " + " ".join(f"{r['ideal']:>6.3f}" for r in shape["rows"]))
         print("ours " + " ".join(f"{r['ours_vs_dense']:>6.3f}" for r in shape["rows"]))
         print("stock" + " ".join(f"{r['stock_vs_dense']:>6.3f}" for r in shape["rows"]))
         if "ours_dense_path_vs_dense" in shape["rows"][0]:
             print("dpath" + " ".join(f"{r['ours_dense_path_vs_dense']:>6.3f}" for r in shape["rows"]))
             print("spath" + " ".join(f"{r['ours_sparse_path_vs_dense']:>6.3f}" for r in shape["rows"]))
+        goals = GOALS[name]
+        print("goal " + " ".join(f"{goals[r['k']]:>6.2f}" if r["k"] in goals else f"{'':>6}" for r in shape["rows"]))
+        met = {r["k"]: r["ours_vs_dense"] <= goals[r["k"]] for r in shape["rows"] if r["k"] in goals}
+        print("met  " + " ".join(f"{('yes' if met[r['k']] else 'NO') if r['k'] in met else '':>6}" for r in shape["rows"]))
+        summary.setdefault("goals", {})[name] = {k: {"goal": goals[k], "met": m} for k, m in met.items()}
+if gelu.is_file():
+    result = json.loads(gelu.read_text())
+    summary["gated_gelu"] = result["rows"]
+    print(f"\nGELU x gate, {result['dtype']} fwd+bwd, compiled / eager: "
+          + ", ".join(f"{r['shape']} {r['compiled_over_eager']:.3f}" for r in summary["gated_gelu"]))
 e2e = out / "bench_e2e.json"
 if e2e.is_file():
     result = json.loads(e2e.read_text())
     summary["e2e"] = {r["mode"]: {"tokens_per_s": r["tokens_per_s"], "val_loss": r["val_loss_at_k_N"]}
                       for r in result["runs"]}
     summary["e2e"]["wall_ratio_smoe_over_dense"] = result["wall_ratio_smoe_over_dense"]
-    print(f"\ne2e: SMoE-Dropout / dense wall time {result['wall_ratio_smoe_over_dense']:.3f}; "
+    ratio = result["wall_ratio_smoe_over_dense"]
+    summary.setdefault("goals", {})["e2e"] = {"goal": E2E_GOAL, "met": ratio <= E2E_GOAL}
+    print(f"\ne2e: SMoE-Dropout / dense wall time {ratio:.3f} (goal {E2E_GOAL}: {'met' if ratio <= E2E_GOAL else 'NOT met'}); "
           + ", ".join(f"{m} {v['tokens_per_s']:,.0f} tokens/s" for m, v in summary["e2e"].items() if m != "wall_ratio_smoe_over_dense"))
 train = out / "train_summary.json"
 if train.is_file():
