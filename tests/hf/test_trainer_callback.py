@@ -8,14 +8,13 @@ groups that Trainer's ``optimizer_cls_and_kwargs`` hook takes. On 2 CPU ranks un
 - the pretrained MiniLM at ZeRO-2 with expert parallelism (ep_size 2): one run shared by the
   learning, logging, router and export checks;
 - a tiny GPT-2 at ZeRO-3 (ep_size 1): one uninterrupted run shared by the learning, stage and export
-  checks, and a run resumed from its step-4 checkpoint, against it.
+  checks, and against it a run whose rank 1 is killed at step 6, resumed from its step-4 checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from datasets import Dataset
 
 import smoe_ds  # noqa: F401  (registers the SMoE directories with the Auto classes)
 from smoe_ds.config.schema import ConfigError, KScheduleConfig
+from smoe_ds.distributed import faults
 from smoe_ds.hf import (
     SMoEDropoutCallback,
     convert_for_trainer,
@@ -188,12 +188,12 @@ def test_trainers_optimizer_takes_the_experts_groups_and_no_router(tmp_path):
 # -- 2 ranks, torchrun, Trainer's DeepSpeed -----------------------------------------------------
 
 
-def example(out: Path, *args: str, probe: bool = False):
+def example(out: Path, *args: str, probe: bool = False, env: dict | None = None, check: bool = True):
     """launch/hf_trainer_example.py on 2 ranks (``probe``: with tests/helpers/workers/hf_trainer_probe.py's
     callback, which writes what each rank's engine holds)."""
     target = ["tests.helpers.workers.hf_trainer_probe"] if probe else [EXAMPLE]
     argv = [*target, "--out", str(out), "--report_to", "none", *args]
-    return run_ranks("torchrun", 2, argv, module=probe, timeout=420)
+    return run_ranks("torchrun", 2, argv, module=probe, timeout=420, env=env, check=check)
 
 
 def log_history(out: Path) -> list[dict]:
@@ -294,11 +294,14 @@ def test_zero3_trains_the_tiny_gpt2_and_its_export_gives_the_engines_logits_at_e
         torch.testing.assert_close(ours, torch.from_numpy(np.load(gpt2_zero3 / f"predictions_k{k}.npy")))
 
 
-def test_zero3_resume_from_the_step_4_checkpoint_gives_the_uninterrupted_losses(gpt2_zero3, tmp_path):
-    """A run resumed in a folder that holds only the uninterrupted run's step-4 checkpoint, which is what a
-    run killed after that checkpoint leaves (the kill itself would only cost one more launch)."""
+def test_zero3_resume_after_a_kill_gives_the_uninterrupted_losses(gpt2_zero3, tmp_path):
+    """Rank 1 is killed at the start of step 6, after the step-4 checkpoint and step 5; Trainer's
+    ``resume_from_checkpoint`` then runs steps 5 and 6 again and logs the uninterrupted run's losses."""
     out = tmp_path / "run"
-    shutil.copytree(gpt2_zero3 / f"checkpoint-{LM_SAVE_AT}", out / f"checkpoint-{LM_SAVE_AT}")
+    kill = {faults.ENV: f"kill:1:train:{LM_SAVE_AT + 1}"}
+    killed = example(out, *LM_ARGS, "--eval_ks", str(N), env=kill, check=False)
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    assert (out / f"checkpoint-{LM_SAVE_AT}").is_dir() and not (out / f"checkpoint-{LM_STEPS}").exists()
     example(out, *LM_ARGS, "--resume", "--eval_ks", str(N))
     resumed, whole = train_losses(log_history(out)), train_losses(log_history(gpt2_zero3))
     assert sorted(resumed) == list(range(1, LM_STEPS + 1))
