@@ -16,10 +16,11 @@ Both run offline on 2 CPU ranks (gloo) or on GPUs, with DeepSpeed through Traine
 
 The FFNs become ``--num_experts`` experts behind frozen random routers; k grows from ``--k_min`` to
 ``--k_max`` over the run, and each evaluation also runs at every k of ``--eval_ks``
-(``eval_k2_accuracy``, ...; all in ``OUT/trainer_state.json``). ``OUT/model`` gets the trained
-model, which ``from_pretrained`` loads at any k after ``import smoe_ds``. A relaunch with
-``--resume`` continues from the newest checkpoint in OUT. ``--ep_size E`` spreads the experts over
-runs of E ranks (expert parallelism); ``--deepspeed ds_configs/hf_trainer/zero3.json`` runs ZeRO-3.
+(``eval_k2_accuracy``, ...; all in ``OUT/trainer_state.json``). ``trainer.save_model`` writes the
+trained model and its tokenizer to ``OUT/model``, which ``from_pretrained`` loads at any k after
+``import smoe_ds``. A relaunch with ``--resume`` continues from the newest checkpoint in OUT.
+``--ep_size E`` spreads the experts over runs of E ranks (expert parallelism);
+``--deepspeed ds_configs/hf_trainer/zero3.json`` runs ZeRO-3.
 """
 
 from __future__ import annotations
@@ -45,9 +46,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 import smoe_ds  # noqa: F401  (registers the saved SMoE directories with the Auto classes)
 from smoe_ds.config.schema import KScheduleConfig
-from smoe_ds.distributed.zero3 import gathered_module
-from smoe_ds.hf import SMoEDropoutCallback, convert_for_trainer, optimizer_cls_and_kwargs, save_smoe, set_active_experts
-from smoe_ds.hf.gather import single_device_copy
+from smoe_ds.hf import SMoEDropoutCallback, convert_for_trainer, optimizer_cls_and_kwargs, set_active_experts
 from smoe_ds.hf.local_models import minilm_dir
 from smoe_ds.models.byte_tokenizer import SMoEByteTokenizer
 
@@ -181,11 +180,8 @@ def main(argv: list[str] | None = None, callbacks: tuple = ()) -> None:
             logits = trainer.predict(validation).predictions  # through the engine, every example once
             if trainer.is_world_process_zero():
                 np.save(Path(args.out) / f"predictions_k{k}.npy", logits)
-    with gathered_module(trainer.model):  # ZeRO-3: each weight whole for the copy (else nothing to do)
-        whole = single_device_copy(trainer.model, args.ep_size, k=args.num_experts)  # rank 0's; None elsewhere
-    if whole is not None:
-        save_smoe(whole, Path(args.out) / "model")  # SMoE-Dropout: from_pretrained loads it at any k
-        tokenizer.save_pretrained(Path(args.out) / "model")
+    set_active_experts(trainer.model, args.num_experts)  # SMoE-Dropout: saved at full capacity (k is a default)
+    trainer.save_model(str(Path(args.out) / "model"))  # every rank: from_pretrained loads it at any k
 
 
 if __name__ == "__main__":

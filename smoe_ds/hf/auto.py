@@ -2,7 +2,8 @@
 
 The directory holds ``config.json`` (an ``SMoEHFConfig``: model_type ``smoe_dropout_hf``, the
 original architecture and its config, family, N, weighting, router seed and the k it was saved
-at) and ``model.safetensors`` (every weight of the converted model, routers included).
+at) and ``model.safetensors`` (every weight of the converted model, routers included;
+past ``save_pretrained``'s ``max_shard_size``, shards and their ``model.safetensors.index.json``).
 
 ``import smoe_ds`` calls ``register``: the config joins ``AutoConfig``, and a loader joins
 ``AutoModel`` and the task Auto classes. The loader's ``from_pretrained`` builds the original
@@ -21,9 +22,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import transformers
-from safetensors.torch import load_model
+from safetensors.torch import load_file
+from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_NAME, cached_file
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from smoe_ds.config.schema import ConfigError
 from smoe_ds.hf.families import MODEL_TYPE
@@ -114,18 +117,49 @@ def read_config(path: str | Path, **hub_kwargs) -> SMoEHFConfig:
     return SMoEHFConfig.from_dict(config_dict)
 
 
-def build(config: SMoEHFConfig, weights_file: str | Path) -> PreTrainedModel:
-    """The converted model ``config`` describes, with the weights of ``weights_file``, at the saved k."""
+def weight_files(path: str | Path, **hub_kwargs) -> list[str]:
+    """The local paths of ``path``'s weights: ``model.safetensors``, or the shards its index lists."""
+    single = cached_file(str(path), SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if single is not None:
+        return [single]
+    index = cached_file(str(path), SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if index is None:
+        raise ConfigError(f"{path}: an SMoE-Dropout config without weights (no {SAFE_WEIGHTS_NAME} or its index)")
+    shards, _ = get_checkpoint_shard_files(str(path), index, **hub_kwargs)
+    return shards
+
+
+def load_weights(model: nn.Module, files: list[str]) -> None:
+    """Every weight of ``model`` from ``files``, strictly: a key missing from the files is an error
+    unless it names a tensor that another, loaded key shares (tied weights are saved once)."""
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    names_of = {}  # tensor -> every name it has in the model
+    for name, t in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(t), []).append(name)
+    shared_loaded = {n for names in names_of.values() if set(names) & state.keys() for n in names}
+    missing = [name for name in missing if name not in shared_loaded]
+    if missing or unexpected:
+        raise ConfigError(
+            f"the SMoE-Dropout weights do not fit the model their config describes: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
+
+
+def build(config: SMoEHFConfig, files: list[str]) -> PreTrainedModel:
+    """The converted model ``config`` describes, with the weights of ``files``, at the saved k."""
     if config.format_version != FORMAT_VERSION:
         raise ConfigError(f"SMoE-Dropout format_version {config.format_version}, expected {FORMAT_VERSION}")
     model_cls = getattr(transformers, config.architecture, None)
     if model_cls is None:
         raise ConfigError(f"transformers has no model class {config.architecture!r}")
     spec = config.spec
-    # The dense weights drawn here are overwritten by the file: only the structure matters.
+    # The dense weights drawn here are overwritten by the files: only the structure matters.
     model = model_cls(config.base())
     convert_model(model, spec.num_experts, spec.weighting, spec.router_seed)
-    load_model(model, str(weights_file))  # strict: any missing or unexpected key is an error
+    load_weights(model, files)
     set_active_experts(model, config.active_experts)
     return model.eval()
 
@@ -148,7 +182,7 @@ class SMoEDropoutLoader:
             )
         config = config if config is not None else read_config(path, **hub)
         cls._check_task(config)
-        return build(config, cached_file(str(path), SAFE_WEIGHTS_NAME, **hub))
+        return build(config, weight_files(path, **hub))
 
     @classmethod
     def _check_task(cls, config: SMoEHFConfig) -> None:

@@ -7,6 +7,9 @@ untouched. ``weighting`` picks the expert weights:
 - ``rescale`` (the default here): each of the k selected experts weighted N / k, like inverted
   dropout. At k = N the model computes exactly the pretrained one, so fine-tuning starts from
   it, and ``export_dense`` can write it back as a plain dense model.
+
+After conversion ``model.save_pretrained(dir)`` writes an SMoE directory (``smoe_ds.hf.save``) that
+``AutoModel.from_pretrained(dir)`` rebuilds after ``import smoe_ds``.
 - ``softmax`` (the paper's): a softmax over the k selected router logits.
 
     model = AutoModel.from_pretrained(path)
@@ -98,6 +101,9 @@ def convert_model(
         )
         family.install(block, ffn)
     model.smoe_dropout = SMoESpec(family.name, num_experts, weighting, router_seed, len(blocks))
+    from smoe_ds.hf.save import bind_save_pretrained  # save imports this module
+
+    bind_save_pretrained(model)  # save_pretrained writes the SMoE directory, not the original config
     return model
 
 

@@ -23,8 +23,9 @@ every ZeRO stage, and expert parallelism with ``convert_for_trainer`` and ``opti
 to its callbacks in order, and the reporters of ``report_to`` (TensorBoard, ...) and the printer
 come before a callback passed as ``Trainer(callbacks=[...])``, so only from the front does ``k``
 reach them. Passed that way instead, the callback still sets k and refuses what it cannot run, and
-k reaches ``state.log_history`` (``trainer_state.json``); evaluating at several k needs
-``install`` (the callback must call ``trainer.evaluate``).
+k reaches ``state.log_history`` (``trainer_state.json``); evaluating at several k (the callback
+must call ``trainer.evaluate``) and saving an expert-parallel model (``save_model`` must gather the
+experts first) need ``install``.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ from transformers import TrainerCallback
 from smoe_ds.config.schema import ConfigError, KScheduleConfig, check_k_schedule
 from smoe_ds.distributed import faults
 from smoe_ds.hf.surgery import active_experts, spec_of
-from smoe_ds.hf.trainer_deepspeed import check_expert_ranks, optimizer_groups_of, ready_for_trainer
+from smoe_ds.hf.trainer_deepspeed import (
+    check_expert_ranks,
+    model_ep_size,
+    optimizer_groups_of,
+    ready_for_trainer,
+    save_model_gathering_experts,
+)
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.schedule import k_at_step
 
+INSTALL = "call callback.install(trainer) instead of callbacks=[...]"
 SCHEDULE_NAME = "schedule"  # how the refusals name the callback's schedule (its keys: schedule.k_max, ...)
 
 
@@ -109,6 +117,7 @@ class SMoEDropoutCallback(TrainerCallback):
             handler.callbacks.remove(self)
         handler.callbacks.insert(0, self)
         self.trainer = trainer
+        save_model_gathering_experts(trainer)  # expert parallelism: save_model gathers the experts
         return self
 
     def k_at(self, step: int) -> int:
@@ -128,8 +137,11 @@ class SMoEDropoutCallback(TrainerCallback):
         self.check_model(model, state.max_steps)
         if args.deepspeed:
             check_expert_ranks(model, args.process_index)  # the engine exists now, and its expert groups
-        if self.eval_ks and self.trainer is None:
-            raise ConfigError("eval_ks needs the trainer: call callback.install(trainer) instead of callbacks=[...]")
+        if self.trainer is None:
+            if self.eval_ks:
+                raise ConfigError(f"eval_ks needs the trainer: {INSTALL}")
+            if model_ep_size(model) > 1:  # before a checkpoint would fail on rank 0's half of the experts
+                raise ConfigError(f"saving an expert-parallel model needs the trainer: {INSTALL}")
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         faults.maybe_die("train", args.process_index, state.global_step)  # tests' kill:RANK:train:STEP
@@ -148,7 +160,7 @@ class SMoEDropoutCallback(TrainerCallback):
         if not self.eval_ks or self._sweeping:
             return
         if self.trainer is None:
-            raise ConfigError("eval_ks needs the trainer: call callback.install(trainer) instead of callbacks=[...]")
+            raise ConfigError(f"eval_ks needs the trainer: {INSTALL}")
         training_k = active_experts(model)
         self._sweeping = True
         try:

@@ -23,6 +23,12 @@ trainable weight when the DeepSpeed config has an ``optimizer`` section, else
 ``convert_for_trainer`` picks the layers and this rank's experts, ``optimizer_cls_and_kwargs`` the
 groups; ``ready_for_deepspeed`` (the callback runs it when the Trainer is built) does the rest and
 refuses, in one line, what would fail inside the engine.
+
+Saving: a converted model's ``save_pretrained`` writes an SMoE directory (``smoe_ds.hf.save``), and
+Trainer's ``save_model`` (its checkpoints' too) calls it on rank 0 with the weights DeepSpeed hands
+over, gathered under ZeRO-3 when the config has ``stage3_gather_16bit_weights_on_model_save``. Under
+expert parallelism rank 0 holds only its own experts, so ``save_model_gathering_experts`` (``install``
+runs it) makes ``save_model``, which every rank calls, gather them first.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from collections.abc import Mapping
 from smoe_ds.config.schema import ConfigError
 from smoe_ds.distributed import process_group as D
 from smoe_ds.distributed import zero3
-from smoe_ds.hf.surgery import DEFAULT_ROUTER_SEED, convert_model
+from smoe_ds.hf.gather import single_device_copy
+from smoe_ds.hf.save import saving_whole_copy
+from smoe_ds.hf.surgery import DEFAULT_ROUTER_SEED, active_experts, convert_model
 from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.parallel import ep_rank_of, expert_parallel_rank
 from smoe_ds.ops.prebuild import without_shm_allreduce
@@ -189,3 +197,33 @@ def check_expert_ranks(model, process_index: int) -> None:
             f"rank {process_index} holds the experts of expert-parallel rank {ep_rank_of(process_index, ep_size)}, "
             f"but DeepSpeed's groups make it rank {expert_parallel_rank(ep_size)}"
         )
+
+
+def save_model_gathering_experts(trainer) -> None:
+    """Where ``trainer.model`` is expert-parallel, make ``trainer.save_model`` (every rank calls it, for
+    checkpoints too) gather the experts into one single-device copy, which rank 0's
+    ``save_pretrained`` then writes; nothing changes at ep_size 1."""
+    model = trainer.model
+    ep_size = model_ep_size(model)
+    if ep_size == 1:
+        return
+    trainers_save_model = trainer.save_model
+
+    def save_model(output_dir: str | None = None, _internal_call: bool = False) -> None:
+        whole = None
+        if weights_reach_save_pretrained(trainer):
+            with zero3.gathered_module(model):  # ZeRO-3: each local expert whole first (else nothing to do)
+                whole = single_device_copy(model, ep_size, k=active_experts(model))
+        with saving_whole_copy(model, whole):
+            trainers_save_model(output_dir, _internal_call)
+
+    trainer.save_model = save_model
+
+
+def weights_reach_save_pretrained(trainer) -> bool:
+    """False where Trainer saves a ZeRO-3 model without its weights (no
+    ``stage3_gather_16bit_weights_on_model_save``: a DeepSpeed checkpoint instead)."""
+    engine = getattr(trainer, "deepspeed", None)
+    if engine is None or zero_stage(trainer.args) != 3:
+        return True
+    return bool(engine.zero_gather_16bit_weights_on_model_save())

@@ -33,7 +33,9 @@ def test_round_trip_through_the_auto_class_at_any_k(name, request, tmp_path):
     convert_model(model, num_experts=N, weighting="softmax", router_seed=3)
     set_active_experts(model, N // 2)
     save_smoe(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    files = {p.name for p in tmp_path.iterdir()}  # decoders get their generation_config.json too
+    assert files - {"generation_config.json"} == {"config.json", "model.safetensors"}
+    assert ("generation_config.json" in files) == model.can_generate()
     config = json.loads((tmp_path / "config.json").read_text())
     recorded = ("model_type", "architecture", "num_experts", "weighting", "router_seed", "active_experts")
     assert {k: config[k] for k in recorded} == dict(zip(recorded, ("smoe_dropout_hf", arch, N, "softmax", 3, N // 2)))

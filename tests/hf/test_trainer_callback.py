@@ -35,10 +35,12 @@ from smoe_ds.hf import (
 )
 from smoe_ds.hf.surgery import DEFAULT_ROUTER_SEED, active_experts
 from smoe_ds.hf.trainer_deepspeed import ready_for_deepspeed
+from smoe_ds.hf_convert import main as hf_convert_main
 from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.router import frozen_router_weight
 from smoe_ds.moe.schedule import k_at_step
 from tests.helpers.corpora import SENTIMENT
+from tests.helpers.hf_models import run_plain_transformers
 from tests.helpers.launch import REPO, run_ranks
 from tests.helpers.workers.hf_trainer_probe import example_module
 
@@ -155,6 +157,11 @@ def test_refusals_are_one_line(tmp_path):
     assert "(ep_size 2) needs Trainer's DeepSpeed integration" in refusal(
         lambda: convert_for_trainer(tiny_bert(None), N, tiny_trainer(tmp_path, tiny_bert()).args, ep_size=2)
     )
+    passed = SMoEDropoutCallback(SCHEDULE)  # callbacks=[...], not install: save_model could not gather
+    state = transformers.TrainerState(max_steps=6)
+    assert "saving an expert-parallel model needs the trainer" in refusal(
+        lambda: passed.on_train_begin(tiny_trainer(tmp_path, tiny_bert()).args, state, None, model=sharded)
+    )
     moe = tiny_bert(ep_size=2, ep_rank=0, for_deepspeed=True)  # DeepSpeed MoE layers
     assert "at ZeRO-0/1/2, not 3" in refusal(lambda: ready_for_deepspeed(moe, zero(3)))
     needs_groups = "needs the experts in optimizer groups of their own"
@@ -217,9 +224,10 @@ MINILM_STEPS = 8
 @pytest.fixture(scope="module")
 def minilm_ep2(tmp_path_factory, minilm_dir) -> Path:
     """The MiniLM fine-tune at ZeRO-2 with expert parallelism (4 experts per rank): 8 steps, k 4 -> 8,
-    evaluated and predicted at every k, exported, probed."""
+    checkpointed at step 8, evaluated and predicted at every k, saved with ``trainer.save_model``, probed."""
     out = tmp_path_factory.mktemp("hf_trainer") / "minilm_ep2"
     args = ["--task", "classification", "--ep_size", "2", "--max_steps", str(MINILM_STEPS), "--predictions"]
+    args += ["--save_steps", str(MINILM_STEPS)]  # Trainer's checkpoint saves the model too
     example(out, *args, "--eval_ks", *map(str, EVERY_K), probe=True)
     return out
 
@@ -249,17 +257,44 @@ def test_expert_parallel_routers_stay_frozen_identical_and_out_of_the_optimizer(
             assert torch.equal(routers[name], frozen_router_weight(384, N, DEFAULT_ROUTER_SEED, i)), name
 
 
-def test_the_expert_parallel_export_gives_the_engines_logits_at_every_k(minilm_ep2):
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_ep2 / "model")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_ep2 / "model")
+def minilm_dev_batch(model_dir: Path) -> dict:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     sentences = [line.split("\t")[0] for line in (SENTIMENT / "dev.tsv").read_text().splitlines()[1:]]
-    batch = tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    return dict(tokenizer(sentences, return_tensors="pt", padding=True, truncation=True, max_length=64))
+
+
+def test_the_expert_parallel_save_pretrained_gives_the_engines_logits_at_every_k(minilm_ep2):
+    """``trainer.save_model`` on 2 ranks, each holding 4 of the 8 experts: rank 0's ``save_pretrained``
+    writes all 8 (gathered on every rank first), and ``from_pretrained`` runs as the engine at every k."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(minilm_ep2 / "model")
+    batch = minilm_dev_batch(minilm_ep2 / "model")
     for k in EVERY_K:
         set_active_experts(model, k)
         engine = torch.from_numpy(np.load(minilm_ep2 / f"predictions_k{k}.npy"))
         with torch.no_grad():
             ours = model(**batch).logits  # padding is masked: each phrase's logits as the engine's batches gave
         torch.testing.assert_close(ours, engine, atol=1e-4, rtol=1e-4)
+    # Trainer's checkpoint went through the same save_pretrained: the same weights, at the training k.
+    checkpoint = transformers.AutoModelForSequenceClassification.from_pretrained(
+        minilm_ep2 / f"checkpoint-{MINILM_STEPS}"
+    )
+    assert active_experts(checkpoint) == k_at_step(
+        KScheduleConfig(k_min=N // 2, k_max=N, end_step=MINILM_STEPS), MINILM_STEPS - 1
+    )
+    saved, checkpointed = model.state_dict(), checkpoint.state_dict()
+    assert saved.keys() == checkpointed.keys() and all(torch.equal(saved[n], checkpointed[n]) for n in saved)
+
+
+def test_the_trainer_trained_rescale_model_densifies_to_the_engines_logits_at_k_n(minilm_ep2, tmp_path):
+    """``smoe-hf-convert --densify`` on what Trainer saved (rescale weighting): a plain BERT classifier
+    that transformers alone loads and that computes the engine's k = N logits."""
+    dense_dir = tmp_path / "dense"
+    assert hf_convert_main([str(minilm_ep2 / "model"), str(dense_dir), "--densify"]) == 0
+    torch.save(minilm_dev_batch(dense_dir), tmp_path / "inputs.pt")
+    job = {"dir": str(dense_dir), "auto_class": "AutoModelForSequenceClassification"}
+    run_plain_transformers([{**job, "inputs": str(tmp_path / "inputs.pt"), "out": str(tmp_path / "out.pt")}], tmp_path)
+    engine = torch.from_numpy(np.load(minilm_ep2 / f"predictions_k{N}.npy"))
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), engine, atol=1e-4, rtol=1e-4)
 
 
 LM_STEPS, LM_SAVE_AT = 6, 4
@@ -283,6 +318,7 @@ def test_zero3_trains_the_tiny_gpt2_and_its_export_gives_the_engines_logits_at_e
     assert_k_follows_the_schedule(history, LM_STEPS)
     shards = {p.name for p in (gpt2_zero3 / f"checkpoint-{LM_STEPS}").glob("global_step*/*.pt")}
     assert {"zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"} <= shards
+    # trainer.save_model: rank 0's save_pretrained gets the weights ZeRO-3 gathered
     model = transformers.AutoModelForCausalLM.from_pretrained(gpt2_zero3 / "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(gpt2_zero3 / "model")
     _, validation = example_module().causal_lm_data(argparse.Namespace(train=None, max_length=64), tokenizer)
@@ -292,6 +328,9 @@ def test_zero3_trains_the_tiny_gpt2_and_its_export_gives_the_engines_logits_at_e
         with torch.no_grad():
             ours = model(input_ids=ids).logits
         torch.testing.assert_close(ours, torch.from_numpy(np.load(gpt2_zero3 / f"predictions_k{k}.npy")))
+    checkpoint = transformers.AutoModelForCausalLM.from_pretrained(gpt2_zero3 / f"checkpoint-{LM_STEPS}")
+    saved, checkpointed = model.state_dict(), checkpoint.state_dict()
+    assert all(torch.equal(saved[n], checkpointed[n]) for n in saved)  # the same save, at the last step
 
 
 def test_zero3_resume_after_a_kill_gives_the_uninterrupted_losses(gpt2_zero3, tmp_path):
