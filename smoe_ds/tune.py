@@ -38,7 +38,8 @@ def default_memory_budget(ranks: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from smoe_ds.cli import run_main
-    from smoe_ds.tuning.tuner import KNOBS, Settings, parse_bytes, tune
+    from smoe_ds.tuning.candidates import KNOBS
+    from smoe_ds.tuning.tuner import Settings, parse_bytes, tune
 
     p = argparse.ArgumentParser(prog="smoe-tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the smoe-train config to tune")

@@ -11,6 +11,7 @@ them: the built-in model has none.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from smoe_ds.config.schema import EP_EXCHANGES, TrainConfig, config_from_dict
@@ -45,18 +46,18 @@ class Candidate:
         return asdict(self)
 
     def differs_from(self, other: "Candidate") -> int:
-        """How many knobs differ (micro-batch and accumulation count as one)."""
-        mine, theirs = self._knobs(), other._knobs()
-        return sum(a != b for a, b in zip(mine, theirs, strict=True))
+        """How many knobs (``KNOBS``) differ."""
+        return sum(value(self) != value(other) for value in KNOBS.values())
 
-    def _knobs(self) -> tuple:
-        return (
-            self.micro_batch,
-            self.ep_size,
-            self.ep_exchange if self.ep_size > 1 else None,
-            self.zero_stage,
-            self.offload,
-        )
+
+# The knobs, in the order smoe-tune searches them, and what a candidate's value of each is
+# (micro-batch and accumulation are one knob: their product is fixed).
+KNOBS: dict[str, Callable[[Candidate], tuple]] = {
+    "micro_batch": lambda c: (c.micro_batch, c.grad_accum),
+    "expert_parallel": lambda c: (c.ep_size, c.ep_exchange if c.ep_size > 1 else None),
+    "zero_stage": lambda c: (c.zero_stage,),
+    "offload": lambda c: (c.offload,),
+}
 
 
 def offloads(cfg: TrainConfig) -> bool:

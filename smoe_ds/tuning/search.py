@@ -18,17 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smoe_ds.tuning.candidates import Candidate
+from smoe_ds.tuning.candidates import KNOBS, Candidate
 from smoe_ds.tuning.memory_model import MemoryPrediction
 from smoe_ds.tuning.trials import OutOfTime, TrialResult
 
-# The knobs searched, in order, and what a candidate's value of each is.
-STAGES: dict[str, Callable[[Candidate], tuple]] = {
-    "micro_batch": lambda c: (c.micro_batch, c.grad_accum),
-    "expert_parallel": lambda c: (c.ep_size, c.ep_exchange if c.ep_size > 1 else None),
-    "zero_stage": lambda c: (c.zero_stage,),
-    "offload": lambda c: (c.offload,),
-}
 CONFIRM = ("confirm-yours", "confirm-tuned")  # the back-to-back trials' names
 
 
@@ -77,11 +70,11 @@ class Search:
 
     def neighbours(self, best: Candidate, stage: str) -> list[Candidate]:
         """Surviving candidates that differ from ``best`` in ``stage``'s knob only."""
-        others = [s for s in STAGES if s != stage]
+        others = [s for s in KNOBS if s != stage]  # one stage of the search per knob
         return [
             c
             for c in self.survivors()
-            if all(STAGES[s](c) == STAGES[s](best) for s in others) and STAGES[stage](c) != STAGES[stage](best)
+            if all(KNOBS[s](c) == KNOBS[s](best) for s in others) and KNOBS[stage](c) != KNOBS[stage](best)
         ]
 
     def planned(self, stages: list[str]) -> int:

@@ -15,7 +15,7 @@ from smoe_ds.tuning import candidates as C
 from smoe_ds.tuning import report
 from smoe_ds.tuning.activations import saved_activation_bytes
 from smoe_ds.tuning.memory_model import count_parameters, predict, vocab_size
-from smoe_ds.tuning.search import STAGES, Row, Search, mark_untimed, trial_folder
+from smoe_ds.tuning.search import Row, Search, mark_untimed, trial_folder
 from smoe_ds.tuning.trials import read_trial, run_trial
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6}
@@ -166,6 +166,3 @@ def tune(s: Settings) -> Path:
         print(f"smoe-tune: the time budget ran out; run the same command again to go on ({s.out})", flush=True)
     print(f"smoe-tune: wrote {path}, {s.out / 'tune_report.md'} and {s.out / 'tune_report.json'}", flush=True)
     return path
-
-
-KNOBS = tuple(STAGES)
