@@ -9,11 +9,8 @@ set -euo pipefail
 CONFIG=${1:?usage: launch/autotune.sh CONFIG [tune|run]}
 MODE=${2:-tune}
 PYTHON=${PYTHON:-python}
-NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-if [ "$NGPU" -gt 0 ]; then
-  NPROC=${NPROC:-$NGPU}
-else
-  NPROC=${NPROC:-2}
+source "$(dirname "$0")/ranks.sh"
+if [ "$NGPU" -eq 0 ]; then
   # DeepSpeed's CPU accelerator counts devices as LOCAL_SIZE (else NUMA nodes, 1 here), and the tuner
   # refuses --num_gpus above that count (autotuning/autotuner.py).
   export LOCAL_SIZE=${LOCAL_SIZE:-$NPROC}

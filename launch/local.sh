@@ -6,11 +6,8 @@ set -euo pipefail
 CONFIG=${1:-ds_configs/cpu_tiny.json}
 shift || true
 PYTHON=${PYTHON:-python}
-NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-if [ "$NGPU" -gt 0 ]; then
-  NPROC=${NPROC:-$NGPU}
-else
-  NPROC=${NPROC:-2}
+source "$(dirname "$0")/ranks.sh"
+if [ "$NGPU" -eq 0 ]; then
   # CPU ranks: split the cores between them; oversubscribed threads made the default job ~40% slower here.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 fi

@@ -8,8 +8,7 @@ set -euo pipefail
 CONFIG=${1:?usage: launch/torchrun.sh CONFIG [--set KEY=VALUE ...]}
 shift
 PYTHON=${PYTHON:-python}
-NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-NPROC=${NPROC:-$([ "$NGPU" -gt 0 ] && echo "$NGPU" || echo 2)}
+source "$(dirname "$0")/ranks.sh"
 cmd=(torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "$NPROC"
      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}"
      -m smoe_ds.train --config "$CONFIG" "$@")
