@@ -4,6 +4,7 @@ SST-2, and compare.
 
     python -m smoe_ds.experiments.encoder_transfer --out DIR [--data ../shared/data] [--scale cpu|tiny]
         [--sets asdiv-a,mawps,svamp,sst2] [--folds 0,1,2,3,4] [--seeds 0,1] [--variants V,...] [--ranks R]
+    python -m smoe_ds.experiments.encoder_transfer --out DIR --report-only
 
 Stages, in order, each unit of work writing its own result file so that the same command, rerun,
 skips what is done and resumes what is not (a pretraining run from its last checkpoint):
@@ -20,7 +21,9 @@ skips what is done and resumes what is not (a pretraining run from its last chec
    MAWPS + ASDiv-A, SST-2 trains on train.tsv and is scored on dev.tsv.
 4. ``DIR/results.md`` (each variant's mean accuracy per data set, the gains over the dense encoder
    paired by fold and seed with twice their standard error, against the paper's gains),
-   ``results.json`` and ``accuracy_vs_k.png`` (each variant's mean accuracy per data set).
+   ``results.json`` and ``accuracy_vs_k.png`` (each variant's mean accuracy per data set), rewritten
+   after every fine-tune, so a run stopped part way leaves the results it has; ``--report-only``
+   writes them from the fine-tunes finished so far and runs nothing.
 """
 
 from __future__ import annotations
@@ -309,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--variants", default=None, help="fine-tuning variants to run (default: all, e.g. dense,smoe_dropout_k8)"
     )
+    p.add_argument("--report-only", action="store_true", help="write the results of the finished runs; run nothing")
     add_ranks_option(p)
     args = p.parse_args(argv)
+    if args.report_only:
+        report(args.out.absolute())
+        return 0
     names = [n.strip() for n in args.sets.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETS]
     if unknown:
@@ -344,9 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         print(f"{label}: {config['run']['max_steps']} steps", flush=True)
         train_method(f"{name}/{fold}/{variant}/{seed}", config_path, run_dir, ranks, module="smoe_ds.finetune")
+        report(out)
+    report(out)
+    return 0
+
+
+def report(out: Path) -> None:
+    """results.md, results.json and the plot from every fine-tune finished in ``out`` so far."""
+    if not (out / "runs").is_dir():
+        raise SystemExit(f"{out}: no fine-tune has run yet (no runs/ folder)")
     found = collect(out)
     write_outputs(out, found, results_table(found, pretrained_rows(out)), write_plot)
-    return 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def test_tiny_scale_pretrains_both_encoders_fine_tunes_from_the_export_and_resum
 
     again = run_ranks("python", 1, args, module=True, timeout=300)
     assert again.stdout.count("done already, skipped") == 3  # 2 pretrainings, 1 fine-tune
+    (out / "results.md").unlink()
+    only = run_ranks("python", 1, [*args[:3], "--report-only"], module=True, timeout=120)
+    assert "skipped" not in only.stdout and (out / "results.md").read_text() == table
 
 
 def test_every_variant_fine_tunes_its_encoder_densely_at_a_fixed_k(tmp_path):
