@@ -34,6 +34,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from smoe_ds.config.schema import apply_override
@@ -231,19 +232,47 @@ def _gain_cell(gain: tuple[float, float | None, int]) -> str:
     return f"{mean:+.2f} ± {2 * se:.2f}: {verdict}"
 
 
-def results_table(found: dict, pretrained: dict) -> str:
+def prior_only_accuracy(task: str, train: Path, dev: Path) -> float:
+    """Accuracy (%) on ``dev`` of always giving ``train``'s most common answer: the most common
+    equation, scored by value as the fine-tunes are, or SST-2's most common label. A fine-tune near
+    it has learned the answers' prior and little from the questions."""
+    if task == "mwp":
+        from smoe_ds.finetuning.mwp_data import is_correct, read_problems
+
+        common = Counter(p.equation for p in read_problems(train)).most_common(1)[0][0]
+        return 100.0 * statistics.fmean(is_correct(common, p) for p in read_problems(dev))
+    label = Counter(row.rsplit("\t", 1)[-1].strip() for row in _rows(train)).most_common(1)[0][0]
+    return 100.0 * statistics.fmean(row.rsplit("\t", 1)[-1].strip() == label for row in _rows(dev))
+
+
+def prior_only(todo: list[tuple[str, str, str, Path, Path]]) -> dict[tuple[str, str], float]:
+    """(set, fold) -> ``prior_only_accuracy`` of every split in ``todo``."""
+    return {(name, fold): prior_only_accuracy(task, train, dev) for name, task, fold, train, dev in todo}
+
+
+def _prior_cell(prior: dict[tuple[str, str], float], name: str, runs: dict) -> str:
+    """The prior-only accuracy averaged over the folds that ``runs`` (variant -> rows) reached."""
+    values = [
+        prior[(name, f)] for f in sorted({r["fold"] for rows in runs.values() for r in rows}) if (name, f) in prior
+    ]
+    return f"{statistics.fmean(values):.1f}" if values else ""
+
+
+def results_table(found: dict, pretrained: dict, prior: dict[tuple[str, str], float] | None = None) -> str:
     names = [n for n in SETS if n in found]
     variant_names = sorted({v for n in names for v in found[n]}, key=lambda v: (v != "dense", -len(v), v))
     smoe = [v for v in variant_names if v != "dense"]
     lines = [
         "Accuracy (%) after dense fine-tuning (every weight trained, k fixed), mean ± sd over folds and seeds: "
         "value accuracy on each math set's test folds, accuracy on SST-2's dev file. A gain is SMoE - dense "
-        "paired by fold and seed, ± twice its standard error; it counts only beyond that.",
+        "paired by fold and seed, ± twice its standard error; it counts only beyond that. Prior only: always "
+        "the training file's most common equation (or label), for scale.",
         "",
-        "| data set | " + " | ".join(variant_names) + " | " + " | ".join(f"gain of {v}" for v in smoe),
+        "| data set | prior only | " + " | ".join(variant_names) + " | " + " | ".join(f"gain of {v}" for v in smoe),
     ]
+    prior = prior or {}
     lines[-1] += " | paper's gain |"
-    lines.append("|---" * (2 + len(variant_names) + len(smoe)) + "|")
+    lines.append("|---" * (3 + len(variant_names) + len(smoe)) + "|")
     for name in names:
         cells = []
         for v in variant_names:
@@ -251,7 +280,9 @@ def results_table(found: dict, pretrained: dict) -> str:
             cells.append(_mean_sd(values))
         gains = [_gain_cell(paired_gain(found[name].get(v, []), found[name].get("dense", []))) for v in smoe]
         paper = f"+{PAPER_GAIN[name]:.2f}" if name in PAPER_GAIN else "not reported for BERT"
-        lines.append(f"| {name} | " + " | ".join(cells + gains) + f" | {paper} |")
+        lines.append(
+            f"| {name} | {_prior_cell(prior, name, found[name])} | " + " | ".join(cells + gains) + f" | {paper} |"
+        )
     lines += ["", "Pretraining (validation on the corpus's held-out text, masked tokens):", ""]
     lines += ["| encoder | k | MLM loss | MLM accuracy |", "|---|---|---|---|"]
     for encoder, rows in pretrained.items():
@@ -315,22 +346,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="write the results of the finished runs; run nothing")
     add_ranks_option(p)
     args = p.parse_args(argv)
-    if args.report_only:
-        report(args.out.absolute())
-        return 0
     names = [n.strip() for n in args.sets.split(",") if n.strip()]
     unknown = [n for n in names if n not in SETS]
     if unknown:
         p.error(f"unknown data set {unknown[0]!r}; choose from {', '.join(SETS)}")
     if not args.data.is_dir():
         p.error(f"--data {args.data} is not a folder")
+    seeds, folds = parse_seeds(args.seeds), parse_seeds(args.folds)
+    out = args.out.absolute()
+    todo = all_splits(args.data.absolute(), names, folds)  # a missing file is a clear error before anything runs
+    if args.report_only:
+        report(out, todo)
+        return 0
     from smoe_ds.hf.local_models import minilm_dir
 
-    scale, seeds, folds = SCALES[args.scale], parse_seeds(args.seeds), parse_seeds(args.folds)
+    scale = SCALES[args.scale]
     ranks = args.ranks or ranks_per_node()
-    out = args.out.absolute()
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    todo = all_splits(args.data.absolute(), names, folds)
     start = time.time()
     corpus = build_corpus(args.data.absolute(), out / "corpus.txt")
     exports = {encoder: pretrain(encoder, scale, corpus, str(minilm_dir()), out, ranks) for encoder in ENCODERS}
@@ -351,17 +383,18 @@ def main(argv: list[str] | None = None) -> int:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         print(f"{label}: {config['run']['max_steps']} steps", flush=True)
         train_method(f"{name}/{fold}/{variant}/{seed}", config_path, run_dir, ranks, module="smoe_ds.finetune")
-        report(out)
-    report(out)
+        report(out, todo)
+    report(out, todo)
     return 0
 
 
-def report(out: Path) -> None:
-    """results.md, results.json and the plot from every fine-tune finished in ``out`` so far."""
+def report(out: Path, todo: list[tuple[str, str, str, Path, Path]]) -> None:
+    """results.md, results.json and the plot from every fine-tune finished in ``out`` so far, with the
+    prior-only accuracy of the splits in ``todo``."""
     if not (out / "runs").is_dir():
         raise SystemExit(f"{out}: no fine-tune has run yet (no runs/ folder)")
     found = collect(out)
-    write_outputs(out, found, results_table(found, pretrained_rows(out)), write_plot)
+    write_outputs(out, found, results_table(found, pretrained_rows(out), prior_only(todo)), write_plot)
 
 
 if __name__ == "__main__":
