@@ -3,12 +3,14 @@
 In-process: the callback's logic on a tiny converted BERT with a real single-process Trainer (k per
 step, k in the logs, per-k evaluation through Trainer's own loop, the refusals), and the optimizer
 groups that Trainer's ``optimizer_cls_and_kwargs`` hook takes. On 2 CPU ranks under torchrun,
-``launch/hf_trainer_example.py`` with Trainer's own DeepSpeed integration:
+``launch/hf_trainer_example.py`` with Trainer's own DeepSpeed integration (and once under the deepspeed
+launcher):
 
 - the pretrained MiniLM at ZeRO-2 with expert parallelism (ep_size 2): one run shared by the
   learning, logging, router and export checks;
-- a tiny GPT-2 at ZeRO-3 (ep_size 1): one uninterrupted run shared by the learning, stage and export
-  checks, and against it a run whose rank 1 is killed at step 6, resumed from its step-4 checkpoint.
+- a tiny GPT-2 at ZeRO-3 (ep_size 1), under the deepspeed launcher: one uninterrupted run shared by
+  the learning, stage and export checks, and against it a run (torchrun) whose rank 1 is killed at
+  step 6, resumed from its step-4 checkpoint.
 """
 
 from __future__ import annotations
@@ -195,12 +197,14 @@ def test_trainers_optimizer_takes_the_experts_groups_and_no_router(tmp_path):
 # -- 2 ranks, torchrun, Trainer's DeepSpeed -----------------------------------------------------
 
 
-def example(out: Path, *args: str, probe: bool = False, env: dict | None = None, check: bool = True):
-    """launch/hf_trainer_example.py on 2 ranks (``probe``: with tests/helpers/workers/hf_trainer_probe.py's
-    callback, which writes what each rank's engine holds)."""
+def example(
+    out: Path, *args: str, probe: bool = False, env: dict | None = None, check: bool = True, launcher: str = "torchrun"
+):
+    """launch/hf_trainer_example.py on 2 ranks under ``launcher`` (``probe``: with
+    tests/helpers/workers/hf_trainer_probe.py's callback, which writes what each rank's engine holds)."""
     target = ["tests.helpers.workers.hf_trainer_probe"] if probe else [EXAMPLE]
     argv = [*target, "--out", str(out), "--report_to", "none", *args]
-    return run_ranks("torchrun", 2, argv, module=probe, timeout=420, env=env, check=check)
+    return run_ranks(launcher, 2, argv, module=probe, timeout=420, env=env, check=check)
 
 
 def log_history(out: Path) -> list[dict]:
@@ -304,10 +308,12 @@ LM_ARGS += ["--max_steps", str(LM_STEPS), "--save_steps", str(LM_SAVE_AT)]
 
 @pytest.fixture(scope="module")
 def gpt2_zero3(tmp_path_factory) -> Path:
-    """The tiny GPT-2's continued pretraining at ZeRO-3 (ep_size 1): 6 steps, k 4 -> 7, checkpoints at
-    steps 4 and 6 (both kept), predicted at every k, exported."""
+    """The tiny GPT-2's continued pretraining at ZeRO-3 (ep_size 1) under the deepspeed launcher (the
+    other runs use torchrun): 6 steps, k 4 -> 7, checkpoints at steps 4 and 6 (both kept), predicted at
+    every k, saved."""
     out = tmp_path_factory.mktemp("hf_trainer") / "gpt2_zero3"
-    example(out, *LM_ARGS, "--keep_checkpoints", "2", "--predictions", "--eval_ks", *map(str, EVERY_K))
+    lm_args = [*LM_ARGS, "--keep_checkpoints", "2", "--predictions", "--eval_ks", *map(str, EVERY_K)]
+    example(out, *lm_args, launcher="deepspeed")
     return out
 
 
