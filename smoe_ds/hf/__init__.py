@@ -3,7 +3,8 @@
 - ``surgery``: split each FFN into N experts behind a frozen random router, in place.
 - ``ffn``: the converted FFN module (shared experts and layer from ``smoe_ds.moe``).
 - ``families``: where each architecture keeps its FFN and in which layout.
-- ``export``: save/load the SMoE model; densify a ``rescale`` model back into the original architecture.
+- ``save``: a converted model's ``save_pretrained`` (the SMoE directory), ``save_smoe``/``load_smoe``;
+  densify a ``rescale`` model back into the original architecture (``export_dense``).
 - ``auto``: the saved SMoE directory's config and its loader for transformers' Auto classes.
 - ``gather``: the whole model on rank 0 from an expert-parallel engine (the fine-tuner's export).
 - ``tasks``: the fine-tuning tasks (head, batches, metric); ``labelled_data``: their labelled files.
