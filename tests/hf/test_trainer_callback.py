@@ -129,6 +129,27 @@ def test_evaluation_runs_at_every_k_through_trainers_loop_and_restores_the_train
     assert "eval_k1_loss" not in metrics  # Trainer's own evaluation returns its own metrics only
 
 
+def test_without_deepspeed_trainer_resumes_from_the_smoe_checkpoint_that_save_pretrained_wrote(tmp_path):
+    """Trainer's checkpoint holds the SMoE directory (config and weights), and ``resume_from_checkpoint``
+    loads those weights back into the converted model: steps 4-6 log the uninterrupted run's losses."""
+
+    def train(resume: str | None = None) -> dict[int, float]:
+        trainer = tiny_trainer(tmp_path, tiny_bert(), max_steps=6)
+        trainer.args.save_strategy, trainer.args.save_steps = "steps", 3
+        SMoEDropoutCallback(SCHEDULE).install(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return train_losses(trainer.state.log_history)
+
+    whole = train()
+    checkpoint = tmp_path / "checkpoint-3"
+    assert json.loads((checkpoint / "config.json").read_text())["model_type"] == "smoe_dropout_hf"
+    resumed = train(resume=str(checkpoint))
+    assert [resumed[step] for step in (4, 5, 6)] == [whole[step] for step in (4, 5, 6)]
+    # the model the checkpoint holds is the one trained for 3 steps, at that step's k
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
+    assert active_experts(loaded) == k_at_step(KScheduleConfig(k_min=2, k_max=N, end_step=6), 2)
+
+
 def refusal(call) -> str:
     with pytest.raises(ConfigError) as e:
         call()
