@@ -374,18 +374,42 @@ def main(argv: list[str] | None = None) -> int:
     for i, ((name, task, fold, train, dev), seed, variant) in enumerate(runs, 1):
         run_dir = out / "runs" / name / fold / variant / f"seed{seed}"
         label = f"[{i}/{len(runs)}, {time.time() - start:.0f}s] {name} {fold}: {variant} seed {seed}"
-        if (run_dir / "train_summary.json").is_file():
-            print(f"{label}: done already, skipped", flush=True)
-            continue
         encoder, k = variants(n)[variant]
         config = finetune_config(task, encoder, k, exports[encoder], train, dev, run_dir, seed, ranks, scale)
         config_path = out / "configs" / f"{name}_{fold}_{variant}_seed{seed}.json"
+        if (run_dir / "train_summary.json").is_file():
+            check_same_config(config_path, config, run_dir)
+            print(f"{label}: done already, skipped", flush=True)
+            continue
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         print(f"{label}: {config['run']['max_steps']} steps", flush=True)
         train_method(f"{name}/{fold}/{variant}/{seed}", config_path, run_dir, ranks, module="smoe_ds.finetune")
         report(out, todo)
     report(out, todo)
     return 0
+
+
+def check_same_config(path: Path, config: dict, run_dir: Path) -> None:
+    """A finished run counts only if the config it ran (``path``) is the one this command would run."""
+    ran = json.loads(path.read_text()) if path.is_file() else None
+    if ran != config:
+        differ = sorted(_differences(ran or {}, config))
+        raise SystemExit(
+            f"smoe-ds: error: {run_dir} was fine-tuned with another config (differs in "
+            f"{', '.join(differ[:4]) or 'its recorded config, which is missing'}); move it away to run it again"
+        )
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(a.keys() | b.keys()):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def report(out: Path, todo: list[tuple[str, str, str, Path, Path]]) -> None:

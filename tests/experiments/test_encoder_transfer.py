@@ -54,6 +54,15 @@ def test_tiny_scale_pretrains_both_encoders_fine_tunes_from_the_export_and_resum
     )
     assert "skipped" not in only.stdout and (out / "results.md").read_text() == table
 
+    # A finished run counts only for the config it ran: changed, it is refused, not silently kept.
+    recorded = out / "configs" / "asdiv-a_fold0_smoe_dropout_k2_seed0.json"
+    changed = json.loads(recorded.read_text())
+    changed["optimizer"]["params"]["lr"] *= 2
+    recorded.write_text(json.dumps(changed))
+    refused = run_ranks("python", 1, args, module=True, timeout=300, check=False)
+    assert refused.returncode != 0
+    assert "was fine-tuned with another config (differs in optimizer.params.lr)" in refused.stderr
+
 
 def test_every_variant_fine_tunes_its_encoder_densely_at_a_fixed_k(tmp_path):
     """The three variants' configs, built without running: the dense encoder at its one width, the
