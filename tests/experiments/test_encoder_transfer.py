@@ -79,7 +79,10 @@ def test_every_variant_fine_tunes_its_encoder_densely_at_a_fixed_k(tmp_path):
         config = finetune_config("mwp", encoder, k, exports[encoder], TINY_MWP, TINY_MWP, tmp_path, 1, 2, SCALES["cpu"])
         got[name] = (config["moe"]["mode"], config["moe"]["k_schedule"]["k_min"], config["moe"]["k_schedule"]["k_max"])
         assert config["hf"]["model"] == str(exports[encoder]) and config["run"]["eval_ks"] == [k]
-        assert config["run"]["max_steps"] == 1  # 4 epochs of 8 problems, 16 x 2 ranks a step
+        assert config["run"]["max_steps"] == 4  # 16 epochs of 8 problems, 16 x 2 ranks a step
+        assert config["optimizer"]["params"]["lr"] == 1e-3  # the math sets' own learning rate
+    sst2 = finetune_config("sst2", "dense", 8, exports["dense"], TINY_MWP, TINY_MWP, tmp_path, 1, 2, SCALES["cpu"])
+    assert sst2["optimizer"]["params"]["lr"] == 2e-4
     assert got == {
         "dense": ("dense", 8, 8),
         "smoe_dropout_k8": ("smoe_dropout", 8, 8),
