@@ -40,7 +40,8 @@ def test_tiny_scale_pretrains_both_encoders_fine_tunes_from_the_export_and_resum
     half = json.loads((out / "configs" / "asdiv-a_fold0_smoe_dropout_k2_seed0.json").read_text())
     assert half["moe"]["k_schedule"] == {"kind": "linear", "k_min": 2, "k_max": 2} and half["run"]["eval_ks"] == [2]
     assert half["hf"]["model"] == str(out / "pretrain" / "smoe_dropout" / "export")
-    assert (out / "runs" / "asdiv-a" / "fold0" / "smoe_dropout_k2" / "seed0" / "model" / "solver.json").is_file()
+    run = out / "runs" / "asdiv-a" / "fold0" / "smoe_dropout_k2" / "seed0"
+    assert (run / "model" / "solver.json").is_file() and not (run / "checkpoints").exists()  # finished: no resume
     table = (out / "results.md").read_text()
     assert "| asdiv-a |" in table and "+1.03" in table
     assert "| smoe_dropout | 4 |" in table  # the pretraining's table at k = N
