@@ -62,7 +62,7 @@ def quiet_libraries(rank: int) -> None:
 
 def load_pretrained_for_task(cfg: FinetuneConfig, task, ep_rank: int):
     """The pretrained model with the task's head, converted (this rank's experts) unless moe.mode is dense."""
-    from smoe_ds.hf.surgery import convert_model
+    from smoe_ds.hf.conversion import convert_model
 
     torch.manual_seed(cfg.run.seed)  # a new head (e.g. the classifier) starts the same on every rank
     if is_smoe_lm_export(cfg.hf.model):  # pretrained here: already experts (or dense), nothing to convert

@@ -49,8 +49,8 @@ def _params(model) -> str:
 
 
 def convert_cmd(src: str, out: Path, experts: int, weighting: str, router_seed: int) -> None:
+    from smoe_ds.hf.conversion import convert_model
     from smoe_ds.hf.save import save_smoe
-    from smoe_ds.hf.surgery import convert_model
 
     model = _load_dense(src)
     dense_params = sum(p.numel() for p in model.parameters())
@@ -64,7 +64,8 @@ def convert_cmd(src: str, out: Path, experts: int, weighting: str, router_seed: 
 
 
 def densify_cmd(src: str, out: Path) -> None:
-    from smoe_ds.hf.save import export_dense, load_smoe
+    from smoe_ds.hf.auto import load_smoe
+    from smoe_ds.hf.save import export_dense
 
     model = load_smoe(src)
     export_dense(model, out)

@@ -18,22 +18,21 @@ heads, ``generate()`` and everything that checks the class work as for the dense
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import transformers
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 from transformers.utils.hub import get_checkpoint_shard_files
 
 from smoe_ds.config.schema import ConfigError
+from smoe_ds.hf.conversion import convert_model
 from smoe_ds.hf.families import MODEL_TYPE
-from smoe_ds.hf.surgery import SMoESpec, active_experts, convert_model, spec_of
+from smoe_ds.hf.smoe_config import FORMAT_VERSION, SMoEHFConfig, read_config
 from smoe_ds.moe.layer import set_active_experts
 
-FORMAT_VERSION = 2  # 1 was smoe_config.json + smoe_model.safetensors
 # Auto classes the loader joins; each returns the saved architecture, head included, and a task
 # class refuses an architecture that is not its own (AutoModel takes any).
 AUTO_CLASSES = (
@@ -46,75 +45,6 @@ AUTO_CLASSES = (
 )
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 AUTO_INTERNAL_KWARGS = ("_from_auto", "trust_remote_code", "adapter_kwargs")  # set by every Auto call
-
-
-class SMoEHFConfig(PretrainedConfig):
-    """What rebuilds a converted model: the original architecture and config, and the SMoE spec."""
-
-    model_type = MODEL_TYPE
-
-    def __init__(
-        self,
-        architecture: str | None = None,
-        base_model_type: str | None = None,
-        base_config: dict | None = None,
-        family: str | None = None,
-        num_experts: int | None = None,
-        weighting: str | None = None,
-        router_seed: int | None = None,
-        num_layers: int | None = None,
-        active_experts: int | None = None,
-        format_version: int = FORMAT_VERSION,
-        **kwargs,
-    ) -> None:
-        self.architecture = architecture
-        self.base_model_type = base_model_type
-        self.base_config = dict(base_config or {})
-        self.family = family
-        self.num_experts = num_experts
-        self.weighting = weighting
-        self.router_seed = router_seed
-        self.num_layers = num_layers
-        self.active_experts = active_experts
-        self.format_version = format_version
-        super().__init__(**kwargs)
-
-    @classmethod
-    def of(cls, model: PreTrainedModel) -> SMoEHFConfig:
-        base = model.config.to_dict()
-        # Kept apart: given a nested dict whose model_type is its own, a config class's from_pretrained
-        # takes that dict, so e.g. GPT2LMHeadModel.from_pretrained(dir) would build the right shapes
-        # and load every weight but the FFNs'.
-        base_model_type = base.pop("model_type")
-        return cls(
-            architecture=type(model).__name__,
-            base_model_type=base_model_type,
-            base_config=base,
-            active_experts=active_experts(model),
-            **asdict(spec_of(model)),
-        )
-
-    def base(self) -> PretrainedConfig:
-        """The original architecture's config."""
-        return transformers.AutoConfig.for_model(self.base_model_type, **self.base_config)
-
-    @property
-    def spec(self) -> SMoESpec:
-        return SMoESpec(**{f: getattr(self, f) for f in SMoESpec.__dataclass_fields__})
-
-
-def read_config(path: str | Path, **hub_kwargs) -> SMoEHFConfig:
-    """``path``'s config.json as an SMoEHFConfig; ConfigError when it is not an SMoE directory."""
-    try:
-        config_dict, _ = SMoEHFConfig.get_config_dict(str(path), **hub_kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not an SMoE-Dropout directory ({str(e).splitlines()[0]})") from e
-    if config_dict.get("model_type") != MODEL_TYPE:
-        raise ConfigError(
-            f"{path}: not an SMoE-Dropout directory (config.json has model_type "
-            f"{config_dict.get('model_type')!r}, not {MODEL_TYPE!r})"
-        )
-    return SMoEHFConfig.from_dict(config_dict)
 
 
 def weight_files(path: str | Path, **hub_kwargs) -> list[str]:
@@ -162,6 +92,13 @@ def build(config: SMoEHFConfig, files: list[str]) -> PreTrainedModel:
     load_weights(model, files)
     set_active_experts(model, config.active_experts)
     return model.eval()
+
+
+def load_smoe(path: str | Path) -> PreTrainedModel:
+    """Rebuild a model written by ``save_pretrained`` (``smoe_ds.hf.save``): the original architecture
+    from its config, converted the same way, then the saved weights; it runs at the saved k. The same as
+    ``AutoModel.from_pretrained``."""
+    return SMoEDropoutLoader.from_pretrained(path)
 
 
 class SMoEDropoutLoader:

@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from smoe_ds.hf.surgery import convert_model, converted_ffns, spec_of
+from smoe_ds.hf.conversion import convert_model
+from smoe_ds.hf.surgery import converted_ffns, spec_of
 from smoe_ds.moe.layer import set_active_experts
 from smoe_ds.moe.parallel import expert_parallel_group
 

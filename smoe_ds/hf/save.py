@@ -2,13 +2,13 @@
 into a plain model of the original architecture.
 
 An SMoE directory is a standard Hugging Face one (``config.json`` + ``model.safetensors``, or
-shards with their index) whose config has model_type ``smoe_dropout_hf`` (see
-``smoe_ds.hf.auto``): after ``import smoe_ds`` the Auto classes load it, and without smoe_ds
+shards with their index) whose config has model_type ``smoe_dropout_hf`` (``smoe_ds.hf.smoe_config``):
+after ``import smoe_ds`` the Auto classes load it (``smoe_ds.hf.auto``), and without smoe_ds
 transformers refuses it rather than load the dense model with its FFNs missing.
 
-``convert_model`` makes a converted model's own ``save_pretrained`` write one (``save_pretrained``
-below), so Trainer's ``save_model`` and checkpoints, and any script that saves the usual way, keep
-the experts and the router.
+``smoe_ds.hf.conversion.convert_model`` makes a converted model's own ``save_pretrained`` write
+one (``save_pretrained`` below), so Trainer's ``save_model`` and checkpoints, and any script that
+saves the usual way, keep the experts and the router.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from smoe_ds.config.schema import ConfigError
-from smoe_ds.hf.auto import SMoEDropoutLoader, SMoEHFConfig
 from smoe_ds.hf.families import family_for
-from smoe_ds.hf.surgery import converted_ffns, spec_of
+from smoe_ds.hf.smoe_config import SMoEHFConfig
+from smoe_ds.hf.surgery import converted_ffns, model_ep_size, spec_of
 
 # A sharded model -> its gathered single-device copy, while every rank takes part in a Trainer save
 # (``smoe_ds.hf.trainer_deepspeed.save_model_gathering_experts``); weak so a copy never outlives its save.
@@ -118,8 +118,6 @@ def save_pretrained(
 
 def _check_whole(model: PreTrainedModel, state_dict: dict | None) -> None:
     """ConfigError unless ``model`` (or ``state_dict``) holds every weight of the model, whole."""
-    from smoe_ds.hf.trainer_deepspeed import model_ep_size
-
     spec = spec_of(model)
     ep_size = model_ep_size(model)
     if ep_size > 1:
@@ -152,9 +150,3 @@ def saving_whole_copy(model: PreTrainedModel, whole: PreTrainedModel | None):
         yield
     finally:
         _WHOLE_COPIES.pop(model, None)
-
-
-def load_smoe(path: str | Path) -> PreTrainedModel:
-    """Rebuild a model written by ``save_smoe`` (the original architecture from its config, converted
-    the same way, then the saved weights); it runs at the saved k. Same as ``AutoModel.from_pretrained``."""
-    return SMoEDropoutLoader.from_pretrained(path)

@@ -1,4 +1,4 @@
-"""Convert a pretrained dense Hugging Face transformer into an SMoE-Dropout model, in place.
+"""Split a pretrained dense Hugging Face transformer's FFNs into SMoE-Dropout experts, in place.
 
 Each block's FFN (d_model -> F -> d_model) becomes N experts of F / N contiguous hidden units
 behind a frozen random router drawn from (router_seed, block index); every other weight is
@@ -7,13 +7,10 @@ untouched. ``weighting`` picks the expert weights:
 - ``rescale`` (the default here): each of the k selected experts weighted N / k, like inverted
   dropout. At k = N the model computes exactly the pretrained one, so fine-tuning starts from
   it, and ``export_dense`` can write it back as a plain dense model.
-
-After conversion ``model.save_pretrained(dir)`` writes an SMoE directory (``smoe_ds.hf.save``) that
-``AutoModel.from_pretrained(dir)`` rebuilds after ``import smoe_ds``.
 - ``softmax`` (the paper's): a softmax over the k selected router logits.
 
     model = AutoModel.from_pretrained(path)
-    convert_model(model, num_experts=4)
+    convert_model(model, num_experts=4)  # smoe_ds.hf.conversion: split_ffns, then save_pretrained bound
     set_active_experts(model, 2)  # smoe_ds.moe.layer's helper: any k in [1, N]
 """
 
@@ -63,7 +60,7 @@ def dense_config(src: str, convertible: bool = True):
     return config
 
 
-def convert_model(
+def split_ffns(
     model: PreTrainedModel,
     num_experts: int,
     weighting: str = "rescale",
@@ -72,7 +69,8 @@ def convert_model(
     ep_rank: int = 0,
     for_deepspeed: bool = False,
 ) -> PreTrainedModel:
-    """Replace every block's FFN of ``model`` by an SMoE-Dropout FFN with ``num_experts`` experts.
+    """Replace every block's FFN of ``model`` by an SMoE-Dropout FFN with ``num_experts`` experts
+    (``smoe_ds.hf.conversion.convert_model`` does this and gives the model its ``save_pretrained``).
 
     Returns ``model`` itself, running at k = N. Raises ConfigError for an unsupported
     architecture, a bad weighting, or an N that does not divide the FFN's hidden size.
@@ -101,9 +99,6 @@ def convert_model(
         )
         family.install(block, ffn)
     model.smoe_dropout = SMoESpec(family.name, num_experts, weighting, router_seed, len(blocks))
-    from smoe_ds.hf.save import bind_save_pretrained  # save imports this module
-
-    bind_save_pretrained(model)  # save_pretrained writes the SMoE directory, not the original config
     return model
 
 
@@ -119,6 +114,16 @@ def converted_ffns(model: PreTrainedModel) -> list[tuple[str, ConvertedFFN]]:
     family: Family = family_for(model.config.model_type)
     names = {module: name for name, module in model.named_modules()}
     return [(names[block] + ".", block.get_submodule(family.replaced)) for block in family.blocks_of(model)]
+
+
+def model_ep_size(model) -> int:
+    """The ep_size a converted model's layers were built with (ConfigError if they disagree)."""
+    sizes = sorted({layer.ep_size for layer in moe_layers(model)})
+    if not sizes:
+        raise ConfigError("the model is not an SMoE-Dropout model (convert it with convert_model first)")
+    if len(sizes) != 1:
+        raise ConfigError(f"the model's SMoE-Dropout layers disagree on ep_size ({sizes}): convert it once")
+    return sizes[0]
 
 
 def active_experts(model: PreTrainedModel) -> int:

@@ -38,9 +38,10 @@ from collections.abc import Mapping
 from smoe_ds.config.schema import ConfigError
 from smoe_ds.distributed import process_group as D
 from smoe_ds.distributed import zero3
+from smoe_ds.hf.conversion import convert_model
 from smoe_ds.hf.gather import single_device_copy
 from smoe_ds.hf.save import saving_whole_copy
-from smoe_ds.hf.surgery import DEFAULT_ROUTER_SEED, active_experts, convert_model
+from smoe_ds.hf.surgery import DEFAULT_ROUTER_SEED, active_experts, model_ep_size
 from smoe_ds.moe.layer import moe_layers
 from smoe_ds.moe.parallel import ep_rank_of, expert_parallel_rank
 from smoe_ds.ops.prebuild import without_shm_allreduce
@@ -59,16 +60,6 @@ def zero_stage(args) -> int | None:
     if not args.deepspeed:
         return None
     return int(args.hf_deepspeed_config.get_value("zero_optimization.stage", 0))
-
-
-def model_ep_size(model) -> int:
-    """The ep_size a converted model's layers were built with (ConfigError if they disagree)."""
-    sizes = sorted({layer.ep_size for layer in moe_layers(model)})
-    if not sizes:
-        raise ConfigError("the model is not an SMoE-Dropout model (convert it with convert_model first)")
-    if len(sizes) != 1:
-        raise ConfigError(f"the model's SMoE-Dropout layers disagree on ep_size ({sizes}): convert it once")
-    return sizes[0]
 
 
 def has_deepspeed_moe(model) -> bool:
