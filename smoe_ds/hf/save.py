@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from smoe_ds.config.schema import ConfigError
+from smoe_ds.distributed.zero3 import is_partitioned
 from smoe_ds.hf.families import family_for
 from smoe_ds.hf.smoe_config import SMoEHFConfig
 from smoe_ds.hf.surgery import converted_ffns, model_ep_size, spec_of
@@ -125,7 +126,7 @@ def _check_whole(model: PreTrainedModel, state_dict: dict | None) -> None:
             f"this rank holds {spec.num_experts // ep_size} of the {spec.num_experts} experts of each layer "
             f"(ep_size {ep_size}): {HOW_TO_SAVE_SHARDED}"
         )
-    if state_dict is None and any(hasattr(p, "ds_id") for p in model.parameters()):
+    if state_dict is None and any(is_partitioned(p) for p in model.parameters()):
         raise ConfigError(
             "ZeRO-3 partitions this model's weights: save with trainer.save_model() on every rank "
             '(with "stage3_gather_16bit_weights_on_model_save": true), or gather them first'
