@@ -226,12 +226,19 @@ def paired_gain(smoe: list[dict], dense: list[dict]) -> tuple[float, float | Non
     return statistics.fmean(diffs), se, len(diffs)
 
 
+MIN_PAIRS_FOR_VERDICT = 3  # two pairs give a standard error from one degree of freedom: no basis for one
+
+
 def _gain_cell(gain: tuple[float, float | None, int]) -> str:
+    """The gain as the table shows it: mean ± 2 SE and a verdict, beyond ±2 SE only, and only from
+    at least MIN_PAIRS_FOR_VERDICT pairs."""
     mean, se, n = gain
     if n == 0:
         return ""
     if se is None:
         return f"{mean:+.2f} (1 pair: no verdict)"
+    if n < MIN_PAIRS_FOR_VERDICT:
+        return f"{mean:+.2f} ± {2 * se:.2f} ({n} pairs: too few for a verdict)"
     verdict = "SMoE better" if mean > 2 * se else "dense better" if mean < -2 * se else "inconclusive"
     return f"{mean:+.2f} ± {2 * se:.2f}: {verdict}"
 
@@ -269,7 +276,8 @@ def results_table(found: dict, pretrained: dict, prior: dict[tuple[str, str], fl
     lines = [
         "Accuracy (%) after dense fine-tuning (every weight trained, k fixed), mean ± sd over folds and seeds: "
         "value accuracy on each math set's test folds, accuracy on SST-2's dev file. A gain is SMoE - dense "
-        "paired by fold and seed, ± twice its standard error; it counts only beyond that. Prior only: always "
+        "paired by fold and seed, ± twice its standard error; it counts only beyond that, and only from "
+        f"{MIN_PAIRS_FOR_VERDICT} pairs or more. Prior only: always "
         "the training file's most common equation (or label), for scale.",
         "",
         "| data set | prior only | " + " | ".join(variant_names) + " | " + " | ".join(f"gain of {v}" for v in smoe),

@@ -89,3 +89,20 @@ def test_every_variant_fine_tunes_its_encoder_densely_at_a_fixed_k(tmp_path):
         "smoe_dropout_k8": ("smoe_dropout", 8, 8),
         "smoe_dropout_k4": ("smoe_dropout", 4, 4),
     }
+
+
+def test_a_gain_gets_a_verdict_only_beyond_two_standard_errors_and_from_three_pairs():
+    """The report's gain cells, from hand-made runs: paired by (fold, seed), unpaired runs left out."""
+    from smoe_ds.experiments.encoder_transfer import _gain_cell, paired_gain
+
+    def runs(*accuracies):
+        return [{"fold": "fold0", "seed": seed, "accuracy": a} for seed, a in enumerate(accuracies)]
+
+    dense = runs(50.0, 50.0, 50.0, 50.0)
+    assert paired_gain(runs(51.0, 52.0, 53.0), dense) == (2.0, 1.0 / 3**0.5, 3)
+    assert _gain_cell(paired_gain(runs(51.0, 52.0, 53.0), dense)) == "+2.00 ± 1.15: SMoE better"
+    assert _gain_cell(paired_gain(runs(47.0, 49.0, 51.0), dense)) == "-1.00 ± 2.31: inconclusive"
+    assert _gain_cell(paired_gain(runs(45.0, 46.0, 47.0, 46.0), dense)).endswith(": dense better")
+    assert _gain_cell(paired_gain(runs(52.0, 53.0), dense)) == "+2.50 ± 1.00 (2 pairs: too few for a verdict)"
+    assert _gain_cell(paired_gain(runs(52.0), dense)) == "+2.00 (1 pair: no verdict)"
+    assert _gain_cell(paired_gain(runs(52.0), [])) == ""
