@@ -35,6 +35,7 @@ from smoe_ds.hf import (
     optimizer_cls_and_kwargs,
     set_active_experts,
 )
+from smoe_ds.hf.save import HOW_TO_SAVE_SHARDED
 from smoe_ds.hf.surgery import DEFAULT_ROUTER_SEED, active_experts
 from smoe_ds.hf.trainer_deepspeed import ready_for_deepspeed
 from smoe_ds.hf_convert import main as hf_convert_main
@@ -282,6 +283,16 @@ def test_expert_parallel_routers_stay_frozen_identical_and_out_of_the_optimizer(
             assert torch.equal(routers[name], frozen_router_weight(384, N, DEFAULT_ROUTER_SEED, i)), name
 
 
+def test_a_straight_save_pretrained_of_a_partial_model_is_refused_before_writing(minilm_ep2, gpt2_zero3):
+    """``model.save_pretrained`` called as a user might, not through ``trainer.save_model``: a rank that
+    holds half the experts (ep_size 2), or ZeRO-3's partitions, would write a model that does not
+    reload, so each rank is refused with the way to save, and nothing is written."""
+    for run, how in ((minilm_ep2, HOW_TO_SAVE_SHARDED), (gpt2_zero3, "ZeRO-3 partitions this model's weights")):
+        for rank in range(2):
+            assert how in torch.load(run / f"probe_rank{rank}.pt")["direct_save"]
+            assert not (run / f"direct_save_rank{rank}").exists()
+
+
 def minilm_dev_batch(model_dir: Path) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     sentences = [line.split("\t")[0] for line in (SENTIMENT / "dev.tsv").read_text().splitlines()[1:]]
@@ -334,7 +345,7 @@ def gpt2_zero3(tmp_path_factory) -> Path:
     every k, saved."""
     out = tmp_path_factory.mktemp("hf_trainer") / "gpt2_zero3"
     lm_args = [*LM_ARGS, "--keep_checkpoints", "2", "--predictions", "--eval_ks", *map(str, EVERY_K)]
-    example(out, *lm_args, launcher="deepspeed")
+    example(out, *lm_args, probe=True, launcher="deepspeed")
     return out
 
 
